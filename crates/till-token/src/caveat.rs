@@ -1,0 +1,332 @@
+//! The caveat vocabulary: what one block of a Till key may say, and the canonical Datalog
+//! each caveat becomes.
+//!
+//! A block is *canonical* when its Datalog is exactly what [`Caveats::block_source`]
+//! generates from the JSON declaration in the block's context. Till refuses any other
+//! block, so the readable declaration and the enforced checks can never disagree.
+
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::TokenError;
+
+/// Prefix of a block's context string; the rest is the JSON declaration.
+pub const CONTEXT_PREFIX: &str = "till:v1:";
+
+/// Longest accepted upstream name, method, path prefix or model name.
+const MAX_VALUE_LEN: usize = 256;
+/// Most values in one list caveat.
+const MAX_LIST_LEN: usize = 32;
+
+/// What one block declares. Every field is optional; an absent field does not restrict.
+///
+/// Lists are sets: they are sorted and deduplicated before signing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Caveats {
+    /// Upstream name (required in the authority block, must match it in later blocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Allowed HTTP methods (upper case).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// Allowed path prefixes, matched on `/` segment boundaries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<String>>,
+    /// Allowed values of the JSON body's `model` field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    /// Expiry, Unix seconds (valid while `now <= expires`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<i64>,
+    /// Activation cap for this block and everything derived from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap: Option<u64>,
+}
+
+impl Caveats {
+    /// Validates every value and puts lists in canonical (sorted, deduplicated) order.
+    pub fn normalize(mut self) -> Result<Self, TokenError> {
+        if let Some(u) = &self.upstream {
+            validate_upstream(u)?;
+        }
+        normalize_list(&mut self.methods, "method", |m| {
+            let m = m.to_ascii_uppercase();
+            if m.is_empty() || m.len() > 16 || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(format!("method `{}` must be letters only, e.g. POST", printable(&m)));
+            }
+            Ok(m)
+        })?;
+        normalize_list(&mut self.paths, "path", |p| {
+            validate_path_prefix(p)?;
+            Ok(p.to_string())
+        })?;
+        normalize_list(&mut self.models, "model", |m| {
+            if m.is_empty() || !m.bytes().all(is_model_byte) {
+                return Err(format!(
+                    "model `{}` may contain only letters, digits and - . _ : / @ +",
+                    printable(m)
+                ));
+            }
+            Ok(m.to_string())
+        })?;
+        if let Some(e) = self.expires {
+            if OffsetDateTime::from_unix_timestamp(e).is_err() || e < 0 {
+                return Err(TokenError::InvalidCaveat(format!("expiry {e} is out of range")));
+            }
+        }
+        if let Some(cap) = self.cap {
+            // Datalog integers are i64.
+            if cap > i64::MAX as u64 {
+                return Err(TokenError::InvalidCaveat(format!("cap {cap} is too large")));
+            }
+        }
+        Ok(self)
+    }
+
+    /// True when the block declares nothing.
+    pub fn is_empty(&self) -> bool {
+        self == &Caveats::default()
+    }
+
+    /// The block context string: [`CONTEXT_PREFIX`] + compact JSON.
+    pub fn context(&self) -> Result<String, TokenError> {
+        let json = serde_json::to_string(self).map_err(|e| TokenError::Biscuit(e.to_string()))?;
+        Ok(format!("{CONTEXT_PREFIX}{json}"))
+    }
+
+    /// Reads a context string back; it must be exactly what [`Caveats::context`] writes.
+    pub fn from_context(context: &str) -> Result<Self, String> {
+        let json = context
+            .strip_prefix(CONTEXT_PREFIX)
+            .ok_or_else(|| "missing Till caveat declaration".to_string())?;
+        let declared: Caveats =
+            serde_json::from_str(json).map_err(|e| format!("bad caveat declaration: {e}"))?;
+        let normalized = declared.clone().normalize().map_err(|e| e.to_string())?;
+        if normalized != declared || normalized.context().ok().as_deref() != Some(context) {
+            return Err("caveat declaration is not in canonical form".to_string());
+        }
+        Ok(normalized)
+    }
+
+    /// The Datalog checks this block carries, one per line, each ending in `;`. `index` is
+    /// the block's position in the token (the cap check names it).
+    pub fn block_source(&self, index: usize) -> Result<String, TokenError> {
+        let mut out = String::new();
+        if let Some(u) = &self.upstream {
+            out.push_str(&format!("check if till_upstream(\"{u}\");\n"));
+        }
+        if let Some(ms) = &self.methods {
+            out.push_str(&format!(
+                "check if till_method($m), {}.contains($m);\n",
+                string_set(ms)
+            ));
+        }
+        if let Some(ps) = &self.paths {
+            let alternatives: Vec<String> = ps
+                .iter()
+                .map(|p| {
+                    if p.ends_with('/') {
+                        format!("till_path($p), $p.starts_with(\"{p}\")")
+                    } else {
+                        format!("till_path($p), $p == \"{p}\" || $p.starts_with(\"{p}/\")")
+                    }
+                })
+                .collect();
+            out.push_str(&format!("check if {};\n", alternatives.join(" or ")));
+        }
+        if let Some(ms) = &self.models {
+            out.push_str(&format!(
+                "check if till_model($m), {}.contains($m);\n",
+                string_set(ms)
+            ));
+        }
+        if let Some(e) = self.expires {
+            out.push_str(&format!("check if time($t), $t <= {};\n", rfc3339(e)?));
+        }
+        if let Some(cap) = self.cap {
+            out.push_str(&format!(
+                "check if till_activation({index}, $n), $n <= {cap};\n"
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// True when `path` is inside the prefix `prefix` (segment-aware: `/v1/chat` covers
+/// `/v1/chat` and `/v1/chat/completions`, not `/v1/chatty`; a prefix ending in `/`
+/// covers everything below it).
+pub fn path_matches(prefix: &str, path: &str) -> bool {
+    if prefix.ends_with('/') {
+        path.starts_with(prefix)
+    } else {
+        path == prefix
+            || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+    }
+}
+
+/// Formats Unix seconds as the RFC 3339 UTC form Biscuit prints.
+pub fn rfc3339(unix: i64) -> Result<String, TokenError> {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .ok_or_else(|| TokenError::InvalidCaveat(format!("expiry {unix} is out of range")))
+}
+
+fn string_set(values: &[String]) -> String {
+    let quoted: Vec<String> = values.iter().map(|v| format!("\"{v}\"")).collect();
+    format!("{{{}}}", quoted.join(", "))
+}
+
+fn normalize_list(
+    list: &mut Option<Vec<String>>,
+    what: &str,
+    check: impl Fn(&str) -> Result<String, String>,
+) -> Result<(), TokenError> {
+    let Some(values) = list.take() else {
+        return Ok(());
+    };
+    if values.is_empty() {
+        return Err(TokenError::InvalidCaveat(format!(
+            "an empty {what} list would allow nothing; omit it instead"
+        )));
+    }
+    if values.len() > MAX_LIST_LEN {
+        return Err(TokenError::InvalidCaveat(format!(
+            "at most {MAX_LIST_LEN} {what} values per block"
+        )));
+    }
+    let mut out = Vec::with_capacity(values.len());
+    for v in values {
+        if v.len() > MAX_VALUE_LEN {
+            return Err(TokenError::InvalidCaveat(format!(
+                "{what} longer than {MAX_VALUE_LEN} bytes"
+            )));
+        }
+        out.push(check(&v).map_err(TokenError::InvalidCaveat)?);
+    }
+    out.sort();
+    out.dedup();
+    *list = Some(out);
+    Ok(())
+}
+
+/// Upstream names: lower-case letters, digits, `-` and `_`, starting with a letter.
+pub fn validate_upstream(name: &str) -> Result<(), TokenError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_lowercase()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(TokenError::InvalidCaveat(format!(
+            "upstream `{}` must be 1-64 of a-z 0-9 - _ starting with a letter",
+            printable(name)
+        )))
+    }
+}
+
+fn validate_path_prefix(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err(format!("path `{}` must start with /", printable(p)));
+    }
+    if !p.bytes().all(is_path_byte) {
+        return Err(format!(
+            "path `{}` may contain only URL path characters (no quotes, backslashes, spaces, ? or #)",
+            printable(p)
+        ));
+    }
+    if p.split('/').any(|seg| seg == "." || seg == "..") || p.contains("//") {
+        return Err(format!("path `{}` must be normalised (no //, . or ..)", printable(p)));
+    }
+    if p.contains('%') {
+        return Err(format!(
+            "path `{}` must be given decoded (no percent-escapes)",
+            printable(p)
+        ));
+    }
+    Ok(())
+}
+
+fn is_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@%".contains(&b)
+}
+
+fn is_model_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._:/@+".contains(&b)
+}
+
+/// A value made safe to show in an error message (control characters escaped, truncated).
+fn printable(s: &str) -> String {
+    s.chars().take(64).flat_map(char::escape_default).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_aware_prefixes() {
+        assert!(path_matches("/v1/chat", "/v1/chat"));
+        assert!(path_matches("/v1/chat", "/v1/chat/completions"));
+        assert!(!path_matches("/v1/chat", "/v1/chatty"));
+        assert!(!path_matches("/v1/chat", "/v1"));
+        assert!(path_matches("/v1/", "/v1/x"));
+        assert!(!path_matches("/v1/", "/v1"));
+        assert!(path_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn normalize_sorts_dedups_and_uppercases() {
+        let c = Caveats {
+            methods: Some(vec!["post".into(), "GET".into(), "POST".into()]),
+            ..Caveats::default()
+        }
+        .normalize()
+        .unwrap();
+        assert_eq!(c.methods, Some(vec!["GET".to_string(), "POST".to_string()]));
+    }
+
+    #[test]
+    fn rejects_injection_attempts() {
+        for p in ["/a\"b", "/a\\b", "a", "/a/../b", "/a b", "/a%2fb", "/a//b", "/a?x"] {
+            let c = Caveats { paths: Some(vec![p.into()]), ..Caveats::default() };
+            assert!(c.normalize().is_err(), "{p} accepted");
+        }
+        for m in ["gpt\"4", "a b", ""] {
+            let c = Caveats { models: Some(vec![m.into()]), ..Caveats::default() };
+            assert!(c.normalize().is_err(), "{m} accepted");
+        }
+        for u in ["OpenAI", "", "1abc", "a\"b"] {
+            let c = Caveats { upstream: Some(u.into()), ..Caveats::default() };
+            assert!(c.normalize().is_err(), "{u} accepted");
+        }
+        let c = Caveats { methods: Some(vec![]), ..Caveats::default() };
+        assert!(c.normalize().is_err());
+    }
+
+    #[test]
+    fn context_round_trip_is_exact() {
+        let c = Caveats {
+            upstream: Some("openai".into()),
+            cap: Some(3),
+            paths: Some(vec!["/v1/chat".into()]),
+            ..Caveats::default()
+        }
+        .normalize()
+        .unwrap();
+        let ctx = c.context().unwrap();
+        assert_eq!(Caveats::from_context(&ctx).unwrap(), c);
+        // Whitespace or reordering is not canonical.
+        let spaced = ctx.replace(":3", ": 3");
+        assert!(Caveats::from_context(&spaced).is_err());
+        assert!(Caveats::from_context("till:v1:{\"cap\":1,\"evil\":2}").is_err());
+        assert!(Caveats::from_context("{\"cap\":1}").is_err());
+        // Unsorted lists are not canonical.
+        assert!(Caveats::from_context("till:v1:{\"methods\":[\"POST\",\"GET\"]}").is_err());
+    }
+}
