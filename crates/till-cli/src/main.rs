@@ -1,1 +1,34 @@
-fn main() {}
+//! `till`: mint, attenuate, inspect and serve Till keys.
+//!
+//! Exit codes (also in README):
+//! - 0: success
+//! - 1: runtime error (I/O, ledger, network)
+//! - 2: usage or configuration error
+//! - 3: a key, receipt or audit did not verify
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+mod cli;
+mod datadir;
+mod input;
+mod keys;
+mod ledger_cmds;
+mod serve;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(err) => {
+            let code = err
+                .downcast_ref::<cli::Failure>()
+                .map(|f| f.exit_code())
+                .unwrap_or(cli::EXIT_RUNTIME);
+            eprintln!("till: error: {err:#}");
+            ExitCode::from(code)
+        }
+    }
+}

@@ -31,7 +31,9 @@ pub struct RequestFacts<'a> {
 impl RequestFacts<'_> {
     /// Unix seconds for `t` (clamped to 0 before the epoch).
     pub fn unix(t: SystemTime) -> i64 {
-        t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
     }
 }
 
@@ -61,7 +63,8 @@ impl VerifiedToken {
             }
         };
         for b in &self.blocks {
-            check_block(b.index, &b.caveats, req, counts[b.index]).map_err(AuthorizeError::Refused)?;
+            check_block(b.index, &b.caveats, req, counts[b.index])
+                .map_err(AuthorizeError::Refused)?;
         }
         self.authorize_datalog(req, counts, limits)
     }
@@ -154,7 +157,14 @@ pub fn check_block(
     req: &RequestFacts<'_>,
     count: u64,
 ) -> Result<(), Refusal> {
-    let refuse = |caveat, code, message: String| Err(Refusal { block, caveat, code, message });
+    let refuse = |caveat, code, message: String| {
+        Err(Refusal {
+            block,
+            caveat,
+            code,
+            message,
+        })
+    };
     if let Some(u) = &c.upstream {
         if u != req.upstream {
             return refuse(
@@ -167,7 +177,11 @@ pub fn check_block(
     if let Some(e) = c.expires {
         if req.now > e {
             let when = rfc3339(e).unwrap_or_else(|_| e.to_string());
-            return refuse(CaveatKind::Expires, "key_expired", format!("this key expired at {when}"));
+            return refuse(
+                CaveatKind::Expires,
+                "key_expired",
+                format!("this key expired at {when}"),
+            );
         }
     }
     if let Some(ms) = &c.methods {
@@ -175,7 +189,11 @@ pub fn check_block(
             return refuse(
                 CaveatKind::Methods,
                 "method_not_allowed",
-                format!("method {} is not allowed by this key (allowed: {})", req.method, ms.join(", ")),
+                format!(
+                    "method {} is not allowed by this key (allowed: {})",
+                    req.method,
+                    ms.join(", ")
+                ),
             );
         }
     }
@@ -184,7 +202,10 @@ pub fn check_block(
             return refuse(
                 CaveatKind::Paths,
                 "path_not_allowed",
-                format!("this path is outside the key's allowed paths ({})", ps.join(", ")),
+                format!(
+                    "this path is outside the key's allowed paths ({})",
+                    ps.join(", ")
+                ),
             );
         }
     }

@@ -54,7 +54,10 @@ impl Caveats {
         normalize_list(&mut self.methods, "method", |m| {
             let m = m.to_ascii_uppercase();
             if m.is_empty() || m.len() > 16 || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-                return Err(format!("method `{}` must be letters only, e.g. POST", printable(&m)));
+                return Err(format!(
+                    "method `{}` must be letters only, e.g. POST",
+                    printable(&m)
+                ));
             }
             Ok(m)
         })?;
@@ -73,7 +76,9 @@ impl Caveats {
         })?;
         if let Some(e) = self.expires {
             if OffsetDateTime::from_unix_timestamp(e).is_err() || e < 0 {
-                return Err(TokenError::InvalidCaveat(format!("expiry {e} is out of range")));
+                return Err(TokenError::InvalidCaveat(format!(
+                    "expiry {e} is out of range"
+                )));
             }
         }
         if let Some(cap) = self.cap {
@@ -241,7 +246,10 @@ fn validate_path_prefix(p: &str) -> Result<(), String> {
         ));
     }
     if p.split('/').any(|seg| seg == "." || seg == "..") || p.contains("//") {
-        return Err(format!("path `{}` must be normalised (no //, . or ..)", printable(p)));
+        return Err(format!(
+            "path `{}` must be normalised (no //, . or ..)",
+            printable(p)
+        ));
     }
     if p.contains('%') {
         return Err(format!(
@@ -293,19 +301,33 @@ mod tests {
 
     #[test]
     fn rejects_injection_attempts() {
-        for p in ["/a\"b", "/a\\b", "a", "/a/../b", "/a b", "/a%2fb", "/a//b", "/a?x"] {
-            let c = Caveats { paths: Some(vec![p.into()]), ..Caveats::default() };
+        for p in [
+            "/a\"b", "/a\\b", "a", "/a/../b", "/a b", "/a%2fb", "/a//b", "/a?x",
+        ] {
+            let c = Caveats {
+                paths: Some(vec![p.into()]),
+                ..Caveats::default()
+            };
             assert!(c.normalize().is_err(), "{p} accepted");
         }
         for m in ["gpt\"4", "a b", ""] {
-            let c = Caveats { models: Some(vec![m.into()]), ..Caveats::default() };
+            let c = Caveats {
+                models: Some(vec![m.into()]),
+                ..Caveats::default()
+            };
             assert!(c.normalize().is_err(), "{m} accepted");
         }
         for u in ["OpenAI", "", "1abc", "a\"b"] {
-            let c = Caveats { upstream: Some(u.into()), ..Caveats::default() };
+            let c = Caveats {
+                upstream: Some(u.into()),
+                ..Caveats::default()
+            };
             assert!(c.normalize().is_err(), "{u} accepted");
         }
-        let c = Caveats { methods: Some(vec![]), ..Caveats::default() };
+        let c = Caveats {
+            methods: Some(vec![]),
+            ..Caveats::default()
+        };
         assert!(c.normalize().is_err());
     }
 

@@ -22,7 +22,9 @@ pub struct RootKey {
 
 impl fmt::Debug for RootKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RootKey").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("RootKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -51,7 +53,10 @@ impl RootKey {
 
     /// The public half with its id.
     pub fn public(&self) -> RootPublicKey {
-        RootPublicKey { id: self.id, key: self.keypair.public() }
+        RootPublicKey {
+            id: self.id,
+            key: self.keypair.public(),
+        }
     }
 
     pub(crate) fn keypair(&self) -> &KeyPair {
@@ -74,12 +79,16 @@ impl RootKey {
 
     /// Reads a private JWK written by [`RootKey::to_private_jwk`].
     pub fn from_private_jwk(json: &str) -> Result<Self, TokenError> {
-        let jwk: Jwk = serde_json::from_str(json)
-            .map_err(|e| TokenError::BadKey(format!("not a JWK (JSON error at line {} column {})", e.line(), e.column())))?;
-        let d = jwk
-            .d
-            .as_deref()
-            .ok_or_else(|| TokenError::BadKey("this is a public key; minting needs the private root key".into()))?;
+        let jwk: Jwk = serde_json::from_str(json).map_err(|e| {
+            TokenError::BadKey(format!(
+                "not a JWK (JSON error at line {} column {})",
+                e.line(),
+                e.column()
+            ))
+        })?;
+        let d = jwk.d.as_deref().ok_or_else(|| {
+            TokenError::BadKey("this is a public key; minting needs the private root key".into())
+        })?;
         let seed = Zeroizing::new(
             URL_SAFE_NO_PAD
                 .decode(d)
@@ -139,14 +148,21 @@ impl RootPublicKey {
 
     /// Reads a public JWK (a private one is accepted; `d` is ignored).
     pub fn from_jwk(json: &str) -> Result<Self, TokenError> {
-        let jwk: Jwk = serde_json::from_str(json)
-            .map_err(|e| TokenError::BadKey(format!("not a JWK (JSON error at line {} column {})", e.line(), e.column())))?;
+        let jwk: Jwk = serde_json::from_str(json).map_err(|e| {
+            TokenError::BadKey(format!(
+                "not a JWK (JSON error at line {} column {})",
+                e.line(),
+                e.column()
+            ))
+        })?;
         Self::from_jwk_value(&jwk)
     }
 
     fn from_jwk_value(jwk: &Jwk) -> Result<Self, TokenError> {
         if jwk.kty != "OKP" || jwk.crv != "Ed25519" {
-            return Err(TokenError::BadKey("expected kty OKP and crv Ed25519".into()));
+            return Err(TokenError::BadKey(
+                "expected kty OKP and crv Ed25519".into(),
+            ));
         }
         let x = URL_SAFE_NO_PAD
             .decode(&jwk.x)

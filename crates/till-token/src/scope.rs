@@ -41,8 +41,14 @@ impl EffectiveScope {
     /// Whether a request with these properties is inside the scope (caps and time aside).
     pub fn allows(&self, upstream: &str, method: &str, path: &str, model: Option<&str>) -> bool {
         self.upstream.as_deref().is_none_or(|u| u == upstream)
-            && self.methods.as_ref().is_none_or(|ms| ms.iter().any(|m| m == method))
-            && self.paths.as_ref().is_none_or(|ps| ps.iter().any(|p| path_matches(p, path)))
+            && self
+                .methods
+                .as_ref()
+                .is_none_or(|ms| ms.iter().any(|m| m == method))
+            && self
+                .paths
+                .as_ref()
+                .is_none_or(|ps| ps.iter().any(|p| path_matches(p, path)))
             && self
                 .models
                 .as_ref()
@@ -94,7 +100,10 @@ mod tests {
     use super::*;
 
     fn paths(p: &[&str]) -> Caveats {
-        Caveats { paths: Some(p.iter().map(|s| s.to_string()).collect()), ..Caveats::default() }
+        Caveats {
+            paths: Some(p.iter().map(|s| s.to_string()).collect()),
+            ..Caveats::default()
+        }
     }
 
     #[test]
@@ -110,8 +119,16 @@ mod tests {
 
     #[test]
     fn caps_and_expiry_take_the_minimum() {
-        let a = Caveats { cap: Some(3), expires: Some(100), ..Caveats::default() };
-        let b = Caveats { cap: Some(5), expires: Some(50), ..Caveats::default() };
+        let a = Caveats {
+            cap: Some(3),
+            expires: Some(100),
+            ..Caveats::default()
+        };
+        let b = Caveats {
+            cap: Some(5),
+            expires: Some(50),
+            ..Caveats::default()
+        };
         let s = EffectiveScope::of([&a, &b]);
         assert_eq!((s.cap, s.expires), (Some(3), Some(50)));
     }

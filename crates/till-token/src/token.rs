@@ -190,9 +190,15 @@ pub fn attenuate_str(
     let appended = unverified.append(block).map_err(biscuit_err)?;
     let out = appended.to_vec().map_err(biscuit_err)?;
     if out.len() > limits.max_token_bytes {
-        return Err(TokenError::TooLarge { size: out.len(), max: limits.max_token_bytes });
+        return Err(TokenError::TooLarge {
+            size: out.len(),
+            max: limits.max_token_bytes,
+        });
     }
-    Ok((format!("{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(out)), warnings))
+    Ok((
+        format!("{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(out)),
+        warnings,
+    ))
 }
 
 /// One block of a verified (or inspected) key.
@@ -260,7 +266,9 @@ pub fn verify(key: &str, keys: &KeyRing, limits: &Limits) -> Result<VerifiedToke
         Some(id) if keys.contains(id) => id,
         other => return Err(TokenError::UnknownRootKey(other)),
     };
-    let biscuit = unverified.verify(keys).map_err(|_| TokenError::BadSignature)?;
+    let biscuit = unverified
+        .verify(keys)
+        .map_err(|_| TokenError::BadSignature)?;
     let blocks = read_blocks(&biscuit)?;
     let scope = EffectiveScope::of(blocks.iter().map(|b| &b.caveats));
     if scope.upstream.is_none() {
@@ -269,7 +277,12 @@ pub fn verify(key: &str, keys: &KeyRing, limits: &Limits) -> Result<VerifiedToke
             reason: "the authority block names no upstream".into(),
         });
     }
-    Ok(VerifiedToken { token: Token { biscuit }, root_key_id, blocks, scope })
+    Ok(VerifiedToken {
+        token: Token { biscuit },
+        root_key_id,
+        blocks,
+        scope,
+    })
 }
 
 /// What `till inspect` shows. Built without a public key; `signature` says whether the
@@ -305,7 +318,46 @@ pub enum SignatureStatus {
 
 /// Decodes a key for display. Structural problems (bad encoding, non-canonical blocks) are
 /// errors; a signature that does not verify is reported in [`Inspection::signature`].
-pub fn inspect(key: &str, keys: Option<&KeyRing>, limits: &Limits) -> Result<Inspection, TokenError> {
+pub fn inspect(
+    key: &str,
+    keys: Option<&KeyRing>,
+    limits: &Limits,
+) -> Result<Inspection, TokenError> {
+    // With keys at hand, a signature failure explains a tampered key better than whatever
+    // structural damage the tampering did.
+    let signature = match keys {
+        None => SignatureStatus::Unchecked,
+        Some(keys) => match verify(key, keys, limits) {
+            Ok(_) => SignatureStatus::Verified,
+            Err(e @ (TokenError::BadSignature | TokenError::UnknownRootKey(_))) => {
+                SignatureStatus::Invalid {
+                    code: e.code(),
+                    message: e.to_string(),
+                }
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    let structure = inspect_structure(key, limits);
+    match (structure, signature) {
+        (Ok((root_key_id, blocks)), signature) => {
+            let effective = EffectiveScope::of(blocks.iter().map(|b| &b.caveats));
+            Ok(Inspection {
+                root_key_id,
+                blocks,
+                effective,
+                signature,
+            })
+        }
+        (Err(_), SignatureStatus::Invalid { .. }) => Err(TokenError::BadSignature),
+        (Err(e), _) => Err(e),
+    }
+}
+
+fn inspect_structure(
+    key: &str,
+    limits: &Limits,
+) -> Result<(Option<u32>, Vec<BlockInfo>), TokenError> {
     let bytes = decode_key(key, limits)?;
     let unverified = UnverifiedBiscuit::from(&bytes).map_err(malformed)?;
     check_block_count(unverified.block_count(), limits)?;
@@ -313,17 +365,13 @@ pub fn inspect(key: &str, keys: Option<&KeyRing>, limits: &Limits) -> Result<Ins
     let mut blocks = Vec::new();
     for (i, ctx) in unverified_context(&bytes)?.into_iter().enumerate() {
         let caveats = canonical_caveats(i, ctx.as_deref(), unverified.print_block_source(i))?;
-        blocks.push(BlockInfo { index: i, revocation_id: ids.get(i).cloned().unwrap_or_default(), caveats });
+        blocks.push(BlockInfo {
+            index: i,
+            revocation_id: ids.get(i).cloned().unwrap_or_default(),
+            caveats,
+        });
     }
-    let effective = EffectiveScope::of(blocks.iter().map(|b| &b.caveats));
-    let signature = match keys {
-        None => SignatureStatus::Unchecked,
-        Some(keys) => match verify(key, keys, limits) {
-            Ok(_) => SignatureStatus::Verified,
-            Err(e) => SignatureStatus::Invalid { code: e.code(), message: e.to_string() },
-        },
-    };
-    Ok(Inspection { root_key_id: unverified.root_key_id(), blocks, effective, signature })
+    Ok((unverified.root_key_id(), blocks))
 }
 
 /// SHA-256 of the key string: the cache key and what logs may show instead of the key.
@@ -333,18 +381,28 @@ pub fn key_digest(key: &str) -> [u8; 32] {
 
 fn decode_key(key: &str, limits: &Limits) -> Result<Vec<u8>, TokenError> {
     let key = key.trim();
-    let body = key.strip_prefix(KEY_PREFIX).ok_or(TokenError::MissingPrefix)?;
+    let body = key
+        .strip_prefix(KEY_PREFIX)
+        .ok_or(TokenError::MissingPrefix)?;
     // base64 expands 3 bytes to 4 chars: check the size before decoding anything.
     let decoded_len = body.len() / 4 * 3 + (body.len() % 4).saturating_sub(1);
     if decoded_len > limits.max_token_bytes {
-        return Err(TokenError::TooLarge { size: decoded_len, max: limits.max_token_bytes });
+        return Err(TokenError::TooLarge {
+            size: decoded_len,
+            max: limits.max_token_bytes,
+        });
     }
-    URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenError::BadEncoding)
+    URL_SAFE_NO_PAD
+        .decode(body)
+        .map_err(|_| TokenError::BadEncoding)
 }
 
 fn check_block_count(blocks: usize, limits: &Limits) -> Result<(), TokenError> {
     if blocks > limits.max_blocks {
-        Err(TokenError::TooManyBlocks { blocks, max: limits.max_blocks })
+        Err(TokenError::TooManyBlocks {
+            blocks,
+            max: limits.max_blocks,
+        })
     } else {
         Ok(())
     }
@@ -375,7 +433,8 @@ fn unverified_context(bytes: &[u8]) -> Result<Vec<Option<String>>, TokenError> {
     // UnverifiedBiscuit has no context accessor; decode the container's protobuf directly.
     use biscuit_auth::format::schema;
     use prost::Message as _;
-    let container = schema::Biscuit::decode(bytes).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    let container =
+        schema::Biscuit::decode(bytes).map_err(|e| TokenError::Malformed(e.to_string()))?;
     std::iter::once(&container.authority)
         .chain(container.blocks.iter())
         .map(|signed| {
@@ -392,11 +451,16 @@ fn canonical_caveats(
     context: Option<&str>,
     source: Result<String, biscuit_auth::error::Token>,
 ) -> Result<Caveats, TokenError> {
-    let not_canonical = |reason: String| TokenError::NotCanonical { block: index, reason };
+    let not_canonical = |reason: String| TokenError::NotCanonical {
+        block: index,
+        reason,
+    };
     let context = context.ok_or_else(|| not_canonical("no Till caveat declaration".into()))?;
     let caveats = Caveats::from_context(context).map_err(not_canonical)?;
     if index == 0 && caveats.upstream.is_none() {
-        return Err(not_canonical("the authority block must name an upstream".into()));
+        return Err(not_canonical(
+            "the authority block must name an upstream".into(),
+        ));
     }
     let source = source.map_err(|e| not_canonical(e.to_string()))?;
     let expected = caveats.block_source(index)?;
@@ -437,7 +501,10 @@ fn widening_warnings(scope: &EffectiveScope, new: &Caveats) -> Vec<Warning> {
         }
     }
     if let (Some(have), Some(want)) = (&scope.paths, &new.paths) {
-        for p in want.iter().filter(|p| !have.iter().any(|h| path_matches(h, p))) {
+        for p in want
+            .iter()
+            .filter(|p| !have.iter().any(|h| path_matches(h, p)))
+        {
             warnings.push(Warning {
                 caveat: "paths",
                 message: format!(
@@ -450,8 +517,9 @@ fn widening_warnings(scope: &EffectiveScope, new: &Caveats) -> Vec<Warning> {
         if want > have {
             warnings.push(Warning {
                 caveat: "expires",
-                message: "expiry is later than an earlier block's; the earlier expiry still applies"
-                    .into(),
+                message:
+                    "expiry is later than an earlier block's; the earlier expiry still applies"
+                        .into(),
             });
         }
     }

@@ -1,0 +1,237 @@
+//! `till keygen`, `mint`, `attenuate`, `inspect`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::json;
+use till_token::{
+    attenuate_str, inspect, mint, Caveats, EffectiveScope, Inspection, KeyRing, Limits, RootKey,
+    SignatureStatus,
+};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::cli::Failure;
+use crate::datadir::{load_root_public, DataDir, Init};
+use crate::input::arg_or_stdin;
+
+/// Caveat flags shared by `mint` and `attenuate`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CaveatArgs {
+    /// Activation cap: at most N calls through this key and every key derived from it.
+    #[arg(long, value_name = "N")]
+    pub cap: Option<u64>,
+    /// Allowed HTTP method (repeatable).
+    #[arg(long = "method", value_name = "METHOD")]
+    pub methods: Vec<String>,
+    /// Allowed path prefix, matched on `/` boundaries (repeatable).
+    #[arg(long = "path", value_name = "PREFIX")]
+    pub paths: Vec<String>,
+    /// Allowed model, read from the JSON body's `model` field (repeatable).
+    #[arg(long = "model", value_name = "MODEL")]
+    pub models: Vec<String>,
+    /// Lifetime from now, e.g. `90m`, `24h`, `7d`.
+    #[arg(long, value_name = "DURATION", conflicts_with = "expires")]
+    pub ttl: Option<humantime::Duration>,
+    /// Absolute expiry, RFC 3339 (e.g. `2026-12-31T23:59:59Z`).
+    #[arg(long, value_name = "RFC3339")]
+    pub expires: Option<String>,
+}
+
+impl CaveatArgs {
+    fn to_caveats(&self, upstream: Option<String>) -> Result<Caveats> {
+        let expires = match (&self.ttl, &self.expires) {
+            (Some(ttl), _) => {
+                let d: Duration = (*ttl).into();
+                let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+                Some(i64::try_from(now.saturating_add(d.as_secs())).context("--ttl is too long")?)
+            }
+            (None, Some(s)) => {
+                let t = OffsetDateTime::parse(s, &Rfc3339)
+                    .map_err(|e| Failure::usage(format!("--expires `{s}` is not RFC 3339: {e}")))?;
+                Some(t.unix_timestamp())
+            }
+            (None, None) => None,
+        };
+        let list = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+        Ok(Caveats {
+            upstream,
+            methods: list(&self.methods),
+            paths: list(&self.paths),
+            models: list(&self.models),
+            expires,
+            cap: self.cap,
+        })
+    }
+}
+
+/// `till keygen`.
+pub fn keygen(dir: &DataDir, as_json: bool) -> Result<ExitCode> {
+    let init = dir.init()?;
+    let root = dir.root_public()?;
+    let receipt = dir.receipt_public()?;
+    if init == Init::Existing {
+        eprintln!(
+            "till: keys already exist in {}; kept them (nothing overwritten)",
+            dir.path().display()
+        );
+    }
+    if as_json {
+        let out = json!({
+            "data_dir": dir.path(),
+            "created": init == Init::Created,
+            "root_key_id": root.id(),
+            "root_public_key": root.to_hex(),
+            "receipt_key_id": receipt.key_id(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("data dir:        {}", dir.path().display());
+        println!("root key id:     {}", root.id());
+        println!("root public key: {}  (root.pub.jwk)", root.to_hex());
+        println!("receipt key id:  {}  (receipt.pub.jwk)", receipt.key_id());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `till mint`.
+pub fn mint_cmd(
+    dir: &DataDir,
+    key_file: Option<PathBuf>,
+    upstream: String,
+    caveats: &CaveatArgs,
+) -> Result<ExitCode> {
+    let root = match key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            RootKey::from_private_jwk(&text)
+                .with_context(|| format!("reading {}", path.display()))?
+        }
+        None => dir.root_key()?,
+    };
+    let caveats = caveats.to_caveats(Some(upstream))?;
+    let token = mint(&root, caveats).map_err(Failure::usage_from)?;
+    println!("{}", token.to_key_string()?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `till attenuate`.
+pub fn attenuate_cmd(
+    key: &str,
+    caveats: &CaveatArgs,
+    upstream: Option<String>,
+) -> Result<ExitCode> {
+    let key = arg_or_stdin(key)?;
+    let caveats = caveats.to_caveats(upstream)?;
+    let (out, warnings) =
+        attenuate_str(&key, caveats, &Limits::default()).map_err(|e| match e {
+            till_token::TokenError::InvalidCaveat(_)
+            | till_token::TokenError::UpstreamMismatch { .. } => Failure::usage_from(e),
+            other => Failure::invalid(other),
+        })?;
+    for w in warnings {
+        eprintln!("till: warning: {w}");
+    }
+    println!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `till inspect`.
+pub fn inspect_cmd(
+    dir: &DataDir,
+    explicit_dir: bool,
+    key: &str,
+    public_key: Option<PathBuf>,
+    as_json: bool,
+) -> Result<ExitCode> {
+    let key = arg_or_stdin(key)?;
+    let ring = match public_key {
+        Some(path) => Some(KeyRing::with(load_root_public(&path)?)),
+        None if explicit_dir || dir.path().join("root.pub.jwk").exists() => Some(dir.key_ring()?),
+        None => None,
+    };
+    let report = inspect(&key, ring.as_ref(), &Limits::default()).map_err(Failure::invalid)?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_inspection(&report);
+    }
+    match &report.signature {
+        SignatureStatus::Invalid { message, .. } => {
+            Err(Failure::invalid_msg(message.clone()).into())
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn print_inspection(r: &Inspection) {
+    match r.root_key_id {
+        Some(id) => println!("root key id: {id}"),
+        None => println!("root key id: (none)"),
+    }
+    let sig = match &r.signature {
+        SignatureStatus::Verified => "verified".to_string(),
+        SignatureStatus::Invalid { message, .. } => format!("INVALID: {message}"),
+        SignatureStatus::Unchecked => {
+            "not checked (no root public key; pass --public-key or --dir)".into()
+        }
+        #[allow(unreachable_patterns)]
+        _ => "unknown".into(),
+    };
+    println!("signature:   {sig}");
+    for b in &r.blocks {
+        println!();
+        println!(
+            "block {}{}",
+            b.index,
+            if b.index == 0 { " (authority)" } else { "" }
+        );
+        println!("  revocation id: {}", hex::encode(&b.revocation_id));
+        print_caveats(&scope_of(&b.caveats));
+    }
+    println!();
+    println!("effective scope");
+    print_caveats(&r.effective);
+}
+
+fn scope_of(c: &Caveats) -> EffectiveScope {
+    EffectiveScope::of([c])
+}
+
+fn print_caveats(s: &EffectiveScope) {
+    let list = |v: &Option<Vec<String>>| match v {
+        None => "any".to_string(),
+        Some(v) if v.is_empty() => "(none: nothing is allowed)".to_string(),
+        Some(v) => v.join(", "),
+    };
+    if let Some(u) = &s.upstream {
+        println!("  upstream:      {u}");
+    }
+    println!(
+        "  cap:           {}",
+        s.cap.map_or("unlimited".into(), |c| c.to_string())
+    );
+    println!("  methods:       {}", list(&s.methods));
+    println!("  paths:         {}", list(&s.paths));
+    println!("  models:        {}", list(&s.models));
+    let expires = s.expires.map_or("never".to_string(), |e| {
+        OffsetDateTime::from_unix_timestamp(e)
+            .ok()
+            .and_then(|t| t.format(&Rfc3339).ok())
+            .unwrap_or_else(|| e.to_string())
+    });
+    println!("  expires:       {expires}");
+}
+
+/// Guards against an obviously wrong upstream before minting.
+pub fn check_upstream(name: &str) -> Result<()> {
+    if till_token::validate_upstream(name).is_err() {
+        bail!(Failure::usage(format!(
+            "--upstream `{name}` must be 1-64 of a-z 0-9 - _ starting with a letter"
+        )));
+    }
+    Ok(())
+}

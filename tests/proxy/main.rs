@@ -1,0 +1,1 @@
+//! Proxy end-to-end tests (see tests/proxy/).
