@@ -1,0 +1,1 @@
+//! revoke, usage, receipt verify, audit (issue #3 acceptance).

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The README's test command: sets up what the tests need, then runs every test.
+# Safe to run on a fresh Debian 12 machine with only the Rust toolchain.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n==> %s\n' "$*"; }
+
+# Python JOSE library for the receipt interoperability check (a stock implementation in
+# another language must verify our receipts). Installed into a private venv.
+VENV="${TILL_TEST_VENV:-target/test-venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  say "setting up $VENV (receipt interop check)"
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r spec/interop/requirements.txt
+
+say "cargo test (every crate, unit + integration + end-to-end)"
+cargo test --locked
+
+say "FoundationDB backend: retry and idempotency logic against the in-memory transaction model"
+cargo test --locked -p till-ledger-fdb --no-default-features
+
+say "receipt test vectors verified by a stock JOSE library (Python)"
+"$VENV/bin/python" spec/interop/verify_receipt.py spec/vectors/receipts.json
+
+if [ -n "${TILL_FDB_CLUSTER_FILE:-}" ]; then
+  say "FoundationDB conformance + fleet tests against $TILL_FDB_CLUSTER_FILE"
+  cargo test --locked -p till-ledger-fdb
+  cargo test --locked -p till-cli --features fdb --test fleet
+else
+  echo
+  echo "SKIPPED: FoundationDB cluster tests (set TILL_FDB_CLUSTER_FILE; see fdb/README.md)"
+fi
