@@ -1,16 +1,41 @@
-//! `till revoke`, `usage`, `receipt verify`, `audit`. (Filled in with the ledger.)
+//! `till revoke`, `usage`, `receipt verify`, `audit`: the ledger, from the command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
+use serde_json::json;
+use till_ledger::{EmbeddedConfig, EmbeddedLedger, Ledger, Level, LevelUsage};
+use till_receipt::{audit_chain, Receipt, ReceiptKeySet};
+use till_token::{inspect, BlockInfo, Limits, SignatureStatus};
 
-use crate::datadir::DataDir;
+use crate::cli::Failure;
+use crate::datadir::{load_receipt_public, DataDir};
+use crate::input::arg_or_stdin;
+
+/// Receipts fetched per ledger read during an audit.
+const AUDIT_PAGE: usize = 1000;
+
+/// Where the ledger is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LedgerArgs {
+    /// Ledger to use: `embedded` (the data dir's ledger.redb) or `fdb[:CLUSTER_FILE]`.
+    #[arg(long, env = "TILL_LEDGER", default_value = "embedded", value_name = "LEDGER")]
+    pub ledger: String,
+}
 
 /// `till revoke` arguments.
 #[derive(Debug, clap::Args)]
 pub struct RevokeArgs {
-    /// A key (or `-`), or a block's revocation id in hex.
+    /// A key (or `-`): revokes its last block, i.e. that key and everything derived from
+    /// it. Or a block's revocation id in hex (from `till inspect`).
     pub target: String,
+    /// With a key: revoke this block of it instead of the last one.
+    #[arg(long, value_name = "INDEX")]
+    pub block: Option<usize>,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
 }
 
 /// `till usage` arguments.
@@ -21,47 +46,260 @@ pub struct UsageArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
 }
 
 /// `till audit` arguments.
 #[derive(Debug, clap::Args)]
 pub struct AuditArgs {
-    /// The key (any key of the family), or `-`.
+    /// Any key of the family, or `-`.
     pub token: String,
+    /// Receipt public key file(s) to trust (default: the data dir's receipt.pub.jwk).
+    #[arg(long = "public-key", value_name = "FILE")]
+    pub public_keys: Vec<PathBuf>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
 }
 
 /// `till receipt` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ReceiptCommand {
-    /// Verify one receipt's signature offline.
+    /// Verify one receipt's signature offline (no ledger needed).
     Verify {
-        /// The receipt (compact JWS), or `-`.
+        /// The receipt (compact JWS, from the `Till-Receipt` header), or `-`.
         receipt: String,
-        /// Receipt public key file (default: the data dir's receipt.pub.jwk).
-        #[arg(long, value_name = "FILE")]
-        public_key: Option<std::path::PathBuf>,
+        /// Receipt public key file(s) (default: the data dir's receipt.pub.jwk).
+        #[arg(long = "public-key", value_name = "FILE")]
+        public_keys: Vec<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
 }
 
+/// Opens the ledger named by `args`.
+pub fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Ledger>> {
+    let signer = Arc::new(dir.receipt_signer()?);
+    match args.ledger.split_once(':').map_or((args.ledger.as_str(), None), |(a, b)| (a, Some(b))) {
+        ("embedded", None) => {
+            let config = EmbeddedConfig::new(signer, "till-cli");
+            let ledger = EmbeddedLedger::open(dir.ledger_path(), config)
+                .with_context(|| format!("opening {}", dir.ledger_path().display()))?;
+            Ok(Arc::new(ledger))
+        }
+        ("fdb", cluster_file) => open_fdb(signer, cluster_file.map(PathBuf::from)),
+        _ => bail!(Failure::usage(format!(
+            "--ledger `{}`: expected `embedded` or `fdb[:CLUSTER_FILE]`",
+            args.ledger
+        ))),
+    }
+}
+
+#[cfg(feature = "fdb")]
+fn open_fdb(
+    signer: Arc<till_receipt::ReceiptSigner>,
+    cluster_file: Option<PathBuf>,
+) -> Result<Arc<dyn Ledger>> {
+    crate::fleet::open_fdb_ledger(signer, cluster_file, "till-cli")
+}
+
+#[cfg(not(feature = "fdb"))]
+fn open_fdb(
+    _signer: Arc<till_receipt::ReceiptSigner>,
+    _cluster_file: Option<PathBuf>,
+) -> Result<Arc<dyn Ledger>> {
+    bail!(Failure::usage(
+        "this till was built without FoundationDB support: rebuild with `--features fdb`"
+    ))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Reads a key's blocks; the signature must verify against the data dir's root key.
+fn key_blocks(dir: &DataDir, token: &str) -> Result<Vec<BlockInfo>> {
+    let key = arg_or_stdin(token)?;
+    let ring = dir.key_ring()?;
+    let report = inspect(&key, Some(&ring), &Limits::default()).map_err(Failure::invalid)?;
+    if let SignatureStatus::Invalid { message, .. } = report.signature {
+        bail!(Failure::invalid_msg(message));
+    }
+    Ok(report.blocks)
+}
+
+fn levels(blocks: &[BlockInfo]) -> Vec<Level> {
+    blocks
+        .iter()
+        .map(|b| Level { revocation_id: b.revocation_id.clone(), cap: b.caveats.cap })
+        .collect()
+}
+
 /// `till revoke`.
-pub fn revoke(_dir: &DataDir, _args: RevokeArgs) -> Result<ExitCode> {
-    bail!("not implemented yet")
+pub fn revoke(dir: &DataDir, args: RevokeArgs) -> Result<ExitCode> {
+    let target = arg_or_stdin(&args.target)?;
+    let revocation_id = if target.starts_with(till_token::KEY_PREFIX) {
+        let blocks = key_blocks(dir, &target)?;
+        let index = args.block.unwrap_or(blocks.len() - 1);
+        let block = blocks.get(index).ok_or_else(|| {
+            Failure::usage(format!("--block {index}: this key has {} blocks", blocks.len()))
+        })?;
+        block.revocation_id.clone()
+    } else {
+        if args.block.is_some() {
+            bail!(Failure::usage("--block only applies when revoking by key"));
+        }
+        let id = hex::decode(&target)
+            .map_err(|_| Failure::usage("expected a Till key or a hex revocation id"))?;
+        if id.len() != 64 {
+            bail!(Failure::usage(format!(
+                "a revocation id is 64 bytes (128 hex digits), got {}",
+                id.len()
+            )));
+        }
+        id
+    };
+    let ledger = open_ledger(dir, &args.ledger)?;
+    runtime()?.block_on(ledger.revoke(&revocation_id))?;
+    println!("revoked {}", hex::encode(&revocation_id));
+    Ok(ExitCode::SUCCESS)
 }
+
 /// `till usage`.
-pub fn usage(_dir: &DataDir, _args: UsageArgs) -> Result<ExitCode> {
-    bail!("not implemented yet")
+pub fn usage(dir: &DataDir, args: UsageArgs) -> Result<ExitCode> {
+    let blocks = key_blocks(dir, &args.token)?;
+    let ledger = open_ledger(dir, &args.ledger)?;
+    let usage: Vec<LevelUsage> = runtime()?.block_on(ledger.usage(&levels(&blocks)))?;
+    let rows: Vec<_> = blocks
+        .iter()
+        .zip(&usage)
+        .map(|(b, u)| {
+            json!({
+                "block": b.index,
+                "revocation_id": hex::encode(&b.revocation_id),
+                "used": u.used,
+                "cap": b.caveats.cap,
+                "remaining": b.caveats.cap.map(|c| c.saturating_sub(u.used)),
+                "revoked": u.revoked,
+            })
+        })
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json!({ "blocks": rows }))?);
+    } else {
+        println!("{:<6} {:>10} {:>10} {:>10}  {:<8} revocation id", "block", "used", "cap", "remaining", "status");
+        for r in &rows {
+            let num = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
+            let status = if r["revoked"] == true { "revoked" } else { "active" };
+            let id = r["revocation_id"].as_str().unwrap_or_default();
+            println!(
+                "{:<6} {:>10} {:>10} {:>10}  {:<8} {}…",
+                r["block"],
+                num(&r["used"]),
+                num(&r["cap"]),
+                num(&r["remaining"]),
+                status,
+                &id[..id.len().min(16)]
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
+
+fn receipt_keys(dir: &DataDir, files: &[PathBuf]) -> Result<ReceiptKeySet> {
+    let mut keys = ReceiptKeySet::new();
+    if files.is_empty() {
+        keys.insert(dir.receipt_public()?);
+    }
+    for f in files {
+        keys.insert(load_receipt_public(f)?);
+    }
+    Ok(keys)
+}
+
 /// `till receipt`.
-pub fn receipt(_dir: &DataDir, _cmd: ReceiptCommand) -> Result<ExitCode> {
-    bail!("not implemented yet")
+pub fn receipt(dir: &DataDir, cmd: ReceiptCommand) -> Result<ExitCode> {
+    let ReceiptCommand::Verify { receipt, public_keys, json } = cmd;
+    let compact = arg_or_stdin(&receipt)?;
+    let keys = receipt_keys(dir, &public_keys)?;
+    let receipt = Receipt::parse(&compact).map_err(Failure::invalid)?;
+    receipt.verify(&keys).map_err(Failure::invalid)?;
+    if json {
+        let out = json!({ "valid": true, "hash": receipt.hash_hex(), "body": receipt.body() });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let b = receipt.body();
+        println!("valid receipt signed by {}", b.kid);
+        println!("family:  {}", b.family);
+        println!("seq:     {}", b.seq);
+        for s in &b.slots {
+            let cap = s.cap.map_or("unlimited".to_string(), |c| c.to_string());
+            println!("block {}: slot {} of {}", s.block, s.slot, cap);
+        }
+        println!("request: {} {}{}", b.request.method, b.request.upstream, b.request.path);
+        println!("proxy:   {}", b.proxy);
+        println!("hash:    {}", receipt.hash_hex());
+    }
+    Ok(ExitCode::SUCCESS)
 }
+
 /// `till audit`.
-pub fn audit(_dir: &DataDir, _args: AuditArgs) -> Result<ExitCode> {
-    bail!("not implemented yet")
+pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
+    let blocks = key_blocks(dir, &args.token)?;
+    let keys = receipt_keys(dir, &args.public_keys)?;
+    let ledger = open_ledger(dir, &args.ledger)?;
+    let family = blocks[0].revocation_id.clone();
+    let rt = runtime()?;
+    let mut receipts = Vec::new();
+    loop {
+        let from = receipts.len() as u64 + 1;
+        let page = rt.block_on(ledger.receipts(&family, from, AUDIT_PAGE))?;
+        let n = page.len();
+        receipts.extend(page);
+        if n < AUDIT_PAGE {
+            break;
+        }
+    }
+    let usage = rt.block_on(ledger.usage(&levels(&blocks)))?;
+    let report = audit_chain(&receipts, &keys).map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")))?;
+    // The ledger's counters must agree with the receipts it holds.
+    let mut mismatches = Vec::new();
+    for (b, u) in blocks.iter().zip(&usage) {
+        let id = hex::encode(&b.revocation_id);
+        let in_receipts = report.levels.iter().find(|l| l.revocation_id == id).map_or(0, |l| l.used);
+        if in_receipts != u.used {
+            mismatches.push(format!(
+                "block {}: ledger counter {} but {} receipts",
+                b.index, u.used, in_receipts
+            ));
+        }
+    }
+    let clean = mismatches.is_empty();
+    if args.json {
+        let out = json!({ "clean": clean, "report": report, "mismatches": mismatches });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("family:   {}", report.family);
+        println!("receipts: {} (signatures valid, chain gapless and fork-free)", report.receipts);
+        for l in &report.levels {
+            let cap = l.cap.map_or("unlimited".to_string(), |c| c.to_string());
+            println!("  {}…  used {} of {}", &l.revocation_id[..16.min(l.revocation_id.len())], l.used, cap);
+        }
+        for m in &mismatches {
+            println!("MISMATCH: {m}");
+        }
+        println!("{}", if clean { "audit clean" } else { "audit FAILED" });
+    }
+    if clean {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(Failure::invalid_msg("the ledger's counters disagree with its receipts").into())
+    }
 }

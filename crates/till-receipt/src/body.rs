@@ -1,0 +1,129 @@
+//! The signed content of a receipt: plain data, serialized with serde_json in struct
+//! field order. That serialization is the JWS payload, and it is canonical: parsing
+//! re-serializes the decoded body and rejects any payload that differs.
+
+use serde::{Deserialize, Serialize};
+
+/// The receipt format version this crate writes and accepts.
+pub const RECEIPT_VERSION: u32 = 1;
+
+/// What was asked of the upstream, reduced to a digest that an auditor can recompute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestDigest {
+    /// HTTP method, upper case.
+    pub method: String,
+    /// Upstream name from config (e.g. `openai`).
+    pub upstream: String,
+    /// Normalised request path (no query string).
+    pub path: String,
+    /// Lower-case hex SHA-256 of the request body as received.
+    pub body_sha256: String,
+    /// The JSON body's `model` field when the upstream is an LLM API and one was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// The slot taken at one level (block) of the presented token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotClaim {
+    /// Block index in the token (0 = authority block).
+    pub block: u32,
+    /// Lower-case hex of that block's revocation id.
+    pub revocation_id: String,
+    /// The activation number this claim took at that level ("k" of "k of N"), 1-based.
+    pub slot: u64,
+    /// That block's declared cap ("N"), if it declares one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap: Option<u64>,
+}
+
+/// The signed content of a receipt (the JWS payload).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptBody {
+    /// Format version, currently 1 ([`RECEIPT_VERSION`]).
+    pub v: u32,
+    /// Token family id: lower-case hex revocation id of the authority block.
+    pub family: String,
+    /// Position in the family's receipt chain, 1-based; equals the authority block's slot.
+    pub seq: u64,
+    /// One entry per block of the presented token, in block order.
+    pub slots: Vec<SlotClaim>,
+    /// What was forwarded.
+    pub request: RequestDigest,
+    /// Claim time, Unix seconds.
+    pub iat: u64,
+    /// Identifier of the proxy that took the claim.
+    pub proxy: String,
+    /// Key id of the receipt key that signed this receipt.
+    pub kid: String,
+    /// Client-supplied `Idempotency-Key`, or the id the ledger generated.
+    pub idempotency_key: String,
+    /// Lower-case hex SHA-256 of the previous receipt's compact form in this family;
+    /// `None` for `seq == 1`. Always serialized (as `null` when `None`).
+    #[serde(default)]
+    pub prev: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body() -> ReceiptBody {
+        ReceiptBody {
+            v: 1,
+            family: "aa".into(),
+            seq: 1,
+            slots: vec![SlotClaim {
+                block: 0,
+                revocation_id: "aa".into(),
+                slot: 1,
+                cap: Some(3),
+            }],
+            request: RequestDigest {
+                method: "POST".into(),
+                upstream: "openai".into(),
+                path: "/v1/chat/completions".into(),
+                body_sha256: "00".into(),
+                model: None,
+            },
+            iat: 1,
+            proxy: "p".into(),
+            kid: "r-00".into(),
+            idempotency_key: "k".into(),
+            prev: None,
+        }
+    }
+
+    #[test]
+    fn serializes_in_struct_order_without_whitespace() {
+        let json = serde_json::to_string(&body()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"v":1,"family":"aa","seq":1,"slots":[{"block":0,"revocation_id":"aa","slot":1,"cap":3}],"request":{"method":"POST","upstream":"openai","path":"/v1/chat/completions","body_sha256":"00"},"iat":1,"proxy":"p","kid":"r-00","idempotency_key":"k","prev":null}"#
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_at_every_level() {
+        let json = serde_json::to_string(&body()).unwrap();
+        for (from, to) in [
+            (r#"{"v":1"#, r#"{"x":0,"v":1"#),
+            (r#""slot":1"#, r#""slot":1,"x":0"#),
+            (r#""method":"POST""#, r#""method":"POST","x":0"#),
+        ] {
+            let bad = json.replacen(from, to, 1);
+            assert_ne!(bad, json);
+            assert!(serde_json::from_str::<ReceiptBody>(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn duplicate_fields_are_rejected() {
+        let json = serde_json::to_string(&body()).unwrap();
+        let bad = json.replacen(r#""iat":1"#, r#""iat":1,"iat":2"#, 1);
+        assert!(serde_json::from_str::<ReceiptBody>(&bad).is_err());
+    }
+}

@@ -1,0 +1,630 @@
+//! The receipt chain audit: one family's receipts, checked end to end.
+//!
+//! Every claim on a family advances the family's counter, so the family's receipts form
+//! a single sequence: receipt `seq` took authority slot `seq`, and names the hash of
+//! receipt `seq - 1`. Every block below the authority belongs to the same family, so
+//! each level's slots are also exactly `1..=used` across the family's receipts.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::error::ReceiptError;
+use crate::jws::Receipt;
+use crate::key::ReceiptKeySet;
+
+/// What [`audit_chain`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditReport {
+    /// Family id (hex).
+    pub family: String,
+    /// Number of receipts checked.
+    pub receipts: u64,
+    /// Per revocation id (hex), in the order first seen: activations recorded and declared
+    /// cap. The first entry is the family's own (authority) level.
+    pub levels: Vec<LevelUsage>,
+}
+
+/// Usage of one block as seen in the receipts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LevelUsage {
+    /// Revocation id (hex).
+    pub revocation_id: String,
+    /// Activations recorded at this level.
+    pub used: u64,
+    /// Declared cap, if any.
+    pub cap: Option<u64>,
+}
+
+/// One level's running state during the audit.
+struct Level {
+    revocation_id: String,
+    block: u32,
+    cap: Option<u64>,
+    slots: HashSet<u64>,
+    max: u64,
+}
+
+/// Audits one family's receipts, given in `seq` order: every signature verifies, `seq` runs
+/// 1..=n with no gap and no duplicate, every `prev` names the previous receipt's hash
+/// (no fork), slot numbers at each level are unique and gapless, and no level exceeds its
+/// declared cap.
+///
+/// Checks, per receipt in order (the first failure is returned):
+/// 1. the signature verifies with a key in `keys` ([`ReceiptError::UnknownKeyId`],
+///    [`ReceiptError::BadSignature`]);
+/// 2. `family` is the first receipt's ([`ReceiptError::FamilyMismatch`]);
+/// 3. `seq` is the previous `seq + 1`, starting at 1 ([`ReceiptError::Gap`],
+///    [`ReceiptError::Fork`], [`ReceiptError::Duplicate`], [`ReceiptError::OutOfOrder`]);
+/// 4. `prev` is `None` for seq 1, else the previous receipt's
+///    [`Receipt::hash_hex`] ([`ReceiptError::BrokenLink`]);
+/// 5. `slots[0]` is the family's level with `slot == seq`
+///    ([`ReceiptError::AuthoritySlotMismatch`]), `slots[i].block == i`
+///    ([`ReceiptError::BlockOrder`]), no level twice in one receipt
+///    ([`ReceiptError::DuplicateLevel`]), a level keeps its block index and cap
+///    ([`ReceiptError::LevelMismatch`]), slots are 1-based ([`ReceiptError::SlotZero`]),
+///    never reused ([`ReceiptError::SlotReused`]) and within the cap
+///    ([`ReceiptError::OverCap`]).
+///
+/// Finally each level's highest slot must equal its number of receipts
+/// ([`ReceiptError::SlotGap`]). An empty input is [`ReceiptError::EmptyChain`].
+pub fn audit_chain(
+    receipts: &[Receipt],
+    keys: &ReceiptKeySet,
+) -> Result<AuditReport, ReceiptError> {
+    let first = receipts.first().ok_or(ReceiptError::EmptyChain)?;
+    let family = first.body().family.as_str();
+    let mut levels: Vec<Level> = Vec::new();
+    let mut level_index: HashMap<String, usize> = HashMap::new();
+    let mut previous: Option<&Receipt> = None;
+
+    for receipt in receipts {
+        receipt.verify(keys)?;
+        let body = receipt.body();
+        let seq = body.seq;
+        if body.family != family {
+            return Err(ReceiptError::FamilyMismatch { seq });
+        }
+        check_position(receipt, previous)?;
+        let expected_prev = previous.map(Receipt::hash_hex);
+        if body.prev != expected_prev {
+            return Err(ReceiptError::BrokenLink { seq });
+        }
+
+        match body.slots.first() {
+            Some(authority) if authority.revocation_id == family && authority.slot == seq => {}
+            _ => return Err(ReceiptError::AuthoritySlotMismatch { seq }),
+        }
+        let mut in_this_receipt: HashSet<&str> = HashSet::with_capacity(body.slots.len());
+        for (position, claim) in body.slots.iter().enumerate() {
+            if usize::try_from(claim.block).ok() != Some(position) {
+                return Err(ReceiptError::BlockOrder { seq });
+            }
+            let rid = claim.revocation_id.as_str();
+            if !in_this_receipt.insert(rid) {
+                return Err(ReceiptError::DuplicateLevel {
+                    seq,
+                    revocation_id: rid.to_owned(),
+                });
+            }
+            let index = *level_index.entry(rid.to_owned()).or_insert_with(|| {
+                levels.push(Level {
+                    revocation_id: rid.to_owned(),
+                    block: claim.block,
+                    cap: claim.cap,
+                    slots: HashSet::new(),
+                    max: 0,
+                });
+                levels.len() - 1
+            });
+            let level = &mut levels[index];
+            if level.block != claim.block || level.cap != claim.cap {
+                return Err(ReceiptError::LevelMismatch {
+                    seq,
+                    revocation_id: rid.to_owned(),
+                });
+            }
+            if claim.slot == 0 {
+                return Err(ReceiptError::SlotZero {
+                    seq,
+                    revocation_id: rid.to_owned(),
+                });
+            }
+            if !level.slots.insert(claim.slot) {
+                return Err(ReceiptError::SlotReused {
+                    revocation_id: rid.to_owned(),
+                    slot: claim.slot,
+                });
+            }
+            if let Some(cap) = level.cap.filter(|cap| claim.slot > *cap) {
+                return Err(ReceiptError::OverCap {
+                    revocation_id: rid.to_owned(),
+                    cap,
+                    slot: claim.slot,
+                });
+            }
+            level.max = level.max.max(claim.slot);
+        }
+        previous = Some(receipt);
+    }
+
+    let mut usage = Vec::with_capacity(levels.len());
+    for level in levels {
+        let used = level.slots.len() as u64;
+        if level.max != used {
+            return Err(ReceiptError::SlotGap {
+                revocation_id: level.revocation_id,
+                used,
+                max: level.max,
+            });
+        }
+        usage.push(LevelUsage {
+            revocation_id: level.revocation_id,
+            used,
+            cap: level.cap,
+        });
+    }
+    Ok(AuditReport {
+        family: family.to_owned(),
+        receipts: receipts.len() as u64,
+        levels: usage,
+    })
+}
+
+/// `seq` must follow the previous receipt's by exactly one, starting at 1.
+fn check_position(receipt: &Receipt, previous: Option<&Receipt>) -> Result<(), ReceiptError> {
+    let found = receipt.body().seq;
+    let Some(previous) = previous else {
+        return match found {
+            1 => Ok(()),
+            _ => Err(ReceiptError::Gap { expected: 1, found }),
+        };
+    };
+    let last = previous.body().seq;
+    if found == last {
+        return Err(if receipt.compact() == previous.compact() {
+            ReceiptError::Duplicate { seq: found }
+        } else {
+            ReceiptError::Fork { seq: found }
+        });
+    }
+    if found < last {
+        return Err(ReceiptError::OutOfOrder {
+            previous: last,
+            found,
+        });
+    }
+    let expected = last.saturating_add(1);
+    if found != expected {
+        return Err(ReceiptError::Gap { expected, found });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::Signer as _;
+
+    use super::*;
+    use crate::body::{ReceiptBody, RequestDigest, SlotClaim};
+    use crate::key::ReceiptSigner;
+
+    const ROOT: &str = "aa";
+    const CHILD: &str = "bb";
+    const SIBLING: &str = "cc";
+
+    fn signer() -> ReceiptSigner {
+        ReceiptSigner::from_seed([3; 32])
+    }
+
+    fn keys() -> ReceiptKeySet {
+        [signer().public_key()].into_iter().collect()
+    }
+
+    fn claim(block: u32, rid: &str, slot: u64, cap: Option<u64>) -> SlotClaim {
+        SlotClaim {
+            block,
+            revocation_id: rid.into(),
+            slot,
+            cap,
+        }
+    }
+
+    fn body(seq: u64, slots: Vec<SlotClaim>, prev: Option<String>) -> ReceiptBody {
+        ReceiptBody {
+            v: 1,
+            family: ROOT.into(),
+            seq,
+            slots,
+            request: RequestDigest {
+                method: "GET".into(),
+                upstream: "github".into(),
+                path: "/user".into(),
+                body_sha256: String::new(),
+                model: None,
+            },
+            iat: 1_700_000_000 + seq,
+            proxy: "p1".into(),
+            kid: signer().key_id().into(),
+            idempotency_key: format!("k{seq}"),
+            prev,
+        }
+    }
+
+    /// Signs one receipt per entry, linking each `prev` to the receipt before it. Each
+    /// entry is (seq, [(rid, slot)]) with root cap 10 and sub-caps 2.
+    fn chain(entries: &[(u64, &[(&str, u64)])]) -> Vec<Receipt> {
+        let s = signer();
+        let mut out: Vec<Receipt> = Vec::new();
+        for (seq, levels) in entries {
+            let slots = levels
+                .iter()
+                .enumerate()
+                .map(|(i, (rid, slot))| {
+                    let cap = if *rid == ROOT { 10 } else { 2 };
+                    claim(i as u32, rid, *slot, Some(cap))
+                })
+                .collect();
+            let prev = out.last().map(Receipt::hash_hex);
+            out.push(s.sign(&body(*seq, slots, prev)).unwrap());
+        }
+        out
+    }
+
+    fn good() -> Vec<Receipt> {
+        chain(&[
+            (1, &[(ROOT, 1)]),
+            (2, &[(ROOT, 2), (CHILD, 1)]),
+            (3, &[(ROOT, 3), (SIBLING, 1)]),
+            (4, &[(ROOT, 4), (CHILD, 2)]),
+        ])
+    }
+
+    /// Re-signs `receipts[index]` after `edit`, keeping later links intact by re-linking.
+    fn edit(receipts: &mut [Receipt], index: usize, edit: impl FnOnce(&mut ReceiptBody)) {
+        let s = signer();
+        let mut b = receipts[index].body().clone();
+        edit(&mut b);
+        receipts[index] = s.sign(&b).unwrap();
+        for i in index + 1..receipts.len() {
+            let mut b = receipts[i].body().clone();
+            b.prev = Some(receipts[i - 1].hash_hex());
+            receipts[i] = s.sign(&b).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_good_chain_reports_usage_per_level() {
+        let report = audit_chain(&good(), &keys()).unwrap();
+        assert_eq!(report.family, ROOT);
+        assert_eq!(report.receipts, 4);
+        let levels: Vec<(&str, u64, Option<u64>)> = report
+            .levels
+            .iter()
+            .map(|l| (l.revocation_id.as_str(), l.used, l.cap))
+            .collect();
+        assert_eq!(
+            levels,
+            vec![
+                (ROOT, 4, Some(10)),
+                (CHILD, 2, Some(2)),
+                (SIBLING, 1, Some(2))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_prefix_of_a_good_chain_is_good() {
+        let receipts = good();
+        for n in 1..=receipts.len() {
+            audit_chain(&receipts[..n], &keys()).unwrap();
+        }
+    }
+
+    #[test]
+    fn empty() {
+        assert_eq!(audit_chain(&[], &keys()), Err(ReceiptError::EmptyChain));
+    }
+
+    #[test]
+    fn gap() {
+        let receipts = chain(&[(1, &[(ROOT, 1)]), (3, &[(ROOT, 3)])]);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::Gap {
+                expected: 2,
+                found: 3
+            })
+        );
+        let receipts = chain(&[(2, &[(ROOT, 2)])]);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::Gap {
+                expected: 1,
+                found: 2
+            })
+        );
+    }
+
+    #[test]
+    fn gap_by_omission() {
+        let mut receipts = good();
+        receipts.remove(1);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::Gap {
+                expected: 2,
+                found: 3
+            })
+        );
+    }
+
+    #[test]
+    fn fork() {
+        let mut receipts = good();
+        receipts.truncate(2);
+        let mut twin = receipts[1].body().clone();
+        twin.idempotency_key = "another request".into();
+        receipts.push(signer().sign(&twin).unwrap());
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::Fork { seq: 2 })
+        );
+    }
+
+    #[test]
+    fn duplicate_and_out_of_order() {
+        let mut receipts = good();
+        receipts.insert(2, receipts[1].clone());
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::Duplicate { seq: 2 })
+        );
+        let mut receipts = good();
+        receipts.swap(1, 2);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::Gap {
+                expected: 2,
+                found: 3
+            })
+        );
+        let mut receipts = good();
+        receipts.push(receipts[0].clone());
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::OutOfOrder {
+                previous: 4,
+                found: 1
+            })
+        );
+    }
+
+    #[test]
+    fn broken_link() {
+        let mut receipts = good();
+        edit(&mut receipts, 2, |b| b.prev = Some("00".repeat(32)));
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::BrokenLink { seq: 3 })
+        );
+        // Upper-case hex is not the canonical spelling of the link.
+        let mut receipts = good();
+        edit(&mut receipts, 1, |b| {
+            b.prev = b.prev.as_ref().map(|p| p.to_uppercase());
+        });
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::BrokenLink { seq: 2 })
+        );
+        let mut receipts = good();
+        edit(&mut receipts, 0, |b| b.prev = Some("00".repeat(32)));
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::BrokenLink { seq: 1 })
+        );
+        let mut receipts = good();
+        edit(&mut receipts, 1, |b| b.prev = None);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::BrokenLink { seq: 2 })
+        );
+    }
+
+    #[test]
+    fn a_changed_predecessor_breaks_the_link() {
+        // Re-signing receipt 2 (even with the right key) changes its hash, which receipt
+        // 3 still names the old value of.
+        let mut receipts = good();
+        let mut b = receipts[1].body().clone();
+        b.iat += 1;
+        receipts[1] = signer().sign(&b).unwrap();
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::BrokenLink { seq: 3 })
+        );
+    }
+
+    #[test]
+    fn over_cap() {
+        let receipts = chain(&[
+            (1, &[(ROOT, 1), (CHILD, 1)]),
+            (2, &[(ROOT, 2), (CHILD, 2)]),
+            (3, &[(ROOT, 3), (CHILD, 3)]),
+        ]);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::OverCap {
+                revocation_id: CHILD.into(),
+                cap: 2,
+                slot: 3
+            })
+        );
+        let entries: Vec<(u64, Vec<(&str, u64)>)> =
+            (1..=11).map(|i| (i, vec![(ROOT, i)])).collect();
+        let entries: Vec<(u64, &[(&str, u64)])> =
+            entries.iter().map(|(i, l)| (*i, l.as_slice())).collect();
+        assert_eq!(
+            audit_chain(&chain(&entries), &keys()),
+            Err(ReceiptError::OverCap {
+                revocation_id: ROOT.into(),
+                cap: 10,
+                slot: 11
+            })
+        );
+    }
+
+    #[test]
+    fn slot_reused() {
+        let receipts = chain(&[(1, &[(ROOT, 1), (CHILD, 1)]), (2, &[(ROOT, 2), (CHILD, 1)])]);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::SlotReused {
+                revocation_id: CHILD.into(),
+                slot: 1
+            })
+        );
+    }
+
+    #[test]
+    fn slot_gap() {
+        let receipts = chain(&[(1, &[(ROOT, 1), (CHILD, 2)])]);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::SlotGap {
+                revocation_id: CHILD.into(),
+                used: 1,
+                max: 2
+            })
+        );
+    }
+
+    #[test]
+    fn slot_zero() {
+        let receipts = chain(&[(1, &[(ROOT, 1), (CHILD, 0)])]);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::SlotZero {
+                seq: 1,
+                revocation_id: CHILD.into()
+            })
+        );
+    }
+
+    #[test]
+    fn authority_slot_must_be_the_family_at_seq() {
+        for slots in [
+            vec![],
+            vec![claim(0, ROOT, 2, None)],
+            vec![claim(0, CHILD, 1, None)],
+        ] {
+            let receipts = vec![signer().sign(&body(1, slots, None)).unwrap()];
+            assert_eq!(
+                audit_chain(&receipts, &keys()),
+                Err(ReceiptError::AuthoritySlotMismatch { seq: 1 })
+            );
+        }
+    }
+
+    #[test]
+    fn block_order_and_duplicate_level() {
+        let slots = vec![claim(0, ROOT, 1, None), claim(2, CHILD, 1, None)];
+        let receipts = vec![signer().sign(&body(1, slots, None)).unwrap()];
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::BlockOrder { seq: 1 })
+        );
+        let slots = vec![claim(0, ROOT, 1, None), claim(1, ROOT, 1, None)];
+        let receipts = vec![signer().sign(&body(1, slots, None)).unwrap()];
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::DuplicateLevel {
+                seq: 1,
+                revocation_id: ROOT.into()
+            })
+        );
+    }
+
+    #[test]
+    fn level_mismatch() {
+        let mut receipts = good();
+        edit(&mut receipts, 3, |b| b.slots[1].cap = Some(3));
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::LevelMismatch {
+                seq: 4,
+                revocation_id: CHILD.into()
+            })
+        );
+    }
+
+    #[test]
+    fn family_mismatch() {
+        let mut receipts = good();
+        edit(&mut receipts, 2, |b| b.family = "dd".into());
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::FamilyMismatch { seq: 3 })
+        );
+    }
+
+    #[test]
+    fn unknown_kid() {
+        let receipts = good();
+        let stranger = ReceiptSigner::from_seed([9; 32]);
+        let only_stranger: ReceiptKeySet = [stranger.public_key()].into_iter().collect();
+        assert_eq!(
+            audit_chain(&receipts, &only_stranger),
+            Err(ReceiptError::UnknownKeyId {
+                kid: signer().key_id().into()
+            })
+        );
+    }
+
+    #[test]
+    fn wrong_key() {
+        // Receipt 3 carries our kid but was signed by another key.
+        let mut receipts = good();
+        let compact = receipts[2].compact();
+        let input = &compact[..compact.rfind('.').unwrap()];
+        let forged_sig = ReceiptSigner::from_seed([9; 32])
+            .signing
+            .sign(input.as_bytes());
+        let forged = format!(
+            "{input}.{}",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                forged_sig.to_bytes()
+            )
+        );
+        receipts[2] = Receipt::parse(&forged).unwrap();
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::BadSignature {
+                kid: signer().key_id().into(),
+                seq: 3
+            })
+        );
+    }
+
+    #[test]
+    fn rotated_keys_verify_when_both_are_trusted() {
+        let mut receipts = good();
+        receipts.truncate(2);
+        let new = ReceiptSigner::from_seed([4; 32]);
+        let mut b = body(
+            3,
+            vec![claim(0, ROOT, 3, Some(10))],
+            Some(receipts[1].hash_hex()),
+        );
+        b.kid = new.key_id().into();
+        receipts.push(new.sign(&b).unwrap());
+        assert!(matches!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::UnknownKeyId { .. })
+        ));
+        let mut both = keys();
+        both.insert(new.public_key());
+        assert_eq!(audit_chain(&receipts, &both).unwrap().receipts, 3);
+    }
+}

@@ -1,0 +1,652 @@
+//! The envelope: JWS compact serialization (RFC 7515) with `alg: EdDSA` (RFC 8037).
+//!
+//! Both the protected header and the payload are canonical: the header is exactly
+//! `{"alg":"EdDSA","kid":"…","typ":"till-receipt+jwt"}` and the payload is the body's
+//! serde_json serialization. Parsing re-serializes both and rejects any difference, so the
+//! decoded [`ReceiptBody`] is always exactly what was signed, and one body has exactly one
+//! receipt (Ed25519 signatures are deterministic and `verify_strict` refuses malleated
+//! ones).
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Signer as _};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::body::{ReceiptBody, RECEIPT_VERSION};
+use crate::error::{JwsPart, ReceiptError};
+use crate::key::{ReceiptKeySet, ReceiptSigner};
+
+/// Largest accepted compact receipt, in bytes; checked before anything else is decoded.
+pub const MAX_RECEIPT_LEN: usize = 64 * 1024;
+/// The JWS `alg` of every receipt (RFC 8037 Ed25519).
+pub const JWS_ALG: &str = "EdDSA";
+/// The JWS `typ` of every receipt.
+pub const JWS_TYP: &str = "till-receipt+jwt";
+
+const SIGNATURE_LEN: usize = 64;
+
+/// The protected header as written (field order is the serialization order).
+#[derive(Serialize)]
+struct HeaderOut<'a> {
+    alg: &'a str,
+    kid: &'a str,
+    typ: &'a str,
+}
+
+/// The protected header as read: only these members, each a string.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderIn {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    typ: Option<String>,
+}
+
+fn encode_header(kid: &str) -> Result<Vec<u8>, ReceiptError> {
+    serde_json::to_vec(&HeaderOut {
+        alg: JWS_ALG,
+        kid,
+        typ: JWS_TYP,
+    })
+    .map_err(|e| ReceiptError::Encode(e.to_string()))
+}
+
+/// A signed receipt: the compact JWS string plus its decoded body.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Receipt {
+    compact: String,
+    body: ReceiptBody,
+    /// Decoded third part.
+    signature: [u8; SIGNATURE_LEN],
+    /// Byte length of `header.payload`, the JWS signing input.
+    signing_input_len: usize,
+}
+
+impl fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receipt").field("body", &self.body).finish()
+    }
+}
+
+impl Receipt {
+    /// Parses a compact JWS without verifying its signature (use [`Receipt::verify`]).
+    ///
+    /// Strict: the size limit first, then exactly three unpadded base64url parts, the
+    /// canonical header (`alg` EdDSA, `typ` till-receipt+jwt, a `kid`), a payload that is
+    /// the canonical serialization of a version-1 [`ReceiptBody`] whose `kid` is the
+    /// header's, and a 64-byte signature. Each failure is its own [`ReceiptError`].
+    pub fn parse(compact: &str) -> Result<Self, ReceiptError> {
+        if compact.len() > MAX_RECEIPT_LEN {
+            return Err(ReceiptError::TooLarge {
+                len: compact.len(),
+                max: MAX_RECEIPT_LEN,
+            });
+        }
+        let parts: Vec<&str> = compact.split('.').collect();
+        let [header_b64, payload_b64, signature_b64] = parts[..] else {
+            return Err(ReceiptError::PartCount { found: parts.len() });
+        };
+
+        let header_json = decode(header_b64, JwsPart::Header)?;
+        let header: HeaderIn = serde_json::from_slice(&header_json)
+            .map_err(|e| ReceiptError::HeaderJson(e.to_string()))?;
+        if header.alg != JWS_ALG {
+            return Err(ReceiptError::UnsupportedAlgorithm { alg: header.alg });
+        }
+        if header.typ.as_deref() != Some(JWS_TYP) {
+            return Err(ReceiptError::WrongType { typ: header.typ });
+        }
+        let kid = header.kid.ok_or(ReceiptError::MissingKeyId)?;
+        if encode_header(&kid)? != header_json {
+            return Err(ReceiptError::NonCanonicalHeader);
+        }
+
+        let payload = decode(payload_b64, JwsPart::Payload)?;
+        let body: ReceiptBody =
+            serde_json::from_slice(&payload).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+        if body.v != RECEIPT_VERSION {
+            return Err(ReceiptError::UnsupportedVersion { v: body.v });
+        }
+        let canonical =
+            serde_json::to_vec(&body).map_err(|e| ReceiptError::Encode(e.to_string()))?;
+        if canonical != payload {
+            return Err(ReceiptError::NonCanonicalPayload);
+        }
+        if body.kid != kid {
+            return Err(ReceiptError::KeyIdMismatch {
+                header: kid,
+                body: body.kid,
+            });
+        }
+
+        let signature = decode(signature_b64, JwsPart::Signature)?;
+        let signature = <[u8; SIGNATURE_LEN]>::try_from(signature.as_slice()).map_err(|_| {
+            ReceiptError::SignatureLength {
+                len: signature.len(),
+            }
+        })?;
+
+        Ok(Self {
+            compact: compact.to_owned(),
+            body,
+            signature,
+            signing_input_len: header_b64.len() + 1 + payload_b64.len(),
+        })
+    }
+
+    /// The compact JWS form (`header.payload.signature`).
+    pub fn compact(&self) -> &str {
+        &self.compact
+    }
+
+    /// The compact JWS form, consuming the receipt.
+    pub fn into_compact(self) -> String {
+        self.compact
+    }
+
+    /// The decoded body.
+    pub fn body(&self) -> &ReceiptBody {
+        &self.body
+    }
+
+    /// SHA-256 of the compact form: what the next receipt's `prev` names.
+    pub fn hash(&self) -> [u8; 32] {
+        Sha256::digest(self.compact.as_bytes()).into()
+    }
+
+    /// Lower-case hex of [`Receipt::hash`].
+    pub fn hash_hex(&self) -> String {
+        hex::encode(self.hash())
+    }
+
+    /// Verifies the signature with the key whose id is in the JWS header.
+    ///
+    /// Fails closed: a key id not in `keys` is [`ReceiptError::UnknownKeyId`]. Uses
+    /// ed25519-dalek's `verify_strict` (no small-order keys, no non-canonical `s`).
+    pub fn verify(&self, keys: &ReceiptKeySet) -> Result<(), ReceiptError> {
+        // `parse` and `sign` guarantee header kid == body kid.
+        let kid = &self.body.kid;
+        let key = keys
+            .get(kid)
+            .ok_or_else(|| ReceiptError::UnknownKeyId { kid: kid.clone() })?;
+        let signing_input = &self.compact.as_bytes()[..self.signing_input_len];
+        key.verifying
+            .verify_strict(signing_input, &Signature::from_bytes(&self.signature))
+            .map_err(|_| ReceiptError::BadSignature {
+                kid: kid.clone(),
+                seq: self.body.seq,
+            })
+    }
+}
+
+impl FromStr for Receipt {
+    type Err = ReceiptError;
+
+    fn from_str(compact: &str) -> Result<Self, Self::Err> {
+        Self::parse(compact)
+    }
+}
+
+impl fmt::Display for Receipt {
+    /// The compact form (receipts hold no secrets).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.compact)
+    }
+}
+
+fn decode(part: &str, which: JwsPart) -> Result<Vec<u8>, ReceiptError> {
+    // URL_SAFE_NO_PAD refuses `=` padding, `+`/`/`, whitespace and non-zero trailing
+    // bits, so each byte string has exactly one accepted encoding.
+    URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| ReceiptError::Base64 { part: which })
+}
+
+impl ReceiptSigner {
+    /// Signs `body` (its `kid` must equal [`ReceiptSigner::key_id`]).
+    ///
+    /// The result is exactly what [`Receipt::parse`] would return for its compact form:
+    /// `v` must be [`RECEIPT_VERSION`] and the compact form at most [`MAX_RECEIPT_LEN`].
+    pub fn sign(&self, body: &ReceiptBody) -> Result<Receipt, ReceiptError> {
+        if body.kid != self.key_id() {
+            return Err(ReceiptError::SignerKeyMismatch {
+                signer: self.key_id().to_owned(),
+                body: body.kid.clone(),
+            });
+        }
+        if body.v != RECEIPT_VERSION {
+            return Err(ReceiptError::UnsupportedVersion { v: body.v });
+        }
+        let header = encode_header(self.key_id())?;
+        let payload = serde_json::to_vec(body).map_err(|e| ReceiptError::Encode(e.to_string()))?;
+
+        let header_len = base64::encoded_len(header.len(), false).unwrap_or(0);
+        let payload_len = base64::encoded_len(payload.len(), false).unwrap_or(0);
+        let mut compact = String::with_capacity(header_len + payload_len + 88);
+        URL_SAFE_NO_PAD.encode_string(&header, &mut compact);
+        compact.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut compact);
+        let signing_input_len = compact.len();
+        let signature = self.signing.sign(compact.as_bytes()).to_bytes();
+        compact.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, &mut compact);
+
+        if compact.len() > MAX_RECEIPT_LEN {
+            return Err(ReceiptError::TooLarge {
+                len: compact.len(),
+                max: MAX_RECEIPT_LEN,
+            });
+        }
+        Ok(Receipt {
+            compact,
+            body: body.clone(),
+            signature,
+            signing_input_len,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::{RequestDigest, SlotClaim};
+
+    fn signer() -> ReceiptSigner {
+        ReceiptSigner::from_seed([42; 32])
+    }
+
+    fn keys() -> ReceiptKeySet {
+        [signer().public_key()].into_iter().collect()
+    }
+
+    fn body(signer: &ReceiptSigner) -> ReceiptBody {
+        ReceiptBody {
+            v: 1,
+            family: "ab".repeat(32),
+            seq: 1,
+            slots: vec![SlotClaim {
+                block: 0,
+                revocation_id: "ab".repeat(32),
+                slot: 1,
+                cap: Some(5),
+            }],
+            request: RequestDigest {
+                method: "POST".into(),
+                upstream: "openai".into(),
+                path: "/v1/chat/completions".into(),
+                body_sha256: "00".repeat(32),
+                model: Some("gpt-4o-mini".into()),
+            },
+            iat: 1_700_000_000,
+            proxy: "proxy-1".into(),
+            kid: signer.key_id().into(),
+            idempotency_key: "idem-1".into(),
+            prev: None,
+        }
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// Splits a valid compact receipt into decoded (header, payload, signature).
+    fn split(receipt: &Receipt) -> (String, String, Vec<u8>) {
+        let parts: Vec<&str> = receipt.compact().split('.').collect();
+        (
+            String::from_utf8(URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap(),
+            String::from_utf8(URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap(),
+            URL_SAFE_NO_PAD.decode(parts[2]).unwrap(),
+        )
+    }
+
+    fn join(header: &str, payload: &str, signature: &[u8]) -> String {
+        format!(
+            "{}.{}.{}",
+            b64(header.as_bytes()),
+            b64(payload.as_bytes()),
+            b64(signature)
+        )
+    }
+
+    /// Signs arbitrary header and payload text with the test key (for vectors that the
+    /// crate's own `sign` refuses to produce).
+    fn sign_raw(header: &str, payload: &str) -> String {
+        let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+        let sig = signer().signing.sign(input.as_bytes()).to_bytes();
+        format!("{input}.{}", b64(&sig))
+    }
+
+    #[test]
+    fn sign_parse_verify_round_trip() {
+        let s = signer();
+        let receipt = s.sign(&body(&s)).unwrap();
+        let parsed = Receipt::parse(receipt.compact()).unwrap();
+        assert_eq!(parsed, receipt);
+        assert_eq!(parsed.body(), &body(&s));
+        parsed.verify(&keys()).unwrap();
+        assert_eq!(receipt.compact().parse::<Receipt>().unwrap(), receipt);
+        assert_eq!(receipt.to_string(), receipt.compact());
+    }
+
+    #[test]
+    fn header_is_the_fixed_canonical_form() {
+        let s = signer();
+        let (header, payload, signature) = split(&s.sign(&body(&s)).unwrap());
+        assert_eq!(
+            header,
+            format!(
+                r#"{{"alg":"EdDSA","kid":"{}","typ":"till-receipt+jwt"}}"#,
+                s.key_id()
+            )
+        );
+        assert_eq!(payload, serde_json::to_string(&body(&s)).unwrap());
+        assert_eq!(signature.len(), 64);
+    }
+
+    #[test]
+    fn signing_is_deterministic() {
+        let s = signer();
+        assert_eq!(s.sign(&body(&s)).unwrap(), s.sign(&body(&s)).unwrap());
+    }
+
+    #[test]
+    fn hash_is_sha256_of_compact() {
+        let s = signer();
+        let receipt = s.sign(&body(&s)).unwrap();
+        let expected: [u8; 32] = Sha256::digest(receipt.compact().as_bytes()).into();
+        assert_eq!(receipt.hash(), expected);
+        assert_eq!(receipt.hash_hex(), hex::encode(expected));
+        assert_eq!(receipt.hash_hex().len(), 64);
+    }
+
+    #[test]
+    fn sign_refuses_foreign_kid_and_other_versions() {
+        let s = signer();
+        let mut b = body(&s);
+        b.kid = "r-0000000000000000".into();
+        assert!(matches!(
+            s.sign(&b),
+            Err(ReceiptError::SignerKeyMismatch { .. })
+        ));
+        let mut b = body(&s);
+        b.v = 2;
+        assert_eq!(s.sign(&b), Err(ReceiptError::UnsupportedVersion { v: 2 }));
+    }
+
+    #[test]
+    fn sign_refuses_oversized_bodies() {
+        let s = signer();
+        let mut b = body(&s);
+        b.proxy = "p".repeat(MAX_RECEIPT_LEN);
+        assert!(matches!(s.sign(&b), Err(ReceiptError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn size_limit_is_checked_first() {
+        let garbage = "!".repeat(MAX_RECEIPT_LEN + 1);
+        assert_eq!(
+            Receipt::parse(&garbage),
+            Err(ReceiptError::TooLarge {
+                len: MAX_RECEIPT_LEN + 1,
+                max: MAX_RECEIPT_LEN
+            })
+        );
+    }
+
+    #[test]
+    fn parse_rejections_are_specific() {
+        let s = signer();
+        let good = s.sign(&body(&s)).unwrap();
+        let (header, payload, sig) = split(&good);
+        let kid = s.key_id();
+        let good_parts: Vec<&str> = good.compact().split('.').collect();
+        let cases: Vec<(String, ReceiptError)> = vec![
+            (
+                good_parts[..2].join("."),
+                ReceiptError::PartCount { found: 2 },
+            ),
+            (
+                format!("{}.", good.compact()),
+                ReceiptError::PartCount { found: 4 },
+            ),
+            (String::new(), ReceiptError::PartCount { found: 1 }),
+            (
+                format!("{}==.{}.{}", good_parts[0], good_parts[1], good_parts[2]),
+                ReceiptError::Base64 {
+                    part: JwsPart::Header,
+                },
+            ),
+            (
+                format!("{}.{}.{}==", good_parts[0], good_parts[1], good_parts[2]),
+                ReceiptError::Base64 {
+                    part: JwsPart::Signature,
+                },
+            ),
+            (
+                format!("{}.{}+.{}", good_parts[0], good_parts[1], good_parts[2]),
+                ReceiptError::Base64 {
+                    part: JwsPart::Payload,
+                },
+            ),
+            (
+                join(
+                    &format!(r#"{{"alg":"none","kid":"{kid}","typ":"till-receipt+jwt"}}"#),
+                    &payload,
+                    &[],
+                ),
+                ReceiptError::UnsupportedAlgorithm { alg: "none".into() },
+            ),
+            (
+                join(
+                    &format!(r#"{{"alg":"HS256","kid":"{kid}","typ":"till-receipt+jwt"}}"#),
+                    &payload,
+                    &sig,
+                ),
+                ReceiptError::UnsupportedAlgorithm {
+                    alg: "HS256".into(),
+                },
+            ),
+            (
+                join(
+                    &format!(r#"{{"alg":"EdDSA","kid":"{kid}"}}"#),
+                    &payload,
+                    &sig,
+                ),
+                ReceiptError::WrongType { typ: None },
+            ),
+            (
+                join(
+                    &format!(r#"{{"alg":"EdDSA","kid":"{kid}","typ":"JWT"}}"#),
+                    &payload,
+                    &sig,
+                ),
+                ReceiptError::WrongType {
+                    typ: Some("JWT".into()),
+                },
+            ),
+            (
+                join(
+                    r#"{"alg":"EdDSA","typ":"till-receipt+jwt"}"#,
+                    &payload,
+                    &sig,
+                ),
+                ReceiptError::MissingKeyId,
+            ),
+            (
+                join(
+                    &format!(r#"{{"typ":"till-receipt+jwt","alg":"EdDSA","kid":"{kid}"}}"#),
+                    &payload,
+                    &sig,
+                ),
+                ReceiptError::NonCanonicalHeader,
+            ),
+            (
+                join(&format!("{header} "), &payload, &sig),
+                ReceiptError::NonCanonicalHeader,
+            ),
+            (
+                join(&payload, &payload, &sig),
+                ReceiptError::HeaderJson(String::new()),
+            ),
+            (
+                join(
+                    &format!(
+                        r#"{{"alg":"EdDSA","kid":"{kid}","typ":"till-receipt+jwt","crit":["b64"]}}"#
+                    ),
+                    &payload,
+                    &sig,
+                ),
+                ReceiptError::HeaderJson(String::new()),
+            ),
+            (
+                join(&header, "[]", &sig),
+                ReceiptError::Malformed(String::new()),
+            ),
+            (
+                join(
+                    &header,
+                    &payload.replacen(r#""v":1"#, r#""v":1,"x":1"#, 1),
+                    &sig,
+                ),
+                ReceiptError::Malformed(String::new()),
+            ),
+            (
+                join(&header, &payload.replacen(r#""v":1"#, r#""v":2"#, 1), &sig),
+                ReceiptError::UnsupportedVersion { v: 2 },
+            ),
+            (
+                join(&header, &format!("{payload}\n"), &sig),
+                ReceiptError::NonCanonicalPayload,
+            ),
+            (
+                join(&header, &payload.replacen(r#","prev":null"#, "", 1), &sig),
+                ReceiptError::NonCanonicalPayload,
+            ),
+            (
+                join(
+                    &header,
+                    &payload.replacen("proxy-1", r"proxy\u002d1", 1),
+                    &sig,
+                ),
+                ReceiptError::NonCanonicalPayload,
+            ),
+            (
+                join(
+                    &header.replacen(kid, "r-0000000000000000", 1),
+                    &payload,
+                    &sig,
+                ),
+                ReceiptError::KeyIdMismatch {
+                    header: "r-0000000000000000".into(),
+                    body: kid.into(),
+                },
+            ),
+            (
+                join(&header, &payload, &sig[..63]),
+                ReceiptError::SignatureLength { len: 63 },
+            ),
+        ];
+        for (compact, expected) in cases {
+            let err = Receipt::parse(&compact).unwrap_err();
+            match (&err, &expected) {
+                (ReceiptError::HeaderJson(_), ReceiptError::HeaderJson(_))
+                | (ReceiptError::Malformed(_), ReceiptError::Malformed(_)) => {}
+                _ => assert_eq!(err, expected, "{compact}"),
+            }
+        }
+    }
+
+    #[test]
+    fn verify_fails_closed_on_unknown_kid() {
+        let other = ReceiptSigner::from_seed([1; 32]);
+        let receipt = other.sign(&body(&other)).unwrap();
+        assert_eq!(
+            receipt.verify(&keys()),
+            Err(ReceiptError::UnknownKeyId {
+                kid: other.key_id().into()
+            })
+        );
+        assert!(matches!(
+            receipt.verify(&ReceiptKeySet::new()),
+            Err(ReceiptError::UnknownKeyId { .. })
+        ));
+    }
+
+    #[test]
+    fn verify_rejects_a_changed_body_under_the_original_signature() {
+        let s = signer();
+        let (header, payload, sig) = split(&s.sign(&body(&s)).unwrap());
+        let forged = join(
+            &header,
+            &payload.replacen(r#""seq":1"#, r#""seq":2"#, 1),
+            &sig,
+        );
+        let receipt = Receipt::parse(&forged).unwrap();
+        assert_eq!(
+            receipt.verify(&keys()),
+            Err(ReceiptError::BadSignature {
+                kid: s.key_id().into(),
+                seq: 2
+            })
+        );
+    }
+
+    #[test]
+    fn verify_rejects_another_keys_signature_under_our_kid() {
+        let s = signer();
+        let (header, payload, _) = split(&s.sign(&body(&s)).unwrap());
+        let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+        let other = ReceiptSigner::from_seed([1; 32]);
+        let sig = other.signing.sign(input.as_bytes()).to_bytes();
+        let receipt = Receipt::parse(&format!("{input}.{}", b64(&sig))).unwrap();
+        assert!(matches!(
+            receipt.verify(&keys()),
+            Err(ReceiptError::BadSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn verify_rejects_a_malleated_signature() {
+        // Adding the group order L to `s` gives a signature that lax verifiers accept;
+        // verify_strict must not.
+        const L: [u8; 32] = [
+            0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9,
+            0xde, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+        ];
+        let s = signer();
+        let (header, payload, mut sig) = split(&s.sign(&body(&s)).unwrap());
+        let mut carry = 0u16;
+        for i in 0..32 {
+            let sum = u16::from(sig[32 + i]) + u16::from(L[i]) + carry;
+            sig[32 + i] = (sum & 0xff) as u8;
+            carry = sum >> 8;
+        }
+        let receipt = Receipt::parse(&join(&header, &payload, &sig)).unwrap();
+        assert!(matches!(
+            receipt.verify(&keys()),
+            Err(ReceiptError::BadSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn raw_signed_canonical_input_is_accepted() {
+        // Guards the helper used above: a hand-built canonical receipt parses and verifies.
+        let s = signer();
+        let (header, payload, _) = split(&s.sign(&body(&s)).unwrap());
+        let compact = sign_raw(&header, &payload);
+        Receipt::parse(&compact).unwrap().verify(&keys()).unwrap();
+    }
+
+    #[test]
+    fn debug_shows_the_body() {
+        let s = signer();
+        let receipt = s.sign(&body(&s)).unwrap();
+        assert!(format!("{receipt:?}").contains("proxy-1"));
+    }
+}
