@@ -1,1 +1,148 @@
-//! till-ledger
+//! Till's activation ledger: where a cap becomes real.
+//!
+//! A claim is the only state change per proxied request, and it happens before the
+//! request is forwarded. One [`Ledger::claim`] is ONE transaction that checks expiry and
+//! revocation of every block of the presented token, answers an idempotent replay with
+//! the stored receipt, advances every block's counter (refusing, with nothing written,
+//! when any cap would be exceeded), signs the receipt and stores it as the new head of
+//! the family's receipt chain.
+//!
+//! Design: the decision is a pure function ([`plan::plan_claim`]) over what the backend
+//! read in its transaction ([`plan::ClaimState`]), so every backend decides alike; the
+//! backends only read state, carry out the [`plan::Plan`] and commit. The embedded
+//! backend ([`EmbeddedLedger`], redb) runs all writes on one writer thread that
+//! group-commits concurrent claims into one fsync'd transaction. Every backend runs the
+//! same conformance suite (`conformance` cargo feature). Normative details:
+//! `spec/ledger.md`.
+//!
+//! Non-features: no retention or compaction of receipts and idempotency records (kept
+//! forever for now); no multi-process access to one embedded ledger file (use the admin
+//! API of the running server, or the FoundationDB backend for a fleet).
+//!
+//! Nothing here logs or returns token material other than revocation ids, or any key.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use till_ledger::{ClaimRequest, EmbeddedConfig, EmbeddedLedger, Ledger, Level, RequestDigest};
+//! use till_receipt::ReceiptSigner;
+//!
+//! let signer = Arc::new(ReceiptSigner::generate());
+//! let ledger = EmbeddedLedger::open("ledger.redb", EmbeddedConfig::new(signer, "proxy-1"))?;
+//! let claim = ledger
+//!     .claim(ClaimRequest {
+//!         levels: vec![Level { revocation_id: vec![7; 64], cap: Some(10) }],
+//!         idempotency_key: None,
+//!         request: RequestDigest {
+//!             method: "POST".into(),
+//!             upstream: "openai".into(),
+//!             path: "/v1/chat/completions".into(),
+//!             body_sha256: "00".repeat(32),
+//!             model: Some("gpt-4o".into()),
+//!         },
+//!         now: 1_750_000_000,
+//!         not_after: None,
+//!     })
+//!     .await?;
+//! match claim {
+//!     Ok(claim) => println!("slot {} taken, {:?} left", claim.receipt.body().seq, claim.remaining),
+//!     Err(refusal) => println!("refused: {}", refusal.code()),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use till_receipt::{Receipt, RequestDigest};
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod embedded;
+mod error;
+mod fault;
+pub mod plan;
+
+pub use embedded::{EmbeddedConfig, EmbeddedLedger, QUEUE_CAPACITY, SCHEMA_VERSION};
+pub use error::{LedgerError, Refusal};
+#[cfg(feature = "fault-injection")]
+#[doc(hidden)]
+pub use fault::FaultInjector;
+pub use plan::MAX_REPLAYS;
+
+/// A boxed future, so `dyn Ledger` works.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One block of the presented token, as the ledger sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Level {
+    /// The block's revocation id (raw bytes; 64 for ed25519 Biscuit blocks).
+    pub revocation_id: Vec<u8>,
+    /// The block's declared activation cap, if any.
+    pub cap: Option<u64>,
+}
+
+/// One activation to claim.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// Blocks of the presented token, authority first. `levels[0].revocation_id` is the
+    /// family id. Never empty.
+    pub levels: Vec<Level>,
+    /// Client-supplied `Idempotency-Key`, scoped to the presented token (its last block).
+    /// `None`: the ledger generates one, and a retry inside the ledger reuses it.
+    pub idempotency_key: Option<String>,
+    /// What will be forwarded (goes into the receipt; a replay must match it).
+    pub request: RequestDigest,
+    /// Claim time, Unix seconds.
+    pub now: u64,
+    /// The token's effective expiry (Unix seconds), if any: refuse when `now > not_after`.
+    pub not_after: Option<u64>,
+}
+
+/// A successful claim (or an idempotent replay of one).
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The signed receipt (the original one on a replay).
+    pub receipt: Receipt,
+    /// True when this is a replay of an earlier claim with the same idempotency key:
+    /// nothing was charged.
+    pub replayed: bool,
+    /// Activations left under the tightest cap after this claim (`None`: uncapped).
+    pub remaining: Option<u64>,
+}
+
+/// Per-block usage, for `till usage` and the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LevelUsage {
+    /// Revocation id (raw bytes).
+    pub revocation_id: Vec<u8>,
+    /// Activations claimed through this block and its descendants.
+    pub used: u64,
+    /// Whether this block's revocation id is revoked.
+    pub revoked: bool,
+}
+
+/// The ledger contract. Every backend passes the same conformance suite.
+pub trait Ledger: Send + Sync + std::fmt::Debug {
+    /// Claims one activation in ONE transaction (see `spec/ledger.md`). Durable before it
+    /// returns `Ok(Ok(_))`. `Ok(Err(refusal))` wrote nothing. `Err(_)`: the ledger could not
+    /// decide; the caller must fail closed (503) and must not forward.
+    fn claim(
+        &self,
+        req: ClaimRequest,
+    ) -> BoxFuture<'_, Result<Result<Claim, Refusal>, LedgerError>>;
+    /// Revokes a block by revocation id (idempotent). Effective for the next claim.
+    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<(), LedgerError>>;
+    /// Current usage of each given block.
+    fn usage(&self, levels: &[Level]) -> BoxFuture<'_, Result<Vec<LevelUsage>, LedgerError>>;
+    /// A family's receipts in `seq` order, starting at `from_seq` (1-based), at most `limit`.
+    fn receipts(
+        &self,
+        family: &[u8],
+        from_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>>;
+}

@@ -69,6 +69,26 @@ impl VerifiedToken {
         self.authorize_datalog(req, counts, limits)
     }
 
+    /// Only the Biscuit Datalog evaluation, skipping the pure check. For tests and the spec
+    /// vectors, which show that the Datalog layer enforces every caveat on its own; the
+    /// proxy calls [`VerifiedToken::authorize`].
+    #[doc(hidden)]
+    pub fn authorize_datalog_only(
+        &self,
+        req: &RequestFacts<'_>,
+        counts: &[u64],
+        limits: &Limits,
+    ) -> Result<(), AuthorizeError> {
+        if counts.len() != self.blocks.len() {
+            return Err(AuthorizeError::Token(TokenError::Biscuit(format!(
+                "{} activation counts for {} blocks",
+                counts.len(),
+                self.blocks.len()
+            ))));
+        }
+        self.authorize_datalog(req, counts, limits)
+    }
+
     fn authorize_datalog(
         &self,
         req: &RequestFacts<'_>,

@@ -122,14 +122,14 @@ impl Caveats {
         if let Some(u) = &self.upstream {
             out.push_str(&format!("check if till_upstream(\"{u}\");\n"));
         }
+        // Lists are rendered as alternatives, not as Datalog sets: Biscuit prints a set in
+        // symbol-table order (which depends on earlier blocks and its default symbols), so
+        // a set could not be compared with this rendering.
         if let Some(ms) = &self.methods {
-            out.push_str(&format!(
-                "check if till_method($m), {}.contains($m);\n",
-                string_set(ms)
-            ));
+            out.push_str(&format!("check if {};\n", alternatives("till_method", ms)));
         }
         if let Some(ps) = &self.paths {
-            let alternatives: Vec<String> = ps
+            let bodies: Vec<String> = ps
                 .iter()
                 .map(|p| {
                     if p.ends_with('/') {
@@ -139,13 +139,10 @@ impl Caveats {
                     }
                 })
                 .collect();
-            out.push_str(&format!("check if {};\n", alternatives.join(" or ")));
+            out.push_str(&format!("check if {};\n", bodies.join(" or ")));
         }
         if let Some(ms) = &self.models {
-            out.push_str(&format!(
-                "check if till_model($m), {}.contains($m);\n",
-                string_set(ms)
-            ));
+            out.push_str(&format!("check if {};\n", alternatives("till_model", ms)));
         }
         if let Some(e) = self.expires {
             out.push_str(&format!("check if time($t), $t <= {};\n", rfc3339(e)?));
@@ -179,9 +176,13 @@ pub fn rfc3339(unix: i64) -> Result<String, TokenError> {
         .ok_or_else(|| TokenError::InvalidCaveat(format!("expiry {unix} is out of range")))
 }
 
-fn string_set(values: &[String]) -> String {
-    let quoted: Vec<String> = values.iter().map(|v| format!("\"{v}\"")).collect();
-    format!("{{{}}}", quoted.join(", "))
+/// `pred("a") or pred("b")`: one alternative per value, in the (sorted) list order.
+fn alternatives(predicate: &str, values: &[String]) -> String {
+    let bodies: Vec<String> = values
+        .iter()
+        .map(|v| format!("{predicate}(\"{v}\")"))
+        .collect();
+    bodies.join(" or ")
 }
 
 fn normalize_list(

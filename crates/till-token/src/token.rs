@@ -162,10 +162,11 @@ pub fn attenuate_str(
     check_block_count(unverified.block_count(), limits)?;
     // Validate canonical form of what we extend.
     let mut existing = Vec::new();
-    for (i, ctx) in unverified_context(&bytes)?.into_iter().enumerate() {
+    for (i, ctx) in block_contexts(&bytes)?.into_iter().enumerate() {
         let caveats = canonical_caveats(i, ctx.as_deref(), unverified.print_block_source(i))?;
         existing.push(caveats);
     }
+    check_family_upstream(existing.iter())?;
     let scope = EffectiveScope::of(existing.iter());
     let caveats = caveats.normalize()?;
     if caveats.is_empty() {
@@ -269,7 +270,10 @@ pub fn verify(key: &str, keys: &KeyRing, limits: &Limits) -> Result<VerifiedToke
     let biscuit = unverified
         .verify(keys)
         .map_err(|_| TokenError::BadSignature)?;
+    // After the signatures, so a tampered key reports the tampering, not its symptoms.
+    block_contexts(&bytes)?;
     let blocks = read_blocks(&biscuit)?;
+    check_family_upstream(blocks.iter().map(|b| &b.caveats))?;
     let scope = EffectiveScope::of(blocks.iter().map(|b| &b.caveats));
     if scope.upstream.is_none() {
         return Err(TokenError::NotCanonical {
@@ -363,7 +367,7 @@ fn inspect_structure(
     check_block_count(unverified.block_count(), limits)?;
     let ids = unverified.revocation_identifiers();
     let mut blocks = Vec::new();
-    for (i, ctx) in unverified_context(&bytes)?.into_iter().enumerate() {
+    for (i, ctx) in block_contexts(&bytes)?.into_iter().enumerate() {
         let caveats = canonical_caveats(i, ctx.as_deref(), unverified.print_block_source(i))?;
         blocks.push(BlockInfo {
             index: i,
@@ -371,6 +375,7 @@ fn inspect_structure(
             caveats,
         });
     }
+    check_family_upstream(blocks.iter().map(|b| &b.caveats))?;
     Ok((unverified.root_key_id(), blocks))
 }
 
@@ -429,7 +434,11 @@ fn read_blocks(biscuit: &Biscuit) -> Result<Vec<BlockInfo>, TokenError> {
     Ok(blocks)
 }
 
-fn unverified_context(bytes: &[u8]) -> Result<Vec<Option<String>>, TokenError> {
+/// Every block's context (its declaration), after checking that each block carries
+/// nothing but checks: no facts, rules, block-level scopes, public keys or third-party
+/// signature. Biscuit's printed source omits block-level scopes and public keys, so the
+/// text comparison in [`canonical_caveats`] alone cannot see them.
+fn block_contexts(bytes: &[u8]) -> Result<Vec<Option<String>>, TokenError> {
     // UnverifiedBiscuit has no context accessor; decode the container's protobuf directly.
     use biscuit_auth::format::schema;
     use prost::Message as _;
@@ -437,12 +446,52 @@ fn unverified_context(bytes: &[u8]) -> Result<Vec<Option<String>>, TokenError> {
         schema::Biscuit::decode(bytes).map_err(|e| TokenError::Malformed(e.to_string()))?;
     std::iter::once(&container.authority)
         .chain(container.blocks.iter())
-        .map(|signed| {
-            schema::Block::decode(signed.block.as_slice())
-                .map(|b| b.context)
-                .map_err(|e| TokenError::Malformed(e.to_string()))
+        .enumerate()
+        .map(|(i, signed)| {
+            let not_canonical = |reason: &str| TokenError::NotCanonical {
+                block: i,
+                reason: reason.into(),
+            };
+            if signed.external_signature.is_some() {
+                return Err(not_canonical(
+                    "third-party blocks are not part of Till's vocabulary",
+                ));
+            }
+            let block = schema::Block::decode(signed.block.as_slice())
+                .map_err(|e| TokenError::Malformed(e.to_string()))?;
+            if !block.facts.is_empty() || !block.rules.is_empty() {
+                return Err(not_canonical("a Till block carries checks only"));
+            }
+            if !block.scope.is_empty() || !block.public_keys.is_empty() {
+                return Err(not_canonical(
+                    "block-level scopes and public keys are not part of Till's vocabulary",
+                ));
+            }
+            Ok(block.context)
         })
         .collect()
+}
+
+/// A later block may repeat the family's upstream but never name another one (attenuation
+/// refuses to write such a block; one built by hand would make the key useless while its
+/// effective scope still showed the first upstream).
+fn check_family_upstream<'a>(
+    blocks: impl IntoIterator<Item = &'a Caveats>,
+) -> Result<(), TokenError> {
+    let mut family: Option<&str> = None;
+    for (i, c) in blocks.into_iter().enumerate() {
+        match (family, c.upstream.as_deref()) {
+            (None, u) => family = u,
+            (Some(f), Some(u)) if f != u => {
+                return Err(TokenError::NotCanonical {
+                    block: i,
+                    reason: format!("it names upstream `{u}` but the key is for `{f}`"),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Checks that block `index` is exactly the canonical rendering of its declaration.
