@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::datadir::DataDir;
 use crate::keys::{self, CaveatArgs};
-use crate::{ledger_cmds, serve};
+use crate::{ledger_cmds, mock, serve};
 
 /// Exit code: runtime error.
 pub const EXIT_RUNTIME: u8 = 1;
@@ -83,6 +83,8 @@ pub enum Command {
     },
     /// Verify a key family's whole receipt chain: signatures, no gap, no fork, no over-cap.
     Audit(ledger_cmds::AuditArgs),
+    /// Run a local OpenAI-compatible mock upstream (for trying Till and load tests).
+    MockUpstream(mock::MockArgs),
 }
 
 /// A failure with a specific exit code.
@@ -159,5 +161,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Usage(args) => ledger_cmds::usage(&dir, args),
         Command::Receipt { command } => ledger_cmds::receipt(&dir, command),
         Command::Audit(args) => ledger_cmds::audit(&dir, args),
+        Command::MockUpstream(args) => mock::run(args),
     }
 }

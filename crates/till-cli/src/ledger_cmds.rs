@@ -21,7 +21,12 @@ const AUDIT_PAGE: usize = 1000;
 #[derive(Debug, Clone, clap::Args)]
 pub struct LedgerArgs {
     /// Ledger to use: `embedded` (the data dir's ledger.redb) or `fdb[:CLUSTER_FILE]`.
-    #[arg(long, env = "TILL_LEDGER", default_value = "embedded", value_name = "LEDGER")]
+    #[arg(
+        long,
+        env = "TILL_LEDGER",
+        default_value = "embedded",
+        value_name = "LEDGER"
+    )]
     pub ledger: String,
 }
 
@@ -84,7 +89,11 @@ pub enum ReceiptCommand {
 /// Opens the ledger named by `args`.
 pub fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Ledger>> {
     let signer = Arc::new(dir.receipt_signer()?);
-    match args.ledger.split_once(':').map_or((args.ledger.as_str(), None), |(a, b)| (a, Some(b))) {
+    match args
+        .ledger
+        .split_once(':')
+        .map_or((args.ledger.as_str(), None), |(a, b)| (a, Some(b)))
+    {
         ("embedded", None) => {
             let config = EmbeddedConfig::new(signer, "till-cli");
             let ledger = EmbeddedLedger::open(dir.ledger_path(), config)
@@ -138,7 +147,10 @@ fn key_blocks(dir: &DataDir, token: &str) -> Result<Vec<BlockInfo>> {
 fn levels(blocks: &[BlockInfo]) -> Vec<Level> {
     blocks
         .iter()
-        .map(|b| Level { revocation_id: b.revocation_id.clone(), cap: b.caveats.cap })
+        .map(|b| Level {
+            revocation_id: b.revocation_id.clone(),
+            cap: b.caveats.cap,
+        })
         .collect()
 }
 
@@ -149,7 +161,10 @@ pub fn revoke(dir: &DataDir, args: RevokeArgs) -> Result<ExitCode> {
         let blocks = key_blocks(dir, &target)?;
         let index = args.block.unwrap_or(blocks.len() - 1);
         let block = blocks.get(index).ok_or_else(|| {
-            Failure::usage(format!("--block {index}: this key has {} blocks", blocks.len()))
+            Failure::usage(format!(
+                "--block {index}: this key has {} blocks",
+                blocks.len()
+            ))
         })?;
         block.revocation_id.clone()
     } else {
@@ -192,12 +207,22 @@ pub fn usage(dir: &DataDir, args: UsageArgs) -> Result<ExitCode> {
         })
         .collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&json!({ "blocks": rows }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "blocks": rows }))?
+        );
     } else {
-        println!("{:<6} {:>10} {:>10} {:>10}  {:<8} revocation id", "block", "used", "cap", "remaining", "status");
+        println!(
+            "{:<6} {:>10} {:>10} {:>10}  {:<8} revocation id",
+            "block", "used", "cap", "remaining", "status"
+        );
         for r in &rows {
             let num = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
-            let status = if r["revoked"] == true { "revoked" } else { "active" };
+            let status = if r["revoked"] == true {
+                "revoked"
+            } else {
+                "active"
+            };
             let id = r["revocation_id"].as_str().unwrap_or_default();
             println!(
                 "{:<6} {:>10} {:>10} {:>10}  {:<8} {}…",
@@ -226,7 +251,11 @@ fn receipt_keys(dir: &DataDir, files: &[PathBuf]) -> Result<ReceiptKeySet> {
 
 /// `till receipt`.
 pub fn receipt(dir: &DataDir, cmd: ReceiptCommand) -> Result<ExitCode> {
-    let ReceiptCommand::Verify { receipt, public_keys, json } = cmd;
+    let ReceiptCommand::Verify {
+        receipt,
+        public_keys,
+        json,
+    } = cmd;
     let compact = arg_or_stdin(&receipt)?;
     let keys = receipt_keys(dir, &public_keys)?;
     let receipt = Receipt::parse(&compact).map_err(Failure::invalid)?;
@@ -243,7 +272,10 @@ pub fn receipt(dir: &DataDir, cmd: ReceiptCommand) -> Result<ExitCode> {
             let cap = s.cap.map_or("unlimited".to_string(), |c| c.to_string());
             println!("block {}: slot {} of {}", s.block, s.slot, cap);
         }
-        println!("request: {} {}{}", b.request.method, b.request.upstream, b.request.path);
+        println!(
+            "request: {} {}{}",
+            b.request.method, b.request.upstream, b.request.path
+        );
         println!("proxy:   {}", b.proxy);
         println!("hash:    {}", receipt.hash_hex());
     }
@@ -268,12 +300,17 @@ pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
         }
     }
     let usage = rt.block_on(ledger.usage(&levels(&blocks)))?;
-    let report = audit_chain(&receipts, &keys).map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")))?;
+    let report = audit_chain(&receipts, &keys)
+        .map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")))?;
     // The ledger's counters must agree with the receipts it holds.
     let mut mismatches = Vec::new();
     for (b, u) in blocks.iter().zip(&usage) {
         let id = hex::encode(&b.revocation_id);
-        let in_receipts = report.levels.iter().find(|l| l.revocation_id == id).map_or(0, |l| l.used);
+        let in_receipts = report
+            .levels
+            .iter()
+            .find(|l| l.revocation_id == id)
+            .map_or(0, |l| l.used);
         if in_receipts != u.used {
             mismatches.push(format!(
                 "block {}: ledger counter {} but {} receipts",
@@ -287,10 +324,18 @@ pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("family:   {}", report.family);
-        println!("receipts: {} (signatures valid, chain gapless and fork-free)", report.receipts);
+        println!(
+            "receipts: {} (signatures valid, chain gapless and fork-free)",
+            report.receipts
+        );
         for l in &report.levels {
             let cap = l.cap.map_or("unlimited".to_string(), |c| c.to_string());
-            println!("  {}…  used {} of {}", &l.revocation_id[..16.min(l.revocation_id.len())], l.used, cap);
+            println!(
+                "  {}…  used {} of {}",
+                &l.revocation_id[..16.min(l.revocation_id.len())],
+                l.used,
+                cap
+            );
         }
         for m in &mismatches {
             println!("MISMATCH: {m}");

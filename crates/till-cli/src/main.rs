@@ -16,6 +16,7 @@ mod datadir;
 mod input;
 mod keys;
 mod ledger_cmds;
+mod mock;
 mod serve;
 
 fn main() -> ExitCode {
