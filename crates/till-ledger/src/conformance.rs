@@ -1,0 +1,788 @@
+//! The backend conformance suite (cargo feature `conformance`).
+//!
+//! Every [`Ledger`] backend runs these cases against a fresh, empty instance. Run them
+//! all with [`run_all`], or each as its own test:
+//!
+//! ```no_run
+//! use till_ledger::conformance::{self, Harness};
+//! # async fn my_harness() -> Harness { unimplemented!() }
+//! // In the backend's tests, one `#[tokio::test(flavor = "multi_thread")]` per case:
+//! async fn hot_token_exact_cap() {
+//!     conformance::hot_token_exact_cap(my_harness().await).await;
+//! }
+//! // ...or every case, each on a fresh harness:
+//! async fn all_cases() {
+//!     conformance::run_all(my_harness).await;
+//! }
+//! ```
+//!
+//! Cases need a multi-thread Tokio runtime (they spawn concurrent claimers). Tree shapes,
+//! caps and claim targets come from seeded RNGs (reproducible); revocation ids are fresh
+//! random 64-byte values, so cases never collide even on a shared store. Each case is
+//! bounded in count and in time ([`CASE_TIMEOUT`]) and panics with a description on the
+//! first violation: this module is test code shipped as a library.
+#![allow(
+    // Test harness: a failed expectation must stop the test with a message.
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use till_receipt::{audit_chain, Receipt, ReceiptKeySet, RequestDigest};
+
+use crate::{Claim, ClaimRequest, Ledger, LedgerError, Level, Refusal, MAX_REPLAYS};
+
+/// Upper bound on one case's wall time.
+pub const CASE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The claim time every case uses (Unix seconds).
+pub const NOW: u64 = 1_750_000_000;
+
+/// A fresh, empty ledger plus the receipt keys that verify what it signs.
+#[derive(Debug, Clone)]
+pub struct Harness {
+    /// The backend under test (fresh and empty).
+    pub ledger: Arc<dyn Ledger>,
+    /// Public keys of the backend's receipt signer, for verification and `audit_chain`.
+    pub keys: ReceiptKeySet,
+}
+
+/// Runs every case, each on its own fresh harness from `make`.
+pub async fn run_all<F, Fut>(mut make: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Harness>,
+{
+    concurrent_tree_claims(make().await).await;
+    hot_token_exact_cap(make().await).await;
+    slots_chain_and_remaining(make().await).await;
+    idempotent_replay(make().await).await;
+    concurrent_duplicate_claims(make().await).await;
+    sibling_cannot_replay_idempotency_key(make().await).await;
+    revocation_at_each_level(make().await).await;
+    expired_refused(make().await).await;
+    refusal_writes_nothing(make().await).await;
+    unknown_blocks_and_idempotent_revoke(make().await).await;
+    generated_idempotency_keys(make().await).await;
+    invalid_requests_rejected(make().await).await;
+}
+
+async fn bounded(name: &str, case: impl Future<Output = ()>) {
+    if tokio::time::timeout(CASE_TIMEOUT, case).await.is_err() {
+        panic!("conformance case {name} did not finish within {CASE_TIMEOUT:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+/// A fresh random 64-byte revocation id.
+pub fn random_revocation_id() -> Vec<u8> {
+    let mut id = vec![0u8; 64];
+    rand::thread_rng().fill_bytes(&mut id);
+    id
+}
+
+fn level(cap: Option<u64>) -> Level {
+    Level {
+        revocation_id: random_revocation_id(),
+        cap,
+    }
+}
+
+/// A request digest that differs per `tag`.
+pub fn digest(tag: &str) -> RequestDigest {
+    RequestDigest {
+        method: "POST".into(),
+        upstream: "openai".into(),
+        path: format!("/v1/{tag}"),
+        body_sha256: "0f".repeat(32),
+        model: Some("gpt-4o-mini".into()),
+    }
+}
+
+fn request(levels: &[Level], key: Option<&str>, tag: &str) -> ClaimRequest {
+    ClaimRequest {
+        levels: levels.to_vec(),
+        idempotency_key: key.map(str::to_owned),
+        request: digest(tag),
+        now: NOW,
+        not_after: None,
+    }
+}
+
+async fn claim(ledger: &dyn Ledger, req: ClaimRequest) -> Result<Claim, Refusal> {
+    match ledger.claim(req).await {
+        Ok(answer) => answer,
+        Err(e) => panic!("ledger error where a decision was expected: {e}"),
+    }
+}
+
+async fn claim_ok(ledger: &dyn Ledger, req: ClaimRequest) -> Claim {
+    match claim(ledger, req).await {
+        Ok(c) => c,
+        Err(r) => panic!("expected a successful claim, got refusal {r:?}"),
+    }
+}
+
+async fn claim_refused(ledger: &dyn Ledger, req: ClaimRequest) -> Refusal {
+    match claim(ledger, req).await {
+        Ok(c) => panic!("expected a refusal, got a claim: {:?}", c.receipt.body()),
+        Err(r) => r,
+    }
+}
+
+async fn used(ledger: &dyn Ledger, levels: &[Level]) -> Vec<u64> {
+    let usage = ledger.usage(levels).await.unwrap();
+    assert_eq!(
+        usage.len(),
+        levels.len(),
+        "usage returns one entry per level"
+    );
+    for (u, l) in usage.iter().zip(levels) {
+        assert_eq!(u.revocation_id, l.revocation_id, "usage keeps level order");
+    }
+    usage.iter().map(|u| u.used).collect()
+}
+
+/// All of a family's receipts, paging through `receipts`.
+pub async fn all_receipts(ledger: &dyn Ledger, family: &[u8]) -> Vec<Receipt> {
+    let mut out: Vec<Receipt> = Vec::new();
+    loop {
+        let from = out.len() as u64 + 1;
+        let page = ledger.receipts(family, from, 64).await.unwrap();
+        assert!(page.len() <= 64, "receipts honours limit");
+        let done = page.len() < 64;
+        out.extend(page);
+        if done {
+            return out;
+        }
+    }
+}
+
+/// Checks a family's stored chain: `seq` 1..=n, every receipt verifies, and
+/// `audit_chain` is clean. Returns the receipts.
+async fn audited_chain(h: &Harness, family: &[u8], expected: u64) -> Vec<Receipt> {
+    let receipts = all_receipts(h.ledger.as_ref(), family).await;
+    assert_eq!(
+        receipts.len() as u64,
+        expected,
+        "receipts stored for the family"
+    );
+    for (i, r) in receipts.iter().enumerate() {
+        assert_eq!(
+            r.body().seq,
+            i as u64 + 1,
+            "receipts are in seq order, no gap"
+        );
+        assert_eq!(r.body().family, hex::encode(family));
+        r.verify(&h.keys)
+            .unwrap_or_else(|e| panic!("stored receipt {} does not verify: {e}", i + 1));
+    }
+    if !receipts.is_empty() {
+        let report = audit_chain(&receipts, &h.keys)
+            .unwrap_or_else(|e| panic!("audit_chain rejected the family's receipts: {e}"));
+        assert_eq!(report.receipts, expected);
+    }
+    receipts
+}
+
+// ---------------------------------------------------------------------------------------
+// Cases
+
+/// A token tree: node 0 is the root; `parent[i] < i` for every other node.
+#[derive(Debug)]
+struct Tree {
+    levels: Vec<Level>,
+    parent: Vec<usize>,
+}
+
+impl Tree {
+    /// Random shape: a root, 2–3 children, 0–2 grandchildren per child, mostly capped.
+    fn random(rng: &mut StdRng) -> Self {
+        let mut levels = vec![level(Some(rng.gen_range(10..=60)))];
+        let mut parent = vec![0];
+        for _ in 0..rng.gen_range(2..=3) {
+            let child = levels.len();
+            let cap = rng.gen_bool(0.75).then(|| rng.gen_range(1..=25));
+            levels.push(level(cap));
+            parent.push(0);
+            for _ in 0..rng.gen_range(0..=2) {
+                let cap = rng.gen_bool(0.75).then(|| rng.gen_range(0..=12));
+                levels.push(level(cap));
+                parent.push(child);
+            }
+        }
+        Self { levels, parent }
+    }
+
+    /// Node indices from the root down to `node`.
+    fn path(&self, node: usize) -> Vec<usize> {
+        let mut path = vec![node];
+        let mut at = node;
+        while at != 0 {
+            at = self.parent[at];
+            path.push(at);
+        }
+        path.reverse();
+        path
+    }
+
+    fn chain(&self, node: usize) -> Vec<Level> {
+        self.path(node)
+            .into_iter()
+            .map(|i| self.levels[i].clone())
+            .collect()
+    }
+}
+
+/// 200 concurrent claims per tree across random trees (parent, children, grandchildren,
+/// random caps): per level used ≤ cap and equal to the claims through it (siblings never
+/// spend each other's caps), slot numbers unique and gapless per level, every refusal
+/// justified by a full level, and the family's chain audits clean.
+pub async fn concurrent_tree_claims(h: Harness) {
+    bounded("concurrent_tree_claims", async {
+        for seed in [11u64, 22, 33] {
+            concurrent_tree(&h, seed, 200).await;
+        }
+    })
+    .await;
+}
+
+async fn concurrent_tree(h: &Harness, seed: u64, claims: usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let tree = Arc::new(Tree::random(&mut rng));
+    let n = tree.levels.len();
+    let mut tasks = Vec::with_capacity(claims);
+    for i in 0..claims {
+        let node = rng.gen_range(0..n);
+        let key = rng.gen_bool(0.5).then(|| format!("c-{seed}-{i}"));
+        let req = request(&tree.chain(node), key.as_deref(), &format!("t{i}"));
+        let ledger = Arc::clone(&h.ledger);
+        tasks.push(tokio::spawn(async move { (node, ledger.claim(req).await) }));
+    }
+    let mut successes = vec![0u64; n];
+    let mut receipts_by_node: Vec<Vec<Receipt>> = vec![Vec::new(); n];
+    let mut refusals: Vec<(usize, usize, u64)> = Vec::new();
+    for task in tasks {
+        let (node, answer) = task.await.unwrap();
+        match answer {
+            Ok(Ok(c)) => {
+                assert!(!c.replayed, "fresh keys are never replays");
+                successes[node] += 1;
+                receipts_by_node[node].push(c.receipt);
+            }
+            Ok(Err(Refusal::CapReached { block, cap })) => refusals.push((node, block, cap)),
+            Ok(Err(other)) => panic!("unexpected refusal {other:?}"),
+            Err(e) => panic!("ledger error under concurrency: {e}"),
+        }
+    }
+
+    // Claims through each node = successes at the node and all its descendants.
+    let mut through = vec![0u64; n];
+    for (node, &ok) in successes.iter().enumerate() {
+        for i in tree.path(node) {
+            through[i] += ok;
+        }
+    }
+    let usage = used(h.ledger.as_ref(), &tree.levels).await;
+    for i in 0..n {
+        assert_eq!(
+            usage[i], through[i],
+            "seed {seed}: node {i} counts exactly the claims through it"
+        );
+        if let Some(cap) = tree.levels[i].cap {
+            assert!(usage[i] <= cap, "seed {seed}: node {i} over cap");
+        }
+    }
+    for (node, block, cap) in refusals {
+        let at = tree.path(node)[block];
+        assert_eq!(
+            tree.levels[at].cap,
+            Some(cap),
+            "refusal names the level's cap"
+        );
+        assert_eq!(
+            usage[at], cap,
+            "seed {seed}: refusal at a level that is not full"
+        );
+    }
+
+    // Slot numbers per level: unique, and exactly 1..=used.
+    let mut slots: BTreeMap<usize, BTreeSet<u64>> = BTreeMap::new();
+    for (node, receipts) in receipts_by_node.iter().enumerate() {
+        let path = tree.path(node);
+        for r in receipts {
+            let body = r.body();
+            assert_eq!(body.slots.len(), path.len());
+            for (slot, &i) in body.slots.iter().zip(&path) {
+                assert_eq!(
+                    slot.revocation_id,
+                    hex::encode(&tree.levels[i].revocation_id)
+                );
+                assert_eq!(slot.cap, tree.levels[i].cap);
+                assert!(
+                    slots.entry(i).or_default().insert(slot.slot),
+                    "seed {seed}: slot {} at node {i} taken twice",
+                    slot.slot
+                );
+            }
+            assert_eq!(body.seq, body.slots[0].slot, "seq is the family slot");
+        }
+    }
+    for (i, &count) in through.iter().enumerate() {
+        let expected: BTreeSet<u64> = (1..=count).collect();
+        assert_eq!(
+            slots.remove(&i).unwrap_or_default(),
+            expected,
+            "seed {seed}: slots of node {i}"
+        );
+    }
+
+    let stored = audited_chain(h, &tree.levels[0].revocation_id, through[0]).await;
+    for receipts in &receipts_by_node {
+        for r in receipts {
+            let at = usize::try_from(r.body().seq - 1).unwrap();
+            assert_eq!(
+                stored[at].compact(),
+                r.compact(),
+                "returned receipt is stored"
+            );
+        }
+    }
+}
+
+/// One token, cap 25, 200 concurrent claims: exactly 25 succeed with seq 1..=25, the rest
+/// are refused with `CapReached { block: 0, cap: 25 }`.
+pub async fn hot_token_exact_cap(h: Harness) {
+    bounded("hot_token_exact_cap", async {
+        let levels = vec![level(Some(25))];
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let ledger = Arc::clone(&h.ledger);
+                let req = request(&levels, None, &format!("hot{i}"));
+                tokio::spawn(async move { ledger.claim(req).await })
+            })
+            .collect();
+        let mut seqs = BTreeSet::new();
+        let mut refused = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(Ok(c)) => assert!(seqs.insert(c.receipt.body().seq), "seq reused"),
+                Ok(Err(Refusal::CapReached { block: 0, cap: 25 })) => refused += 1,
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        assert_eq!(seqs, (1..=25).collect::<BTreeSet<u64>>());
+        assert_eq!(refused, 175);
+        assert_eq!(used(h.ledger.as_ref(), &levels).await, vec![25]);
+        audited_chain(&h, &levels[0].revocation_id, 25).await;
+    })
+    .await;
+}
+
+/// Sequential claims down a three-level token: slots "k of N" per level, `seq`, `prev`
+/// links, receipt content, `remaining` under the tightest cap, the first exceeded level
+/// reported, and `receipts` paging.
+pub async fn slots_chain_and_remaining(h: Harness) {
+    bounded("slots_chain_and_remaining", async {
+        let ledger = h.ledger.as_ref();
+        let root = level(Some(5));
+        let child = level(Some(3));
+        let grandchild = level(None);
+        let deep = vec![root.clone(), child.clone(), grandchild.clone()];
+        let mut prev: Option<String> = None;
+        for k in 1..=3u64 {
+            let key = format!("deep-{k}");
+            let c = claim_ok(ledger, request(&deep, Some(&key), "deep")).await;
+            assert!(!c.replayed);
+            assert_eq!(c.remaining, Some(3 - k), "child is the tightest cap");
+            let b = c.receipt.body();
+            assert_eq!(b.v, 1);
+            assert_eq!(b.seq, k);
+            assert_eq!(b.family, hex::encode(&root.revocation_id));
+            assert_eq!(b.prev, prev, "prev names the previous receipt");
+            assert_eq!(b.iat, NOW);
+            assert_eq!(b.idempotency_key, key);
+            assert_eq!(b.request, digest("deep"));
+            let got: Vec<(u32, u64, Option<u64>)> =
+                b.slots.iter().map(|s| (s.block, s.slot, s.cap)).collect();
+            assert_eq!(got, vec![(0, k, Some(5)), (1, k, Some(3)), (2, k, None)]);
+            c.receipt.verify(&h.keys).unwrap();
+            prev = Some(c.receipt.hash_hex());
+        }
+        assert_eq!(
+            claim_refused(ledger, request(&deep, None, "deep")).await,
+            Refusal::CapReached { block: 1, cap: 3 }
+        );
+        for k in 4..=5u64 {
+            let c = claim_ok(ledger, request(std::slice::from_ref(&root), None, "root")).await;
+            assert_eq!(c.receipt.body().seq, k);
+            assert_eq!(c.remaining, Some(5 - k));
+            assert_eq!(c.receipt.body().prev, prev);
+            prev = Some(c.receipt.hash_hex());
+        }
+        assert_eq!(
+            claim_refused(ledger, request(&deep, None, "deep")).await,
+            Refusal::CapReached { block: 0, cap: 5 },
+            "the first exceeded level in block order is reported"
+        );
+        assert_eq!(used(ledger, &deep).await, vec![5, 3, 3]);
+
+        let family = root.revocation_id.as_slice();
+        let seqs = |rs: Vec<Receipt>| rs.iter().map(|r| r.body().seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(ledger.receipts(family, 1, 2).await.unwrap()),
+            vec![1, 2]
+        );
+        assert_eq!(
+            seqs(ledger.receipts(family, 0, 2).await.unwrap()),
+            vec![1, 2]
+        );
+        assert_eq!(
+            seqs(ledger.receipts(family, 3, 10).await.unwrap()),
+            vec![3, 4, 5]
+        );
+        assert!(ledger.receipts(family, 6, 10).await.unwrap().is_empty());
+        assert!(ledger.receipts(family, 1, 0).await.unwrap().is_empty());
+        audited_chain(&h, family, 5).await;
+    })
+    .await;
+}
+
+/// Same key + same request: the original receipt, not charged, at most [`MAX_REPLAYS`]
+/// times, then `ReplayLimit`; same key + different request: `IdempotencyConflict`. A
+/// replay is served even when the cap is used up (it is not a new activation).
+pub async fn idempotent_replay(h: Harness) {
+    bounded("idempotent_replay", async {
+        let ledger = h.ledger.as_ref();
+        let levels = vec![level(Some(10)), level(Some(1))];
+        let original = claim_ok(ledger, request(&levels, Some("k-1"), "a")).await;
+        assert!(!original.replayed);
+        assert_eq!(original.remaining, Some(0));
+        for _ in 0..MAX_REPLAYS {
+            let again = claim_ok(ledger, request(&levels, Some("k-1"), "a")).await;
+            assert!(again.replayed);
+            assert_eq!(again.receipt.compact(), original.receipt.compact());
+            assert_eq!(again.remaining, Some(0));
+            assert_eq!(
+                used(ledger, &levels).await,
+                vec![1, 1],
+                "replay not charged"
+            );
+            assert_eq!(
+                claim_refused(ledger, request(&levels, Some("k-1"), "b")).await,
+                Refusal::IdempotencyConflict
+            );
+        }
+        assert_eq!(
+            claim_refused(ledger, request(&levels, Some("k-1"), "a")).await,
+            Refusal::ReplayLimit
+        );
+        assert_eq!(
+            claim_refused(ledger, request(&levels, Some("k-1"), "b")).await,
+            Refusal::IdempotencyConflict
+        );
+        assert_eq!(used(ledger, &levels).await, vec![1, 1]);
+        audited_chain(&h, &levels[0].revocation_id, 1).await;
+    })
+    .await;
+}
+
+/// 16 concurrent identical claims with one idempotency key: charged once, exactly one
+/// original, [`MAX_REPLAYS`] replays of that same receipt, the rest `ReplayLimit`.
+pub async fn concurrent_duplicate_claims(h: Harness) {
+    bounded("concurrent_duplicate_claims", async {
+        let levels = vec![level(Some(100)), level(None)];
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let ledger = Arc::clone(&h.ledger);
+                let req = request(&levels, Some("dup"), "same");
+                tokio::spawn(async move { ledger.claim(req).await })
+            })
+            .collect();
+        let (mut originals, mut replays, mut limited) = (Vec::new(), Vec::new(), 0);
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(Ok(c)) if c.replayed => replays.push(c.receipt),
+                Ok(Ok(c)) => originals.push(c.receipt),
+                Ok(Err(Refusal::ReplayLimit)) => limited += 1,
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        assert_eq!(originals.len(), 1, "exactly one original claim");
+        assert_eq!(replays.len(), MAX_REPLAYS as usize);
+        assert_eq!(limited, 16 - 1 - MAX_REPLAYS as usize);
+        for r in &replays {
+            assert_eq!(r.compact(), originals[0].compact());
+        }
+        assert_eq!(used(h.ledger.as_ref(), &levels).await, vec![1, 1]);
+        audited_chain(&h, &levels[0].revocation_id, 1).await;
+    })
+    .await;
+}
+
+/// Idempotency keys are scoped to the presented token: a sibling, the parent or a
+/// grandchild presenting the same key and request makes a fresh claim charged to itself.
+pub async fn sibling_cannot_replay_idempotency_key(h: Harness) {
+    bounded("sibling_cannot_replay_idempotency_key", async {
+        let ledger = h.ledger.as_ref();
+        let root = level(Some(10));
+        let a = vec![root.clone(), level(Some(5))];
+        let b = vec![root.clone(), level(Some(5))];
+        let a1 = vec![root.clone(), a[1].clone(), level(None)];
+        let first = claim_ok(ledger, request(&a, Some("shared"), "x")).await;
+        assert_eq!(first.receipt.body().seq, 1);
+        let sibling = claim_ok(ledger, request(&b, Some("shared"), "x")).await;
+        assert!(!sibling.replayed, "a sibling cannot replay another's key");
+        assert_eq!(sibling.receipt.body().seq, 2);
+        let parent = claim_ok(
+            ledger,
+            request(std::slice::from_ref(&root), Some("shared"), "x"),
+        )
+        .await;
+        assert!(!parent.replayed);
+        assert_eq!(parent.receipt.body().seq, 3);
+        let grandchild = claim_ok(ledger, request(&a1, Some("shared"), "x")).await;
+        assert!(!grandchild.replayed);
+        assert_eq!(grandchild.receipt.body().seq, 4);
+        let replay = claim_ok(ledger, request(&a, Some("shared"), "x")).await;
+        assert!(replay.replayed);
+        assert_eq!(replay.receipt.compact(), first.receipt.compact());
+        // a: its own claim + the grandchild's; b: its own.
+        assert_eq!(used(ledger, &a).await, vec![4, 2]);
+        assert_eq!(used(ledger, &b).await, vec![4, 1]);
+        audited_chain(&h, &root.revocation_id, 4).await;
+    })
+    .await;
+}
+
+/// Revoking a block kills it and its descendants, never its parent or siblings; a
+/// replay through a revoked token is refused too; refusals write nothing; revoke is
+/// idempotent and visible in `usage`.
+pub async fn revocation_at_each_level(h: Harness) {
+    bounded("revocation_at_each_level", async {
+        let ledger = h.ledger.as_ref();
+        // Three families, one per revoked level: 0 = root, 1 = child A, 2 = grandchild A1.
+        for revoked_level in 0..3usize {
+            let root = level(Some(50));
+            let a = vec![root.clone(), level(Some(10))];
+            let b = vec![root.clone(), level(Some(10))];
+            let a1 = vec![root.clone(), a[1].clone(), level(Some(5))];
+            let r = vec![root.clone()];
+            // One claim through the soon-revoked token, with a key to replay later.
+            let target = match revoked_level {
+                0 => &r,
+                1 => &a,
+                _ => &a1,
+            };
+            claim_ok(ledger, request(target, Some("before"), "pre")).await;
+            let id = &target[revoked_level].revocation_id;
+            ledger.revoke(id).await.unwrap();
+            ledger.revoke(id).await.unwrap();
+
+            let before = used(ledger, &a1).await;
+            let before_b = used(ledger, &b).await;
+            let expect_refused = |chain: &Vec<Level>| {
+                chain
+                    .iter()
+                    .position(|l| &l.revocation_id == id)
+                    .map(|block| Refusal::Revoked { block })
+            };
+            for (name, chain) in [("root", &r), ("a", &a), ("b", &b), ("a1", &a1)] {
+                let answer = claim(ledger, request(chain, None, "post")).await;
+                match (expect_refused(chain), answer) {
+                    (Some(want), Err(got)) => assert_eq!(got, want, "{name}"),
+                    (None, Ok(_)) => {}
+                    (want, got) => panic!(
+                        "revoked level {revoked_level}, token {name}: wanted refusal \
+                         {want:?}, got {got:?}"
+                    ),
+                }
+            }
+            assert_eq!(
+                claim_refused(ledger, request(target, Some("before"), "pre")).await,
+                Refusal::Revoked {
+                    block: revoked_level
+                },
+                "a replay through a revoked token is refused"
+            );
+
+            // Refused claims wrote nothing; the successful ones counted as usual.
+            let after = used(ledger, &a1).await;
+            let after_b = used(ledger, &b).await;
+            let ok = |chain: &Vec<Level>| u64::from(expect_refused(chain).is_none());
+            let through_root = ok(&r) + ok(&a) + ok(&b) + ok(&a1);
+            assert_eq!(after[0], before[0] + through_root);
+            assert_eq!(after[1], before[1] + ok(&a) + ok(&a1));
+            assert_eq!(after[2], before[2] + ok(&a1));
+            assert_eq!(after_b[1], before_b[1] + ok(&b));
+
+            let usage = ledger.usage(&a1).await.unwrap();
+            for (i, u) in usage.iter().enumerate() {
+                assert_eq!(
+                    u.revoked,
+                    i == revoked_level,
+                    "usage shows revocation of level {i}"
+                );
+            }
+            audited_chain(&h, &root.revocation_id, after[0]).await;
+        }
+    })
+    .await;
+}
+
+/// `now > not_after` is refused with `Expired` and writes nothing; `now == not_after` is
+/// still valid.
+pub async fn expired_refused(h: Harness) {
+    bounded("expired_refused", async {
+        let ledger = h.ledger.as_ref();
+        let levels = vec![level(Some(3)), level(Some(2))];
+        let mut req = request(&levels, Some("late"), "e");
+        req.not_after = Some(NOW - 1);
+        assert_eq!(claim_refused(ledger, req).await, Refusal::Expired);
+        assert_eq!(used(ledger, &levels).await, vec![0, 0]);
+        assert!(ledger
+            .receipts(&levels[0].revocation_id, 1, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        let mut req = request(&levels, Some("on-time"), "e");
+        req.not_after = Some(NOW);
+        let c = claim_ok(ledger, req).await;
+        assert_eq!(c.receipt.body().seq, 1);
+        assert_eq!(used(ledger, &levels).await, vec![1, 1]);
+    })
+    .await;
+}
+
+/// Refusals (cap, expiry) leave usage, receipts and idempotency keys untouched: a key
+/// used by a refused claim is still free for a different request.
+pub async fn refusal_writes_nothing(h: Harness) {
+    bounded("refusal_writes_nothing", async {
+        let ledger = h.ledger.as_ref();
+        let root = level(Some(2));
+        let child = vec![root.clone(), level(Some(1))];
+        let zero = vec![root.clone(), level(Some(0))];
+        claim_ok(ledger, request(&child, None, "c")).await;
+        assert_eq!(
+            claim_refused(ledger, request(&child, Some("kc"), "c")).await,
+            Refusal::CapReached { block: 1, cap: 1 }
+        );
+        assert_eq!(
+            claim_refused(ledger, request(&zero, Some("kz"), "z")).await,
+            Refusal::CapReached { block: 1, cap: 0 }
+        );
+        assert_eq!(used(ledger, &child).await, vec![1, 1]);
+        assert_eq!(used(ledger, &zero).await, vec![1, 0]);
+        audited_chain(&h, &root.revocation_id, 1).await;
+
+        let mut late = request(std::slice::from_ref(&root), Some("kr"), "first");
+        late.not_after = Some(NOW - 10);
+        assert_eq!(claim_refused(ledger, late).await, Refusal::Expired);
+        // Had the refused claim stored a record, this would be a conflict.
+        let fresh = claim_ok(
+            ledger,
+            request(std::slice::from_ref(&root), Some("kr"), "second"),
+        )
+        .await;
+        assert!(!fresh.replayed);
+        assert_eq!(fresh.receipt.body().seq, 2);
+        assert_eq!(
+            claim_refused(ledger, request(std::slice::from_ref(&root), None, "r")).await,
+            Refusal::CapReached { block: 0, cap: 2 }
+        );
+        assert_eq!(used(ledger, &child).await, vec![2, 1]);
+        audited_chain(&h, &root.revocation_id, 2).await;
+    })
+    .await;
+}
+
+/// Unknown blocks have zero usage and are not revoked; revoking an id never used works
+/// (and is idempotent), and a token carrying it is refused from its first claim.
+pub async fn unknown_blocks_and_idempotent_revoke(h: Harness) {
+    bounded("unknown_blocks_and_idempotent_revoke", async {
+        let ledger = h.ledger.as_ref();
+        let levels = vec![level(Some(5)), level(None)];
+        let usage = ledger.usage(&levels).await.unwrap();
+        assert!(usage.iter().all(|u| u.used == 0 && !u.revoked));
+        assert!(ledger.usage(&[]).await.unwrap().is_empty());
+        assert!(ledger
+            .receipts(&levels[0].revocation_id, 1, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        ledger.revoke(&levels[1].revocation_id).await.unwrap();
+        ledger.revoke(&levels[1].revocation_id).await.unwrap();
+        let usage = ledger.usage(&levels).await.unwrap();
+        assert_eq!(
+            usage.iter().map(|u| u.revoked).collect::<Vec<_>>(),
+            vec![false, true]
+        );
+        assert_eq!(
+            claim_refused(ledger, request(&levels, None, "u")).await,
+            Refusal::Revoked { block: 1 }
+        );
+        let c = claim_ok(ledger, request(&levels[..1], None, "u")).await;
+        assert_eq!(c.receipt.body().seq, 1);
+    })
+    .await;
+}
+
+/// Claims without a client key get distinct generated 128-bit hex keys, recorded in the
+/// receipt; presenting that key again replays the claim.
+pub async fn generated_idempotency_keys(h: Harness) {
+    bounded("generated_idempotency_keys", async {
+        let ledger = h.ledger.as_ref();
+        let levels = vec![level(None)];
+        let a = claim_ok(ledger, request(&levels, None, "g")).await;
+        let b = claim_ok(ledger, request(&levels, None, "g")).await;
+        let (ka, kb) = (
+            a.receipt.body().idempotency_key.clone(),
+            b.receipt.body().idempotency_key.clone(),
+        );
+        assert_ne!(ka, kb);
+        for k in [&ka, &kb] {
+            assert_eq!(k.len(), 32);
+            assert!(k.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')));
+        }
+        let replay = claim_ok(ledger, request(&levels, Some(&ka), "g")).await;
+        assert!(replay.replayed);
+        assert_eq!(replay.receipt.compact(), a.receipt.compact());
+        assert_eq!(used(ledger, &levels).await, vec![2]);
+    })
+    .await;
+}
+
+/// A claim with no levels, or with a revocation id repeated, is an error (not a refusal)
+/// and writes nothing.
+pub async fn invalid_requests_rejected(h: Harness) {
+    bounded("invalid_requests_rejected", async {
+        let ledger = h.ledger.as_ref();
+        let root = level(Some(5));
+        let empty = request(&[], None, "i");
+        assert!(matches!(
+            ledger.claim(empty).await,
+            Err(LedgerError::InvalidRequest(_))
+        ));
+        let twice = request(&[root.clone(), root.clone()], None, "i");
+        assert!(matches!(
+            ledger.claim(twice).await,
+            Err(LedgerError::InvalidRequest(_))
+        ));
+        assert_eq!(used(ledger, std::slice::from_ref(&root)).await, vec![0]);
+        assert!(ledger
+            .receipts(&root.revocation_id, 1, 10)
+            .await
+            .unwrap()
+            .is_empty());
+    })
+    .await;
+}

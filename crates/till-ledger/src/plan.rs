@@ -1,0 +1,793 @@
+//! Claim planning: the decision of one claim, as a pure function over plain data.
+//!
+//! Every backend does the same thing inside its one transaction: read a [`ClaimState`]
+//! (with serializable reads), call [`plan_claim`], then carry out the [`Plan`] — write
+//! nothing for a refusal, bump the replay counter for a replay, or sign the receipt body
+//! and write counters, receipt, chain head and idempotency record for a commit. Keeping
+//! the decision here means the embedded and the FoundationDB backends cannot disagree on
+//! what a claim means; see `spec/ledger.md` for the normative description.
+//!
+//! Check order (first failing check wins):
+//! 1. request shape ([`validate`]): at least one level, revocation ids distinct;
+//! 2. expiry: `now > not_after` refuses with [`Refusal::Expired`];
+//! 3. revocation: the first revoked level in block order refuses with
+//!    [`Refusal::Revoked`] — before the idempotency check, so a revoked or expired token
+//!    cannot get even a replay forwarded ("refused at the next request");
+//! 4. idempotency: a stored record for `(presented token, key)` with the same request
+//!    fingerprint is replayed (at most [`MAX_REPLAYS`] times, then
+//!    [`Refusal::ReplayLimit`]); a different fingerprint refuses with
+//!    [`Refusal::IdempotencyConflict`];
+//! 5. caps: every level's count goes up by one; the first level in block order whose new
+//!    count would exceed its cap refuses with [`Refusal::CapReached`];
+//! 6. commit: the receipt body takes `seq = new count of block 0` and `prev = hash of the
+//!    family's chain head`.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use till_receipt::{ReceiptBody, RequestDigest, SlotClaim, RECEIPT_VERSION};
+
+use crate::{ClaimRequest, LedgerError, Level, Refusal};
+
+/// How many times one idempotency key may be replayed (after its original claim). Beyond
+/// that the claim is refused with [`Refusal::ReplayLimit`], so an identical request cannot
+/// be forwarded for free forever.
+pub const MAX_REPLAYS: u32 = 3;
+
+/// The idempotency record stored for `(presented token's last revocation id, key)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredIdempotency {
+    /// [`request_fingerprint`] of the request that made the original claim.
+    pub request: String,
+    /// The original receipt, compact JWS.
+    pub receipt: String,
+    /// Replays served so far (0 right after the original claim).
+    pub replays: u32,
+}
+
+impl StoredIdempotency {
+    /// The record written by a committing claim.
+    pub fn original(request: &RequestDigest, receipt_compact: &str) -> Self {
+        Self {
+            request: request_fingerprint(request),
+            receipt: receipt_compact.to_owned(),
+            replays: 0,
+        }
+    }
+
+    /// Serialized form (JSON), as stored by the embedded backend.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serializing three plain fields cannot fail; an empty record would be rejected
+        // by `from_bytes` (reported as corruption) rather than silently accepted.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses [`StoredIdempotency::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, LedgerError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| LedgerError::Corrupt(format!("idempotency record: {e}")))
+    }
+}
+
+/// What the backend read inside its transaction, for one claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimState {
+    /// The idempotency record for `(last level's revocation id, idempotency key)`.
+    pub idempotency: Option<StoredIdempotency>,
+    /// Per level (block order): is its revocation id revoked?
+    pub revoked: Vec<bool>,
+    /// Per level (block order): activations claimed so far through that block.
+    pub counts: Vec<u64>,
+    /// The family's chain head `(seq, lower-case hex receipt hash)`; `None` before the
+    /// first claim. Always the receipt at `seq == counts[0]`.
+    pub chain_head: Option<(u64, String)>,
+}
+
+/// Who is claiming: fixed per backend instance, except the resolved idempotency key.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimContext<'a> {
+    /// Identifier of this proxy (goes into the receipt).
+    pub proxy_id: &'a str,
+    /// Key id of the receipt signer (goes into the receipt).
+    pub kid: &'a str,
+    /// The client's `Idempotency-Key`, or the id the backend generated once before its
+    /// transaction (see [`resolve_idempotency_key`]).
+    pub idempotency_key: &'a str,
+}
+
+/// The decision for one claim.
+// One transient value per claim; boxing the receipt body would only add an allocation and
+// a deref to every backend's match. Deliberately exhaustive (not `#[non_exhaustive]`): a
+// new kind of plan must break every backend's match rather than fall into a wildcard.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Return the stored receipt; write `record` (its replay counter advanced) back.
+    Replay {
+        /// The original receipt, compact JWS.
+        receipt: String,
+        /// The record to store back under the same key.
+        record: StoredIdempotency,
+        /// Activations left under the tightest cap (current counts; nothing is charged).
+        remaining: Option<u64>,
+    },
+    /// Write nothing; answer with this refusal.
+    Refuse(Refusal),
+    /// Sign `body`, then write `new_counts` (per level), the receipt at
+    /// `(family, body.seq)`, the chain head and the idempotency record.
+    Commit {
+        /// New counter value per level, block order.
+        new_counts: Vec<u64>,
+        /// The receipt to sign.
+        body: ReceiptBody,
+        /// Activations left under the tightest cap after this claim.
+        remaining: Option<u64>,
+    },
+}
+
+/// Checks the request shape: at least one level, no revocation id twice (a repeated id
+/// would be counted once but read twice, breaking the cap arithmetic), ids non-empty.
+pub fn validate(req: &ClaimRequest) -> Result<(), LedgerError> {
+    if req.levels.is_empty() {
+        return Err(LedgerError::InvalidRequest("no levels".into()));
+    }
+    for (i, level) in req.levels.iter().enumerate() {
+        if level.revocation_id.is_empty() {
+            return Err(LedgerError::InvalidRequest(format!(
+                "level {i} has an empty revocation id"
+            )));
+        }
+        if req.levels[..i]
+            .iter()
+            .any(|earlier| earlier.revocation_id == level.revocation_id)
+        {
+            return Err(LedgerError::InvalidRequest(format!(
+                "level {i} repeats an earlier revocation id"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The request's fingerprint for idempotency: lower-case hex SHA-256 of its JSON form.
+pub fn request_fingerprint(request: &RequestDigest) -> String {
+    let json = serde_json::to_vec(request).unwrap_or_default();
+    hex::encode(Sha256::digest(&json))
+}
+
+/// A fresh random idempotency id (128 bits, lower-case hex), for claims without a client
+/// key. Generate it ONCE before the transaction so a retried transaction reuses it.
+pub fn generate_idempotency_key() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// The client's key, or a freshly generated one.
+pub fn resolve_idempotency_key(req: &ClaimRequest) -> String {
+    req.idempotency_key
+        .clone()
+        .unwrap_or_else(generate_idempotency_key)
+}
+
+/// The idempotency scope: the presented token's last revocation id, so a sibling (or an
+/// ancestor) presenting the same key makes a fresh claim rather than a replay.
+pub fn idempotency_scope(req: &ClaimRequest) -> &[u8] {
+    req.levels
+        .last()
+        .map(|l| l.revocation_id.as_slice())
+        .unwrap_or_default()
+}
+
+/// Activations left under the tightest cap, given per-level counts (`None`: no level is
+/// capped).
+pub fn remaining(levels: &[Level], counts: &[u64]) -> Option<u64> {
+    levels
+        .iter()
+        .zip(counts)
+        .filter_map(|(level, &count)| level.cap.map(|cap| cap.saturating_sub(count)))
+        .min()
+}
+
+/// Decides one claim. Pure: same inputs, same plan (including the receipt body).
+///
+/// Errors are "cannot decide" conditions: a malformed request ([`validate`]) or a state
+/// that contradicts itself ([`LedgerError::Corrupt`]); the backend writes nothing for them.
+pub fn plan_claim(
+    req: &ClaimRequest,
+    state: &ClaimState,
+    ctx: &ClaimContext<'_>,
+) -> Result<Plan, LedgerError> {
+    validate(req)?;
+    let n = req.levels.len();
+    if state.revoked.len() != n || state.counts.len() != n {
+        return Err(LedgerError::Corrupt(format!(
+            "state has {} revocation flags and {} counts for {n} levels",
+            state.revoked.len(),
+            state.counts.len()
+        )));
+    }
+    check_chain_head(state)?;
+
+    if let Some(not_after) = req.not_after {
+        if req.now > not_after {
+            return Ok(Plan::Refuse(Refusal::Expired));
+        }
+    }
+    if let Some(block) = state.revoked.iter().position(|&r| r) {
+        return Ok(Plan::Refuse(Refusal::Revoked { block }));
+    }
+
+    if let Some(stored) = &state.idempotency {
+        if stored.request != request_fingerprint(&req.request) {
+            return Ok(Plan::Refuse(Refusal::IdempotencyConflict));
+        }
+        if stored.replays >= MAX_REPLAYS {
+            return Ok(Plan::Refuse(Refusal::ReplayLimit));
+        }
+        let mut record = stored.clone();
+        record.replays += 1;
+        return Ok(Plan::Replay {
+            receipt: stored.receipt.clone(),
+            record,
+            remaining: remaining(&req.levels, &state.counts),
+        });
+    }
+
+    let mut new_counts = Vec::with_capacity(n);
+    for (block, (level, &count)) in req.levels.iter().zip(&state.counts).enumerate() {
+        let next = count
+            .checked_add(1)
+            .ok_or_else(|| LedgerError::Corrupt(format!("counter of block {block} overflows")))?;
+        if let Some(cap) = level.cap {
+            if next > cap {
+                return Ok(Plan::Refuse(Refusal::CapReached { block, cap }));
+            }
+        }
+        new_counts.push(next);
+    }
+
+    let seq = new_counts[0];
+    let prev = state.chain_head.as_ref().map(|(_, hash)| hash.clone());
+    let slots = req
+        .levels
+        .iter()
+        .zip(&new_counts)
+        .enumerate()
+        .map(|(block, (level, &slot))| SlotClaim {
+            block: u32::try_from(block).unwrap_or(u32::MAX),
+            revocation_id: hex::encode(&level.revocation_id),
+            slot,
+            cap: level.cap,
+        })
+        .collect();
+    let body = ReceiptBody {
+        v: RECEIPT_VERSION,
+        family: hex::encode(&req.levels[0].revocation_id),
+        seq,
+        slots,
+        request: req.request.clone(),
+        iat: req.now,
+        proxy: ctx.proxy_id.to_owned(),
+        kid: ctx.kid.to_owned(),
+        idempotency_key: ctx.idempotency_key.to_owned(),
+        prev,
+    };
+    let remaining = remaining(&req.levels, &new_counts);
+    Ok(Plan::Commit {
+        new_counts,
+        body,
+        remaining,
+    })
+}
+
+/// The chain head must be the receipt at `seq == counts[0]` (none before the first claim).
+fn check_chain_head(state: &ClaimState) -> Result<(), LedgerError> {
+    let family_count = state.counts.first().copied().unwrap_or(0);
+    match (&state.chain_head, family_count) {
+        (None, 0) => Ok(()),
+        (Some((seq, _)), count) if *seq == count => Ok(()),
+        (head, count) => Err(LedgerError::Corrupt(format!(
+            "family counter is {count} but chain head is at {:?}",
+            head.as_ref().map(|(seq, _)| *seq)
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn level(id: u8, cap: Option<u64>) -> Level {
+        Level {
+            revocation_id: vec![id; 64],
+            cap,
+        }
+    }
+
+    fn digest(path: &str) -> RequestDigest {
+        RequestDigest {
+            method: "POST".into(),
+            upstream: "openai".into(),
+            path: path.into(),
+            body_sha256: "00".repeat(32),
+            model: None,
+        }
+    }
+
+    fn request(levels: Vec<Level>) -> ClaimRequest {
+        ClaimRequest {
+            levels,
+            idempotency_key: Some("k".into()),
+            request: digest("/v1/chat/completions"),
+            now: 1_000,
+            not_after: None,
+        }
+    }
+
+    fn fresh(n: usize) -> ClaimState {
+        ClaimState {
+            idempotency: None,
+            revoked: vec![false; n],
+            counts: vec![0; n],
+            chain_head: None,
+        }
+    }
+
+    const CTX: ClaimContext<'static> = ClaimContext {
+        proxy_id: "proxy-1",
+        kid: "r-0011223344556677",
+        idempotency_key: "k",
+    };
+
+    #[test]
+    fn first_claim_commits_slot_one_without_prev() {
+        let req = request(vec![level(1, Some(3)), level(2, Some(2))]);
+        let plan = plan_claim(&req, &fresh(2), &CTX).unwrap();
+        let Plan::Commit {
+            new_counts,
+            body,
+            remaining,
+        } = plan
+        else {
+            panic!("expected commit, got {plan:?}");
+        };
+        assert_eq!(new_counts, vec![1, 1]);
+        assert_eq!(remaining, Some(1));
+        assert_eq!(body.v, RECEIPT_VERSION);
+        assert_eq!(body.seq, 1);
+        assert_eq!(body.prev, None);
+        assert_eq!(body.family, hex::encode([1u8; 64]));
+        assert_eq!(body.proxy, "proxy-1");
+        assert_eq!(body.kid, "r-0011223344556677");
+        assert_eq!(body.idempotency_key, "k");
+        assert_eq!(body.iat, 1_000);
+        assert_eq!(body.request, req.request);
+        assert_eq!(
+            body.slots,
+            vec![
+                SlotClaim {
+                    block: 0,
+                    revocation_id: hex::encode([1u8; 64]),
+                    slot: 1,
+                    cap: Some(3)
+                },
+                SlotClaim {
+                    block: 1,
+                    revocation_id: hex::encode([2u8; 64]),
+                    slot: 1,
+                    cap: Some(2)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn later_claim_links_to_chain_head() {
+        let req = request(vec![level(1, None), level(2, Some(10))]);
+        let state = ClaimState {
+            counts: vec![7, 2],
+            chain_head: Some((7, "ab".repeat(32))),
+            ..fresh(2)
+        };
+        let Plan::Commit {
+            new_counts,
+            body,
+            remaining,
+        } = plan_claim(&req, &state, &CTX).unwrap()
+        else {
+            panic!("expected commit");
+        };
+        assert_eq!(new_counts, vec![8, 3]);
+        assert_eq!(body.seq, 8);
+        assert_eq!(body.prev.as_deref(), Some("ab".repeat(32).as_str()));
+        assert_eq!(remaining, Some(7));
+    }
+
+    #[test]
+    fn uncapped_token_has_no_remaining() {
+        let req = request(vec![level(1, None)]);
+        let Plan::Commit { remaining, .. } = plan_claim(&req, &fresh(1), &CTX).unwrap() else {
+            panic!("expected commit");
+        };
+        assert_eq!(remaining, None);
+    }
+
+    #[test]
+    fn cap_reached_reports_first_exceeded_level() {
+        let req = request(vec![
+            level(1, Some(5)),
+            level(2, Some(2)),
+            level(3, Some(1)),
+        ]);
+        let state = ClaimState {
+            counts: vec![5, 2, 1],
+            chain_head: Some((5, "00".into())),
+            ..fresh(3)
+        };
+        assert_eq!(
+            plan_claim(&req, &state, &CTX).unwrap(),
+            Plan::Refuse(Refusal::CapReached { block: 0, cap: 5 })
+        );
+        let state = ClaimState {
+            counts: vec![4, 2, 1],
+            chain_head: Some((4, "00".into())),
+            ..fresh(3)
+        };
+        assert_eq!(
+            plan_claim(&req, &state, &CTX).unwrap(),
+            Plan::Refuse(Refusal::CapReached { block: 1, cap: 2 })
+        );
+        let state = ClaimState {
+            counts: vec![4, 1, 1],
+            chain_head: Some((4, "00".into())),
+            ..fresh(3)
+        };
+        assert_eq!(
+            plan_claim(&req, &state, &CTX).unwrap(),
+            Plan::Refuse(Refusal::CapReached { block: 2, cap: 1 })
+        );
+    }
+
+    #[test]
+    fn zero_cap_refuses_the_first_claim() {
+        let req = request(vec![level(1, Some(0))]);
+        assert_eq!(
+            plan_claim(&req, &fresh(1), &CTX).unwrap(),
+            Plan::Refuse(Refusal::CapReached { block: 0, cap: 0 })
+        );
+    }
+
+    #[test]
+    fn expiry_is_inclusive_of_not_after() {
+        let mut req = request(vec![level(1, None)]);
+        req.not_after = Some(1_000);
+        assert!(matches!(
+            plan_claim(&req, &fresh(1), &CTX).unwrap(),
+            Plan::Commit { .. }
+        ));
+        req.not_after = Some(999);
+        assert_eq!(
+            plan_claim(&req, &fresh(1), &CTX).unwrap(),
+            Plan::Refuse(Refusal::Expired)
+        );
+    }
+
+    #[test]
+    fn revocation_reports_first_revoked_level() {
+        let req = request(vec![level(1, None), level(2, None), level(3, None)]);
+        let mut state = fresh(3);
+        state.revoked = vec![false, true, true];
+        assert_eq!(
+            plan_claim(&req, &state, &CTX).unwrap(),
+            Plan::Refuse(Refusal::Revoked { block: 1 })
+        );
+        state.revoked = vec![false, false, true];
+        assert_eq!(
+            plan_claim(&req, &state, &CTX).unwrap(),
+            Plan::Refuse(Refusal::Revoked { block: 2 })
+        );
+    }
+
+    #[test]
+    fn expired_and_revoked_win_over_replay_and_caps() {
+        let mut req = request(vec![level(1, Some(1))]);
+        let mut state = fresh(1);
+        state.counts = vec![1];
+        state.chain_head = Some((1, "00".into()));
+        state.idempotency = Some(StoredIdempotency::original(&req.request, "r"));
+        state.revoked = vec![true];
+        assert_eq!(
+            plan_claim(&req, &state, &CTX).unwrap(),
+            Plan::Refuse(Refusal::Revoked { block: 0 })
+        );
+        req.not_after = Some(1);
+        assert_eq!(
+            plan_claim(&req, &state, &CTX).unwrap(),
+            Plan::Refuse(Refusal::Expired)
+        );
+    }
+
+    #[test]
+    fn replay_returns_stored_receipt_and_counts_replays() {
+        let req = request(vec![level(1, Some(1))]);
+        let mut state = fresh(1);
+        // The cap is used up by the original claim: a replay is still served, uncharged.
+        state.counts = vec![1];
+        state.chain_head = Some((1, "00".into()));
+        state.idempotency = Some(StoredIdempotency::original(&req.request, "compact"));
+        for served in 1..=MAX_REPLAYS {
+            let plan = plan_claim(&req, &state, &CTX).unwrap();
+            let Plan::Replay {
+                receipt,
+                record,
+                remaining,
+            } = plan
+            else {
+                panic!("expected replay, got {plan:?}");
+            };
+            assert_eq!(receipt, "compact");
+            assert_eq!(record.replays, served);
+            assert_eq!(remaining, Some(0));
+            state.idempotency = Some(record);
+        }
+        assert_eq!(
+            plan_claim(&req, &state, &CTX).unwrap(),
+            Plan::Refuse(Refusal::ReplayLimit)
+        );
+    }
+
+    #[test]
+    fn different_request_under_same_key_conflicts() {
+        let req = request(vec![level(1, None)]);
+        let mut state = fresh(1);
+        state.counts = vec![1];
+        state.chain_head = Some((1, "00".into()));
+        state.idempotency = Some(StoredIdempotency::original(&digest("/other"), "r"));
+        assert_eq!(
+            plan_claim(&req, &state, &CTX).unwrap(),
+            Plan::Refuse(Refusal::IdempotencyConflict)
+        );
+        // Conflict wins over the replay limit: it is the more specific answer.
+        state.idempotency = Some(StoredIdempotency {
+            replays: MAX_REPLAYS,
+            ..StoredIdempotency::original(&digest("/other"), "r")
+        });
+        assert_eq!(
+            plan_claim(&req, &state, &CTX).unwrap(),
+            Plan::Refuse(Refusal::IdempotencyConflict)
+        );
+    }
+
+    #[test]
+    fn fingerprint_covers_every_field() {
+        let base = digest("/p");
+        let variants = [
+            RequestDigest {
+                method: "GET".into(),
+                ..base.clone()
+            },
+            RequestDigest {
+                upstream: "x".into(),
+                ..base.clone()
+            },
+            RequestDigest {
+                path: "/q".into(),
+                ..base.clone()
+            },
+            RequestDigest {
+                body_sha256: "11".repeat(32),
+                ..base.clone()
+            },
+            RequestDigest {
+                model: Some("m".into()),
+                ..base.clone()
+            },
+        ];
+        let fp = request_fingerprint(&base);
+        assert_eq!(fp.len(), 64);
+        assert_eq!(fp, request_fingerprint(&base.clone()));
+        for v in &variants {
+            assert_ne!(request_fingerprint(v), fp, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_requests_are_errors() {
+        let req = request(vec![]);
+        assert!(matches!(
+            plan_claim(&req, &fresh(0), &CTX),
+            Err(LedgerError::InvalidRequest(_))
+        ));
+        let req = request(vec![level(1, None), level(1, None)]);
+        assert!(matches!(
+            plan_claim(&req, &fresh(2), &CTX),
+            Err(LedgerError::InvalidRequest(_))
+        ));
+        let req = request(vec![Level {
+            revocation_id: vec![],
+            cap: None,
+        }]);
+        assert!(matches!(
+            validate(&req),
+            Err(LedgerError::InvalidRequest(_))
+        ));
+    }
+
+    #[test]
+    fn inconsistent_state_is_corrupt() {
+        let req = request(vec![level(1, None)]);
+        let mut state = fresh(1);
+        state.counts = vec![2];
+        assert!(matches!(
+            plan_claim(&req, &state, &CTX),
+            Err(LedgerError::Corrupt(_))
+        ));
+        state.chain_head = Some((1, "00".into()));
+        assert!(matches!(
+            plan_claim(&req, &state, &CTX),
+            Err(LedgerError::Corrupt(_))
+        ));
+        let state = ClaimState {
+            chain_head: Some((1, "00".into())),
+            ..fresh(1)
+        };
+        assert!(matches!(
+            plan_claim(&req, &state, &CTX),
+            Err(LedgerError::Corrupt(_))
+        ));
+        assert!(matches!(
+            plan_claim(&req, &fresh(2), &CTX),
+            Err(LedgerError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn idempotency_record_round_trips() {
+        let rec = StoredIdempotency::original(&digest("/p"), "a.b.c");
+        assert_eq!(StoredIdempotency::from_bytes(&rec.to_bytes()).unwrap(), rec);
+        assert!(matches!(
+            StoredIdempotency::from_bytes(b"nope"),
+            Err(LedgerError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn generated_keys_are_128_bit_hex_and_distinct() {
+        let a = generate_idempotency_key();
+        let b = generate_idempotency_key();
+        assert_eq!(a.len(), 32);
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_ne!(a, b);
+        let mut req = request(vec![level(1, None), level(2, None)]);
+        assert_eq!(resolve_idempotency_key(&req), "k");
+        req.idempotency_key = None;
+        assert_eq!(resolve_idempotency_key(&req).len(), 32);
+        assert_eq!(idempotency_scope(&req), &[2u8; 64][..]);
+    }
+
+    /// A token tree for the property test: node 0 is the root; `parent[i] < i`.
+    #[derive(Debug, Clone)]
+    struct Tree {
+        caps: Vec<Option<u64>>,
+        parent: Vec<usize>,
+    }
+
+    impl Tree {
+        fn path(&self, node: usize) -> Vec<usize> {
+            let mut path = vec![node];
+            let mut at = node;
+            while at != 0 {
+                at = self.parent[at];
+                path.push(at);
+            }
+            path.reverse();
+            path
+        }
+    }
+
+    fn tree_strategy() -> impl Strategy<Value = Tree> {
+        (1usize..8)
+            .prop_flat_map(|n| {
+                (
+                    proptest::collection::vec(proptest::option::weighted(0.8, 0u64..12), n),
+                    proptest::collection::vec(any::<prop::sample::Index>(), n),
+                )
+            })
+            .prop_map(|(caps, picks)| {
+                let parent = picks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, pick)| if i == 0 { 0 } else { pick.index(i) })
+                    .collect();
+                Tree { caps, parent }
+            })
+    }
+
+    proptest! {
+        /// Applying plans sequentially to a simulated store: no level ever exceeds its
+        /// cap, counts only grow (by exactly one per level on a commit, not at all
+        /// otherwise), the family chain is gapless and linked, and every refusal is
+        /// justified by a full level.
+        #[test]
+        fn never_over_cap_and_monotonic(
+            tree in tree_strategy(),
+            claims in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..4), 0..80),
+        ) {
+            let n = tree.caps.len();
+            let mut counts = vec![0u64; n];
+            let mut head: Option<(u64, String)> = None;
+            let mut replay_store: std::collections::HashMap<(usize, u8), (StoredIdempotency, Vec<u64>)> =
+                std::collections::HashMap::new();
+            for (pick, key) in claims {
+                let node = pick.index(n);
+                let path = tree.path(node);
+                let levels: Vec<Level> = path
+                    .iter()
+                    .map(|&i| level(u8::try_from(i).unwrap() + 1, tree.caps[i]))
+                    .collect();
+                let mut req = request(levels);
+                let key_s = key.to_string();
+                req.idempotency_key = Some(key_s.clone());
+                let stored = replay_store.get(&(node, key)).map(|(r, _)| r.clone());
+                let state = ClaimState {
+                    idempotency: stored,
+                    revoked: vec![false; path.len()],
+                    counts: path.iter().map(|&i| counts[i]).collect(),
+                    chain_head: head.clone(),
+                };
+                let ctx = ClaimContext { idempotency_key: &key_s, ..CTX };
+                let before = counts.clone();
+                match plan_claim(&req, &state, &ctx).unwrap() {
+                    Plan::Commit { new_counts, body, remaining } => {
+                        prop_assert_eq!(body.seq, counts[0] + 1);
+                        prop_assert_eq!(body.prev.clone(), head.as_ref().map(|(_, h)| h.clone()));
+                        for (&i, &c) in path.iter().zip(&new_counts) {
+                            prop_assert_eq!(c, counts[i] + 1);
+                            if let Some(cap) = tree.caps[i] { prop_assert!(c <= cap); }
+                            counts[i] = c;
+                        }
+                        for (slot, &i) in body.slots.iter().zip(&path) {
+                            prop_assert_eq!(slot.slot, counts[i]);
+                        }
+                        prop_assert_eq!(remaining, super::remaining(&req.levels, &new_counts));
+                        let hash = format!("h{}", body.seq);
+                        head = Some((body.seq, hash.clone()));
+                        replay_store.insert(
+                            (node, key),
+                            (StoredIdempotency::original(&req.request, &hash), new_counts),
+                        );
+                    }
+                    Plan::Replay { receipt, record, .. } => {
+                        let (orig, _) = &replay_store[&(node, key)];
+                        prop_assert_eq!(&receipt, &orig.receipt);
+                        prop_assert_eq!(record.replays, orig.replays + 1);
+                        prop_assert!(record.replays <= MAX_REPLAYS);
+                        let entry = replay_store.get_mut(&(node, key)).unwrap();
+                        entry.0 = record;
+                    }
+                    Plan::Refuse(Refusal::CapReached { block, cap }) => {
+                        prop_assert_eq!(Some(cap), tree.caps[path[block]]);
+                        prop_assert_eq!(counts[path[block]], cap);
+                        // Earlier levels all had room.
+                        for (b, &i) in path.iter().enumerate().take(block) {
+                            if let Some(c) = tree.caps[i] { prop_assert!(counts[i] < c, "level {}", b); }
+                        }
+                    }
+                    Plan::Refuse(Refusal::ReplayLimit) => {
+                        prop_assert_eq!(replay_store[&(node, key)].0.replays, MAX_REPLAYS);
+                    }
+                    other => prop_assert!(false, "unexpected plan {:?}", other),
+                }
+                for (b, a) in before.iter().zip(&counts) {
+                    prop_assert!(a >= b);
+                }
+                for (i, &c) in counts.iter().enumerate() {
+                    if let Some(cap) = tree.caps[i] { prop_assert!(c <= cap); }
+                }
+            }
+            // The root counts every commit: the chain head is at the root's count.
+            prop_assert_eq!(head.map(|(s, _)| s).unwrap_or(0), counts[0]);
+        }
+    }
+}

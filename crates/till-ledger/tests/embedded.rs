@@ -1,0 +1,281 @@
+//! Embedded-backend behaviour beyond the conformance suite: persistence across reopen,
+//! the file lock, group commit of a queued batch, and the fault-injection handle the
+//! proxy's tests rely on (frozen writer, failed commits, failed signing).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use till_ledger::{
+    ClaimRequest, EmbeddedConfig, EmbeddedLedger, Ledger, LedgerError, Level, Refusal,
+    RequestDigest,
+};
+use till_receipt::{audit_chain, ReceiptKeySet, ReceiptSigner};
+
+fn signer() -> Arc<ReceiptSigner> {
+    Arc::new(ReceiptSigner::from_seed([42; 32]))
+}
+
+fn keys() -> ReceiptKeySet {
+    let mut keys = ReceiptKeySet::new();
+    keys.insert(signer().public_key());
+    keys
+}
+
+fn open(path: &Path, max_batch: usize, timeout: Duration) -> EmbeddedLedger {
+    let config = EmbeddedConfig {
+        signer: signer(),
+        proxy_id: "test".into(),
+        max_batch,
+        claim_timeout: timeout,
+    };
+    EmbeddedLedger::open(path, config).unwrap()
+}
+
+fn levels(caps: &[Option<u64>]) -> Vec<Level> {
+    caps.iter()
+        .map(|&cap| Level {
+            revocation_id: (0..64).map(|_| rand::random::<u8>()).collect(),
+            cap,
+        })
+        .collect()
+}
+
+fn request(levels: &[Level]) -> ClaimRequest {
+    ClaimRequest {
+        levels: levels.to_vec(),
+        idempotency_key: None,
+        request: RequestDigest {
+            method: "POST".into(),
+            upstream: "openai".into(),
+            path: "/v1/chat/completions".into(),
+            body_sha256: "ab".repeat(32),
+            model: None,
+        },
+        now: 1_750_000_000,
+        not_after: None,
+    }
+}
+
+async fn used(ledger: &dyn Ledger, levels: &[Level]) -> Vec<u64> {
+    ledger
+        .usage(levels)
+        .await
+        .unwrap()
+        .iter()
+        .map(|u| u.used)
+        .collect()
+}
+
+async fn chain_len(ledger: &dyn Ledger, family: &[u8]) -> usize {
+    let receipts = ledger.receipts(family, 1, 10_000).await.unwrap();
+    if !receipts.is_empty() {
+        audit_chain(&receipts, &keys()).unwrap();
+    }
+    receipts.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_reopen_and_chain_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let token = levels(&[Some(10), Some(4)]);
+    {
+        let ledger = open(&path, 256, Duration::from_secs(10));
+        for _ in 0..3 {
+            ledger.claim(request(&token)).await.unwrap().unwrap();
+        }
+        ledger.revoke(&[9; 64]).await.unwrap();
+    }
+    let ledger = open(&path, 1, Duration::from_secs(10));
+    assert_eq!(used(&ledger, &token).await, vec![3, 3]);
+    assert!(ledger.usage(&levels_with(&[9; 64])).await.unwrap()[0].revoked);
+    let c = ledger.claim(request(&token)).await.unwrap().unwrap();
+    assert_eq!(c.receipt.body().seq, 4);
+    assert_eq!(c.remaining, Some(0));
+    assert_eq!(chain_len(&ledger, &token[0].revocation_id).await, 4);
+}
+
+fn levels_with(id: &[u8]) -> Vec<Level> {
+    vec![Level {
+        revocation_id: id.to_vec(),
+        cap: None,
+    }]
+}
+
+#[tokio::test]
+async fn second_open_reports_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let first = open(&path, 1, Duration::from_secs(5));
+    let config = EmbeddedConfig::new(signer(), "other");
+    let err = EmbeddedLedger::open(&path, config).unwrap_err();
+    assert!(matches!(err, LedgerError::Locked { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("till serve"), "{message}");
+    assert!(message.contains("ledger.redb"), "{message}");
+    drop(first);
+    // Dropping the ledger joins its writer: the lock is free again right away.
+    open(&path, 1, Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn garbage_file_is_an_open_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let err = EmbeddedLedger::open(&path, EmbeddedConfig::new(signer(), "x")).unwrap_err();
+    assert!(matches!(err, LedgerError::Open { .. }), "{err:?}");
+}
+
+/// Claims queued while the writer is frozen are applied as one batch when it resumes:
+/// each is planned against the transaction's state, so a hot token stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_batch_on_a_hot_token_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(open(
+        &dir.path().join("l.redb"),
+        256,
+        Duration::from_secs(30),
+    ));
+    let faults = ledger.faults();
+    let token = levels(&[Some(5), None]);
+    faults.freeze();
+    let tasks: Vec<_> = (0..12)
+        .map(|_| {
+            let ledger = Arc::clone(&ledger);
+            let req = request(&token);
+            tokio::spawn(async move { ledger.claim(req).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    faults.unfreeze();
+    let mut seqs = Vec::new();
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Ok(c) => seqs.push(c.receipt.body().seq),
+            Err(Refusal::CapReached { block: 0, cap: 5 }) => refused += 1,
+            Err(r) => panic!("{r:?}"),
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    assert_eq!(refused, 7);
+    assert_eq!(used(ledger.as_ref(), &token).await, vec![5, 5]);
+    assert_eq!(chain_len(ledger.as_ref(), &token[0].revocation_id).await, 5);
+}
+
+/// A frozen writer: claims answer `Unavailable` within the timeout; once it resumes the
+/// abandoned claims are skipped (nothing claimed) and traffic recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_writer_times_out_then_recovers_without_charging() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir.path().join("l.redb"), 256, Duration::from_millis(300));
+    let faults = ledger.faults();
+    let token = levels(&[Some(3)]);
+    ledger.claim(request(&token)).await.unwrap().unwrap();
+    faults.freeze();
+    for _ in 0..3 {
+        let err = ledger.claim(request(&token)).await.unwrap_err();
+        assert!(
+            matches!(err, LedgerError::Unavailable(ref m) if m == "timed out"),
+            "{err:?}"
+        );
+    }
+    let err = ledger.revoke(&token[0].revocation_id).await.unwrap_err();
+    assert!(matches!(err, LedgerError::Unavailable(_)), "{err:?}");
+    // Reads do not go through the writer.
+    assert_eq!(used(&ledger, &token).await, vec![1]);
+    faults.unfreeze();
+    let c = ledger.claim(request(&token)).await.unwrap().unwrap();
+    assert_eq!(
+        c.receipt.body().seq,
+        2,
+        "timed-out claims were never applied"
+    );
+    assert!(!ledger.usage(&token).await.unwrap()[0].revoked);
+    assert_eq!(used(&ledger, &token).await, vec![2]);
+    assert_eq!(chain_len(&ledger, &token[0].revocation_id).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stall_shorter_than_timeout_only_delays() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir.path().join("l.redb"), 256, Duration::from_secs(10));
+    let token = levels(&[None]);
+    ledger.faults().stall_for(Duration::from_millis(100));
+    let c = ledger.claim(request(&token)).await.unwrap().unwrap();
+    assert_eq!(c.receipt.body().seq, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_commit_answers_unavailable_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(open(
+        &dir.path().join("l.redb"),
+        256,
+        Duration::from_secs(10),
+    ));
+    let faults = ledger.faults();
+    let token = levels(&[Some(100), Some(50)]);
+    ledger.claim(request(&token)).await.unwrap().unwrap();
+    faults.fail_commits(true);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let ledger = Arc::clone(&ledger);
+            let req = request(&token);
+            tokio::spawn(async move { ledger.claim(req).await })
+        })
+        .collect();
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(matches!(err, LedgerError::Unavailable(_)), "{err:?}");
+    }
+    assert!(matches!(
+        ledger.revoke(&token[1].revocation_id).await,
+        Err(LedgerError::Unavailable(_))
+    ));
+    assert_eq!(used(ledger.as_ref(), &token).await, vec![1, 1]);
+    assert!(!ledger.usage(&token).await.unwrap()[1].revoked);
+    faults.reset();
+    let c = ledger.claim(request(&token)).await.unwrap().unwrap();
+    assert_eq!(c.receipt.body().seq, 2);
+    assert_eq!(chain_len(ledger.as_ref(), &token[0].revocation_id).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_signing_is_an_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir.path().join("l.redb"), 256, Duration::from_secs(10));
+    let faults = ledger.faults();
+    let token = levels(&[Some(2)]);
+    faults.fail_signing(true);
+    let mut req = request(&token);
+    req.idempotency_key = Some("sig".into());
+    let err = ledger.claim(req.clone()).await.unwrap_err();
+    assert!(matches!(err, LedgerError::Signing(_)), "{err:?}");
+    assert_eq!(used(&ledger, &token).await, vec![0]);
+    assert_eq!(chain_len(&ledger, &token[0].revocation_id).await, 0);
+    faults.fail_signing(false);
+    // No idempotency record was stored: the same key makes a fresh claim.
+    let c = ledger.claim(req).await.unwrap().unwrap();
+    assert!(!c.replayed);
+    assert_eq!(c.receipt.body().seq, 1);
+}
+
+/// A receipt too large to sign (the receipt format bounds its size) is a per-claim
+/// `Signing` error, not a refusal, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsignable_receipt_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir.path().join("l.redb"), 256, Duration::from_secs(10));
+    let token = levels(&[None]);
+    let mut req = request(&token);
+    req.request.path = "/".repeat(till_receipt::MAX_RECEIPT_LEN);
+    let err = ledger.claim(req).await.unwrap_err();
+    assert!(matches!(err, LedgerError::Signing(_)), "{err:?}");
+    assert_eq!(used(&ledger, &token).await, vec![0]);
+    ledger.claim(request(&token)).await.unwrap().unwrap();
+}
