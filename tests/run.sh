@@ -21,6 +21,9 @@ cargo test --locked
 say "FoundationDB backend: retry and idempotency logic against the in-memory transaction model"
 cargo test --locked -p till-ledger-fdb --no-default-features
 
+say "fuzz targets over their committed corpus (stable toolchain; cargo fuzz for the real thing)"
+CARGO_TARGET_DIR="$PWD/target" cargo test --locked --manifest-path fuzz/Cargo.toml
+
 say "receipt test vectors verified by a stock JOSE library (Python)"
 "$VENV/bin/python" spec/interop/verify_receipt.py spec/vectors/receipts.json
 

@@ -18,7 +18,9 @@ fn ring() -> &'static (RootKey, KeyRing) {
 /// Token parsing, verification, inspection and authorization must never panic, and a key
 /// that verifies must inspect to the same blocks.
 pub fn token(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let limits = Limits::default();
     let (_, ring) = ring();
     let verified = verify(text, ring, &limits);
@@ -26,7 +28,13 @@ pub fn token(data: &[u8]) {
     if let Ok(v) = verified {
         let i = inspected.unwrap_or_else(|e| panic!("verified key failed inspect: {e}"));
         assert_eq!(i.blocks, v.blocks().to_vec(), "inspect and verify disagree");
-        let req = RequestFacts { upstream: "openai", method: "POST", path: "/v1/chat", model: Some("m"), now: 0 };
+        let req = RequestFacts {
+            upstream: "openai",
+            method: "POST",
+            path: "/v1/chat",
+            model: Some("m"),
+            now: 0,
+        };
         let _ = v.authorize(&req, None, &limits);
         let counts = vec![u64::MAX; v.blocks().len()];
         let refused = v.authorize(&req, Some(&counts), &limits);
@@ -38,10 +46,13 @@ pub fn token(data: &[u8]) {
 
 /// Receipt parsing must never panic, and a parsed receipt re-serializes to the same text.
 pub fn receipt(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(r) = Receipt::parse(text) {
         assert_eq!(r.compact(), text, "parse is not canonical");
-        let again = Receipt::parse(r.compact()).unwrap_or_else(|e| panic!("round trip failed: {e}"));
+        let again =
+            Receipt::parse(r.compact()).unwrap_or_else(|e| panic!("round trip failed: {e}"));
         assert_eq!(again.body(), r.body());
     }
 }
@@ -62,14 +73,19 @@ pub fn sample_tokens() -> Vec<String> {
             expires: Some(4_000_000_000),
         },
     );
-    let Ok(minted) = minted else { return Vec::new() };
+    let Ok(minted) = minted else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     let mut current = minted;
     for cap in [2, 1] {
         if let Ok(s) = current.to_key_string() {
             out.push(s);
         }
-        match current.attenuate(Caveats { cap: Some(cap), ..Caveats::default() }) {
+        match current.attenuate(Caveats {
+            cap: Some(cap),
+            ..Caveats::default()
+        }) {
             Ok((next, _)) => current = next,
             Err(_) => break,
         }

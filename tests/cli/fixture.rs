@@ -34,7 +34,11 @@ impl Run {
     }
     /// Asserts success and returns stdout.
     pub fn ok(&self) -> String {
-        assert!(self.out.status.success(), "expected success\n{}", self.describe());
+        assert!(
+            self.out.status.success(),
+            "expected success\n{}",
+            self.describe()
+        );
         self.stdout()
     }
     /// Asserts exit code `code` and returns stderr.
@@ -43,13 +47,16 @@ impl Run {
         self.stderr()
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.ok()).unwrap_or_else(|e| panic!("not JSON ({e})\n{}", self.describe()))
+        serde_json::from_str(&self.ok())
+            .unwrap_or_else(|e| panic!("not JSON ({e})\n{}", self.describe()))
     }
 }
 
 impl Till {
     pub fn new() -> Self {
-        Till { dir: tempfile::tempdir().unwrap() }
+        Till {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -75,7 +82,10 @@ impl Till {
 
     pub fn run_stdin(&self, args: &[&str], stdin: Option<&str>) -> Run {
         let mut c = self.cmd();
-        c.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = c.spawn().unwrap();
         let mut pipe = child.stdin.take().unwrap();
         if let Some(input) = stdin {
@@ -83,7 +93,10 @@ impl Till {
         }
         drop(pipe);
         let out = child.wait_with_output().unwrap();
-        Run { args: args.iter().map(|s| s.to_string()).collect(), out }
+        Run {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            out,
+        }
     }
 
     /// keygen + mint with the given flags.

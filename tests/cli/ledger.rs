@@ -11,13 +11,18 @@ use crate::fixture::Till;
 
 fn levels(t: &Till, key: &str) -> Vec<Level> {
     let ring = KeyRing::with(
-        RootPublicKey::from_jwk(&std::fs::read_to_string(t.data_dir().join("root.pub.jwk")).unwrap())
-            .unwrap(),
+        RootPublicKey::from_jwk(
+            &std::fs::read_to_string(t.data_dir().join("root.pub.jwk")).unwrap(),
+        )
+        .unwrap(),
     );
     let v = verify(key, &ring, &Limits::default()).unwrap();
     v.blocks()
         .iter()
-        .map(|b| Level { revocation_id: b.revocation_id.clone(), cap: b.caveats.cap })
+        .map(|b| Level {
+            revocation_id: b.revocation_id.clone(),
+            cap: b.caveats.cap,
+        })
         .collect()
 }
 
@@ -26,8 +31,11 @@ fn open(t: &Till) -> EmbeddedLedger {
         &std::fs::read_to_string(t.data_dir().join("receipt.key.jwk")).unwrap(),
     )
     .unwrap();
-    EmbeddedLedger::open(t.data_dir().join("ledger.redb"), EmbeddedConfig::new(Arc::new(signer), "test"))
-        .unwrap()
+    EmbeddedLedger::open(
+        t.data_dir().join("ledger.redb"),
+        EmbeddedConfig::new(Arc::new(signer), "test"),
+    )
+    .unwrap()
 }
 
 async fn claim(ledger: &EmbeddedLedger, levels: &[Level], n: u32) -> Result<String, Refusal> {
@@ -44,7 +52,11 @@ async fn claim(ledger: &EmbeddedLedger, levels: &[Level], n: u32) -> Result<Stri
         now: 1_800_000_000,
         not_after: None,
     };
-    ledger.claim(req).await.unwrap().map(|c| c.receipt.compact().to_string())
+    ledger
+        .claim(req)
+        .await
+        .unwrap()
+        .map(|c| c.receipt.compact().to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,7 +65,11 @@ async fn usage_audit_and_revoke_through_the_binary() {
     let parent = t.minted(&["--upstream", "openai", "--cap", "10"]);
     let child = t.run(&["attenuate", &parent, "--cap", "3"]).ok();
     let sibling = t.run(&["attenuate", &parent, "--cap", "4"]).ok();
-    let (lp, lc, ls) = (levels(&t, &parent), levels(&t, &child), levels(&t, &sibling));
+    let (lp, lc, ls) = (
+        levels(&t, &parent),
+        levels(&t, &child),
+        levels(&t, &sibling),
+    );
 
     let mut last_receipt = String::new();
     {
@@ -61,7 +77,10 @@ async fn usage_audit_and_revoke_through_the_binary() {
         for i in 0..3 {
             last_receipt = claim(&ledger, &lc, i).await.unwrap();
         }
-        assert!(matches!(claim(&ledger, &lc, 99).await, Err(Refusal::CapReached { block: 1, cap: 3 })));
+        assert!(matches!(
+            claim(&ledger, &lc, 99).await,
+            Err(Refusal::CapReached { block: 1, cap: 3 })
+        ));
         for i in 0..2 {
             claim(&ledger, &ls, 10 + i).await.unwrap();
         }
@@ -83,13 +102,16 @@ async fn usage_audit_and_revoke_through_the_binary() {
     assert_eq!(a["clean"], true, "{a}");
     assert_eq!(a["report"]["receipts"], 6);
 
-    let v = t.run(&["receipt", "verify", &last_receipt, "--json"]).json();
+    let v = t
+        .run(&["receipt", "verify", &last_receipt, "--json"])
+        .json();
     assert_eq!(v["valid"], true);
     assert_eq!(v["body"]["slots"][1]["slot"], 3);
     let mut forged = last_receipt.clone().into_bytes();
     let mid = forged.len() / 2;
     forged[mid] = if forged[mid] == b'A' { b'B' } else { b'A' };
-    t.run(&["receipt", "verify", &String::from_utf8(forged).unwrap()]).fails_with(3);
+    t.run(&["receipt", "verify", &String::from_utf8(forged).unwrap()])
+        .fails_with(3);
 
     t.run(&["revoke", &child]).ok();
     let u = t.run(&["usage", &child, "--json"]).json();
@@ -97,7 +119,10 @@ async fn usage_audit_and_revoke_through_the_binary() {
     assert_eq!(u["blocks"][0]["revoked"], false);
     {
         let ledger = open(&t);
-        assert!(matches!(claim(&ledger, &lc, 30).await, Err(Refusal::Revoked { block: 1 })));
+        assert!(matches!(
+            claim(&ledger, &lc, 30).await,
+            Err(Refusal::Revoked { block: 1 })
+        ));
         claim(&ledger, &lp, 31).await.unwrap();
         claim(&ledger, &ls, 32).await.unwrap();
     }
@@ -114,6 +139,8 @@ fn revoke_validates_its_argument() {
     assert!(err.contains("64 bytes"), "{err}");
     let err = t.run(&["revoke", "not-hex"]).fails_with(2);
     assert!(err.contains("revocation id"), "{err}");
-    let err = t.run(&["usage", "till_AAAA", "--ledger", "postgres"]).code();
+    let err = t
+        .run(&["usage", "till_AAAA", "--ledger", "postgres"])
+        .code();
     assert_ne!(err, 0);
 }

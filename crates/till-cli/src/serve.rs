@@ -1,13 +1,149 @@
-//! `till serve`. (Placeholder; the proxy work fills this in.)
+//! `till serve`: run the proxy with the data dir's keys and embedded ledger.
+//!
+//! Config file: `--config`, else `$TILL_CONFIG`, else `<data dir>/till.toml` if it exists,
+//! else none (every preset whose credential variable is set is enabled). Precedence and
+//! keys: `spec/config.md`. Exit codes: 0 clean shutdown or valid config
+//! (`--check-config`), 2 invalid config, 1 runtime failure.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use till_ledger::{EmbeddedConfig, EmbeddedLedger};
+use till_proxy::config::ENV_CONFIG;
+use till_proxy::preset::ENV_PRESETS;
+use till_proxy::{Config, Overrides, SystemEnv};
+
+use crate::cli::Failure;
+use crate::datadir::DataDir;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Arguments of `till serve`.
 #[derive(Debug, clap::Args)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    /// Config file (default: $TILL_CONFIG, else <data dir>/till.toml if present).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Listen address, e.g. 127.0.0.1:8080 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// This proxy's id in receipts.
+    #[arg(long, value_name = "ID")]
+    pub proxy_id: Option<String>,
+    /// Validate the configuration, print a summary and exit (0 valid, 2 invalid).
+    #[arg(long, short = 't')]
+    pub check_config: bool,
+    /// Log format (logs go to stderr; filter with $TILL_LOG, default `info`).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
 
-/// Runs the proxy until interrupted.
-pub fn run(_args: ServeArgs, _dir: Option<&Path>) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+/// Runs the proxy until SIGINT or SIGTERM.
+pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
+    let data = DataDir::resolve(dir)?;
+    let file = args
+        .config
+        .clone()
+        .or_else(|| std::env::var_os(ENV_CONFIG).filter(|v| !v.is_empty()).map(PathBuf::from))
+        .or_else(|| Some(data.path().join("till.toml")).filter(|p| p.exists()));
+    let flags = Overrides { listen: args.listen.clone(), proxy_id: args.proxy_id.clone() };
+    let config = Config::load(file.as_deref(), &flags, &SystemEnv).map_err(Failure::usage_from)?;
+    if args.check_config {
+        println!(
+            "config OK{}",
+            file.as_deref().map(|f| format!(" ({})", f.display())).unwrap_or_else(|| " (no file; defaults and environment)".into())
+        );
+        println!("listen: {}", config.listen);
+        println!("proxy id: {}", config.proxy_id);
+        print_upstreams(&config);
+        return Ok(ExitCode::SUCCESS);
+    }
+    init_logging(args.log_format);
+    data.init()?;
+    let keys = data.key_ring()?;
+    let signer = Arc::new(data.receipt_signer()?);
+    let mut ledger_config = EmbeddedConfig::new(signer, config.proxy_id.clone());
+    ledger_config.claim_timeout = config.limits.ledger_claim_timeout;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let ledger = EmbeddedLedger::open(data.ledger_path(), ledger_config)?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        println!("till data dir: {}", data.path().display());
+        println!("listening on http://{addr}");
+        print_upstreams(&config);
+        match config.upstreams.keys().next() {
+            Some(first) => {
+                let dir_flag = dir.map(|d| format!(" --dir {}", d.display())).unwrap_or_default();
+                println!("mint a first key: till{dir_flag} mint --upstream {first} --cap 100 --ttl 24h");
+                println!("then point the SDK's base URL at http://{addr}/{first} and use the key as its API key");
+            }
+            None => {
+                let vars: Vec<&str> = ENV_PRESETS.iter().filter_map(|p| p.credential_env()).collect();
+                println!(
+                    "no upstream enabled: set one of {} (then restart), or add [upstreams.<name>] to {}",
+                    vars.join(", "),
+                    data.path().join("till.toml").display()
+                );
+            }
+        }
+        let app = config.build(keys, Arc::new(ledger)).map_err(Failure::usage_from)?;
+        app.serve(listener, shutdown_signal()).await?;
+        tracing::info!("till stopped");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_upstreams(config: &Config) {
+    if config.upstreams.is_empty() {
+        println!("upstreams: none");
+    }
+    for u in config.upstreams.values() {
+        println!("upstream {}: {} (preset {}, credential from {})", u.name, u.base_url, u.preset.name(), u.credential_source);
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TILL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down");
 }
