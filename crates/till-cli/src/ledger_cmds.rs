@@ -86,8 +86,9 @@ pub enum ReceiptCommand {
     },
 }
 
-/// Opens the ledger named by `args`.
-pub fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Ledger>> {
+/// Opens the ledger named by `args` (inside a Tokio runtime: the FoundationDB backend
+/// spawns its batching tasks on it).
+pub async fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Ledger>> {
     let signer = Arc::new(dir.receipt_signer()?);
     match args
         .ledger
@@ -100,7 +101,7 @@ pub fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Ledger>> 
                 .with_context(|| format!("opening {}", dir.ledger_path().display()))?;
             Ok(Arc::new(ledger))
         }
-        ("fdb", cluster_file) => open_fdb(signer, cluster_file.map(PathBuf::from)),
+        ("fdb", cluster_file) => open_fdb(signer, cluster_file.map(PathBuf::from)).await,
         _ => bail!(Failure::usage(format!(
             "--ledger `{}`: expected `embedded` or `fdb[:CLUSTER_FILE]`",
             args.ledger
@@ -109,15 +110,15 @@ pub fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Ledger>> 
 }
 
 #[cfg(feature = "fdb")]
-fn open_fdb(
+async fn open_fdb(
     signer: Arc<till_receipt::ReceiptSigner>,
     cluster_file: Option<PathBuf>,
 ) -> Result<Arc<dyn Ledger>> {
-    crate::fleet::open_fdb_ledger(signer, cluster_file, "till-cli")
+    crate::fleet::open_fdb_ledger(signer, cluster_file, "till-cli").await
 }
 
 #[cfg(not(feature = "fdb"))]
-fn open_fdb(
+async fn open_fdb(
     _signer: Arc<till_receipt::ReceiptSigner>,
     _cluster_file: Option<PathBuf>,
 ) -> Result<Arc<dyn Ledger>> {
@@ -181,8 +182,9 @@ pub fn revoke(dir: &DataDir, args: RevokeArgs) -> Result<ExitCode> {
         }
         id
     };
-    let ledger = open_ledger(dir, &args.ledger)?;
-    runtime()?.block_on(ledger.revoke(&revocation_id))?;
+    let rt = runtime()?;
+    let ledger = rt.block_on(open_ledger(dir, &args.ledger))?;
+    rt.block_on(ledger.revoke(&revocation_id))?;
     println!("revoked {}", hex::encode(&revocation_id));
     Ok(ExitCode::SUCCESS)
 }
@@ -190,8 +192,9 @@ pub fn revoke(dir: &DataDir, args: RevokeArgs) -> Result<ExitCode> {
 /// `till usage`.
 pub fn usage(dir: &DataDir, args: UsageArgs) -> Result<ExitCode> {
     let blocks = key_blocks(dir, &args.token)?;
-    let ledger = open_ledger(dir, &args.ledger)?;
-    let usage: Vec<LevelUsage> = runtime()?.block_on(ledger.usage(&levels(&blocks)))?;
+    let rt = runtime()?;
+    let ledger = rt.block_on(open_ledger(dir, &args.ledger))?;
+    let usage: Vec<LevelUsage> = rt.block_on(ledger.usage(&levels(&blocks)))?;
     let rows: Vec<_> = blocks
         .iter()
         .zip(&usage)
@@ -286,9 +289,9 @@ pub fn receipt(dir: &DataDir, cmd: ReceiptCommand) -> Result<ExitCode> {
 pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
     let blocks = key_blocks(dir, &args.token)?;
     let keys = receipt_keys(dir, &args.public_keys)?;
-    let ledger = open_ledger(dir, &args.ledger)?;
-    let family = blocks[0].revocation_id.clone();
     let rt = runtime()?;
+    let ledger = rt.block_on(open_ledger(dir, &args.ledger))?;
+    let family = blocks[0].revocation_id.clone();
     let mut receipts = Vec::new();
     loop {
         let from = receipts.len() as u64 + 1;

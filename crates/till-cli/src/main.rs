@@ -13,6 +13,8 @@ use clap::Parser as _;
 
 mod cli;
 mod datadir;
+#[cfg(feature = "fdb")]
+mod fleet;
 mod input;
 mod keys;
 mod ledger_cmds;
@@ -21,7 +23,10 @@ mod serve;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    match cli::run(args) {
+    let result = cli::run(args);
+    #[cfg(feature = "fdb")]
+    fleet::shutdown();
+    match result {
         Ok(code) => code,
         Err(err) => {
             let code = err

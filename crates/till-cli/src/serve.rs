@@ -53,14 +53,23 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
     let file = args
         .config
         .clone()
-        .or_else(|| std::env::var_os(ENV_CONFIG).filter(|v| !v.is_empty()).map(PathBuf::from))
+        .or_else(|| {
+            std::env::var_os(ENV_CONFIG)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
         .or_else(|| Some(data.path().join("till.toml")).filter(|p| p.exists()));
-    let flags = Overrides { listen: args.listen.clone(), proxy_id: args.proxy_id.clone() };
+    let flags = Overrides {
+        listen: args.listen.clone(),
+        proxy_id: args.proxy_id.clone(),
+    };
     let config = Config::load(file.as_deref(), &flags, &SystemEnv).map_err(Failure::usage_from)?;
     if args.check_config {
         println!(
             "config OK{}",
-            file.as_deref().map(|f| format!(" ({})", f.display())).unwrap_or_else(|| " (no file; defaults and environment)".into())
+            file.as_deref()
+                .map(|f| format!(" ({})", f.display()))
+                .unwrap_or_else(|| " (no file; defaults and environment)".into())
         );
         println!("listen: {}", config.listen);
         println!("proxy id: {}", config.proxy_id);
@@ -73,13 +82,16 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
     let signer = Arc::new(data.receipt_signer()?);
     let mut ledger_config = EmbeddedConfig::new(signer, config.proxy_id.clone());
     ledger_config.claim_timeout = config.limits.ledger_claim_timeout;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let ledger = EmbeddedLedger::open(data.ledger_path(), ledger_config)?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let shutdown = shutdown_signal()?;
         println!("till data dir: {}", data.path().display());
         println!("listening on http://{addr}");
         print_upstreams(&config);
@@ -99,7 +111,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
             }
         }
         let app = config.build(keys, Arc::new(ledger)).map_err(Failure::usage_from)?;
-        app.serve(listener, shutdown_signal()).await?;
+        app.serve(listener, shutdown).await?;
         tracing::info!("till stopped");
         Ok::<_, anyhow::Error>(())
     })?;
@@ -111,39 +123,49 @@ fn print_upstreams(config: &Config) {
         println!("upstreams: none");
     }
     for u in config.upstreams.values() {
-        println!("upstream {}: {} (preset {}, credential from {})", u.name, u.base_url, u.preset.name(), u.credential_source);
+        println!(
+            "upstream {}: {} (preset {}, credential from {})",
+            u.name,
+            u.base_url,
+            u.preset.name(),
+            u.credential_source
+        );
     }
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TILL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
 }
 
-async fn shutdown_signal() {
+/// Registers SIGINT/SIGTERM handlers now (before the banner announces the server, so a
+/// signal sent right after it is never lost) and returns the future that completes on one.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+            tracing::info!("shutting down");
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        })
     }
-    tracing::info!("shutting down");
 }

@@ -1,0 +1,48 @@
+//! Fleet mode: the FoundationDB ledger (cargo feature `fdb`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, Result};
+use till_ledger::Ledger;
+use till_ledger_fdb::{FdbConfig, FdbLedger, FdbNetwork};
+use till_receipt::ReceiptSigner;
+
+/// The client network, started on first use and stopped by [`shutdown`] at the end of
+/// `main` (after every ledger and runtime is gone).
+static NETWORK: Mutex<Option<FdbNetwork>> = Mutex::new(None);
+
+fn ensure_booted() -> Result<()> {
+    let mut network = NETWORK
+        .lock()
+        .map_err(|_| anyhow::anyhow!("FoundationDB boot lock poisoned"))?;
+    if network.is_none() && !till_ledger_fdb::is_booted() {
+        *network = Some(till_ledger_fdb::boot().context("starting the FoundationDB client")?);
+    }
+    Ok(())
+}
+
+/// Stops the FoundationDB client network if it was started.
+pub fn shutdown() {
+    if let Ok(mut network) = NETWORK.lock() {
+        network.take();
+    }
+}
+
+/// Opens the FoundationDB ledger. `cluster_file` `None` uses the client's default
+/// (`$FDB_CLUSTER_FILE`, then `/etc/foundationdb/fdb.cluster`).
+pub async fn open_fdb_ledger(
+    signer: Arc<ReceiptSigner>,
+    cluster_file: Option<PathBuf>,
+    proxy_id: &str,
+) -> Result<Arc<dyn Ledger>> {
+    ensure_booted()?;
+    let mut config = FdbConfig::new(signer, proxy_id);
+    if let Some(p) = cluster_file {
+        config = config.with_cluster_file(p);
+    }
+    let ledger = FdbLedger::open(config)
+        .await
+        .context("opening the FoundationDB ledger")?;
+    Ok(Arc::new(ledger))
+}

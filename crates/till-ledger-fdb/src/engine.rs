@@ -1,0 +1,862 @@
+//! The claim engine: batching lanes, one transaction per batch, the retry loop.
+//!
+//! Generic over [`KvStore`], so the code that runs against a FoundationDB cluster is the
+//! code the in-memory tests exercise. Normative description: `spec/ledger-fdb.md`.
+//!
+//! - **Lanes.** A claim goes to lane `hash(family) % lanes`. A lane takes its first
+//!   waiting claim plus whatever else is queued (up to `max_batch`) and applies them all
+//!   in ONE transaction (group commit). Claims of one family always share a lane, so one
+//!   proxy never conflicts with itself on a hot token; families in different lanes commit
+//!   in parallel.
+//! - **One attempt.** Read every key the batch needs (idempotency records, revocation
+//!   flags, counters, chain heads) concurrently with serializable reads; plan each claim
+//!   in order with [`till_ledger::plan::plan_claim`] against an overlay of the batch's own
+//!   writes (so two claims of a hot token in one batch see each other); sign receipts;
+//!   buffer the writes; commit once.
+//! - **Retries.** A failed read or commit goes through `on_error` (backoff, reset) and the
+//!   whole batch is planned again from fresh reads, within `retry_limit` and the batch's
+//!   deadline. Every write of an idempotency record carries a fresh writer id, kept in the
+//!   record, and remembered by the claim: when a later attempt finds one of its own ids in
+//!   the record, the earlier attempt did commit (`commit_unknown_result` that in fact
+//!   landed) and the claim is answered as that attempt did (the original receipt, or the
+//!   replay), charging nothing more and counting no extra replay.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::try_join_all;
+use till_ledger::plan::{self, ClaimContext, ClaimState, Plan, StoredIdempotency};
+use till_ledger::{
+    BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal,
+};
+use till_receipt::ReceiptSigner;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::config::FdbConfig;
+use crate::error::KvError;
+use crate::keys::{self, Keyspace};
+use crate::kv::{KvStore, KvTxn, TxnOptions};
+
+/// Claims waiting in one lane beyond this many are refused with
+/// [`LedgerError::Unavailable`] ("ledger busy") rather than queued without bound.
+pub const LANE_QUEUE_CAPACITY: usize = 4096;
+
+/// How long past its deadline a caller waits for the lane's own answer before giving up
+/// itself (the lane normally answers `Unavailable` at the deadline).
+const ANSWER_GRACE: Duration = Duration::from_millis(250);
+
+type ClaimAnswer = Result<Result<Claim, Refusal>, LedgerError>;
+
+/// Counters of what the engine did, for tests, benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Claim batches that ended (committed, read-only, or failed).
+    pub batches: u64,
+    /// Claims carried by those batches.
+    pub claims: u64,
+    /// Transactions committed (claim batches and revocations).
+    pub commits: u64,
+    /// Retries after a retryable error (conflicts, unknown results, too-old reads).
+    pub retries: u64,
+    /// Commits that failed with a `maybe_committed` error.
+    pub maybe_committed: u64,
+    /// Claims answered with their own receipt after an unknown commit result.
+    pub recovered: u64,
+    /// Operations that failed (timeout, retry limit, non-retryable error).
+    pub failures: u64,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    batches: AtomicU64,
+    claims: AtomicU64,
+    commits: AtomicU64,
+    retries: AtomicU64,
+    maybe_committed: AtomicU64,
+    recovered: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Stats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> EngineStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EngineStats {
+            batches: get(&self.batches),
+            claims: get(&self.claims),
+            commits: get(&self.commits),
+            retries: get(&self.retries),
+            maybe_committed: get(&self.maybe_committed),
+            recovered: get(&self.recovered),
+            failures: get(&self.failures),
+        }
+    }
+}
+
+/// What every lane shares.
+#[derive(Debug)]
+struct Shared {
+    keys: Keyspace,
+    signer: Arc<ReceiptSigner>,
+    kid: String,
+    proxy_id: String,
+    max_batch: usize,
+    timeout: Duration,
+    retry_limit: u32,
+    options: TxnOptions,
+    stats: Stats,
+}
+
+/// One claim waiting in (or being carried by) a lane.
+struct Pending {
+    req: ClaimRequest,
+    idempotency_key: String,
+    deadline: Instant,
+    reply: oneshot::Sender<ClaimAnswer>,
+    /// Writer ids of this claim's idempotency-record writes in earlier attempts of its
+    /// batch, and what each write was.
+    wrote: Vec<(String, Wrote)>,
+}
+
+/// The ledger engine over any [`KvStore`]. [`crate::FdbLedger`] is this over
+/// FoundationDB; with the `memory` feature, [`crate::memory::MemoryStore`] gives the same
+/// engine over an in-memory imitation.
+pub struct KvLedger<S: KvStore> {
+    store: Arc<S>,
+    shared: Arc<Shared>,
+    lanes: Vec<mpsc::Sender<Pending>>,
+}
+
+impl<S: KvStore> std::fmt::Debug for KvLedger<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvLedger")
+            .field("store", &self.store)
+            .field("keyspace", &self.shared.keys)
+            .field("proxy_id", &self.shared.proxy_id)
+            .field("lanes", &self.lanes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: KvStore> KvLedger<S> {
+    /// Starts the engine's lanes on the current Tokio runtime. Does not touch the store;
+    /// see [`KvLedger::check_schema`].
+    ///
+    /// Fails with [`LedgerError::Open`] outside a Tokio runtime.
+    pub fn start(store: Arc<S>, config: &FdbConfig) -> Result<Self, LedgerError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| LedgerError::Open {
+            path: config.keyspace.clone(),
+            reason: format!("the ledger needs a Tokio runtime: {e}"),
+        })?;
+        let shared = Arc::new(Shared {
+            keys: Keyspace::new(&config.keyspace),
+            kid: config.signer.key_id().to_owned(),
+            signer: Arc::clone(&config.signer),
+            proxy_id: config.proxy_id.clone(),
+            max_batch: config.batch_size(),
+            timeout: config.transaction_timeout,
+            retry_limit: config.retry_limit,
+            options: TxnOptions {
+                timeout: config.transaction_timeout,
+                retry_limit: config.retry_limit,
+                max_retry_delay: config.max_retry_delay,
+            },
+            stats: Stats::default(),
+        });
+        let mut lanes = Vec::with_capacity(config.lane_count());
+        for _ in 0..config.lane_count() {
+            let (tx, rx) = mpsc::channel(LANE_QUEUE_CAPACITY);
+            runtime.spawn(run_lane(Arc::clone(&store), Arc::clone(&shared), rx));
+            lanes.push(tx);
+        }
+        Ok(Self {
+            store,
+            shared,
+            lanes,
+        })
+    }
+
+    /// The store under the engine.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// The key space.
+    pub fn keyspace(&self) -> &Keyspace {
+        &self.shared.keys
+    }
+
+    /// What the engine did so far.
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Checks the layout version under `(ks, "schema")`, writing it on a fresh key space;
+    /// refuses a key space written by an incompatible layout.
+    pub async fn check_schema(&self) -> Result<(), LedgerError> {
+        let mut work = SchemaWork {
+            keys: &self.shared.keys,
+            found: None,
+        };
+        self.transact(&mut work).await.map_err(unavailable)?;
+        match work.found {
+            None | Some(keys::SCHEMA_VERSION) => Ok(()),
+            Some(other) => Err(LedgerError::Open {
+                path: format!("key space {:?}", self.shared.keys.prefix()),
+                reason: format!(
+                    "ledger schema version {other}, this build reads {}",
+                    keys::SCHEMA_VERSION
+                ),
+            }),
+        }
+    }
+
+    /// Runs `work` in one transaction with retries, bounded by the configured timeout.
+    async fn transact<W: Work<S::Txn>>(&self, work: &mut W) -> Result<W::Output, KvError> {
+        let deadline = Instant::now() + self.shared.timeout;
+        transact(self.store.as_ref(), &self.shared, deadline, work).await
+    }
+
+    fn lane_of(&self, family: &[u8]) -> usize {
+        let mut h = DefaultHasher::new();
+        family.hash(&mut h);
+        // `lanes.len() >= 1`; the remainder fits in usize.
+        usize::try_from(h.finish() % self.lanes.len() as u64).unwrap_or(0)
+    }
+}
+
+impl<S: KvStore> Ledger for KvLedger<S> {
+    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, ClaimAnswer> {
+        Box::pin(async move {
+            plan::validate(&req)?;
+            // Generated once, before the transaction: every retry reuses it, which is what
+            // lets a retry recognise its own earlier commit.
+            let idempotency_key = plan::resolve_idempotency_key(&req);
+            let lane = self.lane_of(&req.levels[0].revocation_id);
+            let deadline = Instant::now() + self.shared.timeout;
+            let (reply, answer) = oneshot::channel();
+            let pending = Pending {
+                req,
+                idempotency_key,
+                deadline,
+                reply,
+                wrote: Vec::new(),
+            };
+            self.lanes[lane].try_send(pending).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    LedgerError::Unavailable("ledger busy".into())
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    LedgerError::Unavailable("ledger lane stopped".into())
+                }
+            })?;
+            match tokio::time::timeout_at(deadline + ANSWER_GRACE, answer).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(LedgerError::Unavailable("ledger lane stopped".into())),
+                // Dropping `answer` marks the claim abandoned: if its batch has not started,
+                // it is skipped and writes nothing.
+                Err(_) => Err(LedgerError::Unavailable("timed out".into())),
+            }
+        })
+    }
+
+    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<(), LedgerError>> {
+        let revocation_id = revocation_id.to_vec();
+        Box::pin(async move {
+            if revocation_id.is_empty() {
+                return Err(LedgerError::InvalidRequest("empty revocation id".into()));
+            }
+            let mut work = RevokeWork {
+                key: self.shared.keys.revoked(&revocation_id),
+                at: unix_now(),
+            };
+            self.transact(&mut work).await.map_err(unavailable)
+        })
+    }
+
+    fn usage(&self, levels: &[Level]) -> BoxFuture<'_, Result<Vec<LevelUsage>, LedgerError>> {
+        let ids: Vec<Vec<u8>> = levels.iter().map(|l| l.revocation_id.clone()).collect();
+        Box::pin(async move {
+            let mut work = UsageWork {
+                keys: &self.shared.keys,
+                ids,
+            };
+            self.transact(&mut work).await.map_err(unavailable)?
+        })
+    }
+
+    fn receipts(
+        &self,
+        family: &[u8],
+        from_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
+        let family = family.to_vec();
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let (begin, end) = self.shared.keys.receipts_from(&family, from_seq.max(1));
+            let mut work = RangeWork { begin, end, limit };
+            let pairs = self.transact(&mut work).await.map_err(unavailable)?;
+            pairs
+                .into_iter()
+                .map(|(_, value)| {
+                    let text = std::str::from_utf8(&value).map_err(|e| {
+                        LedgerError::Corrupt(format!("stored receipt is not UTF-8: {e}"))
+                    })?;
+                    Receipt::parse(text).map_err(|e| {
+                        LedgerError::Corrupt(format!("stored receipt is unreadable: {e}"))
+                    })
+                })
+                .collect()
+        })
+    }
+}
+
+fn unavailable(e: KvError) -> LedgerError {
+    match e {
+        KvError::Decode(msg) => LedgerError::Corrupt(msg),
+        other => LedgerError::Unavailable(other.to_string()),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+// ---------------------------------------------------------------------------------------
+// The retry loop
+
+/// One transaction's work, run again from scratch on every attempt.
+trait Work<T: KvTxn>: Send {
+    type Output: Send;
+    /// Reads and buffers writes; returns the output and whether anything was written
+    /// (read-only attempts are not committed).
+    fn attempt<'a>(
+        &'a mut self,
+        txn: &'a mut T,
+    ) -> impl Future<Output = Result<(Self::Output, bool), KvError>> + Send + 'a;
+    /// The last commit failed with a `maybe_committed` error.
+    fn maybe_committed(&mut self) {}
+}
+
+/// FoundationDB's retry loop, bounded by `deadline` and `retry_limit` whatever the store
+/// does (the real client enforces the same limits through transaction options).
+async fn transact<S: KvStore, W: Work<S::Txn>>(
+    store: &S,
+    shared: &Shared,
+    deadline: Instant,
+    work: &mut W,
+) -> Result<W::Output, KvError> {
+    let stats = &shared.stats;
+    let timed_out = || KvError::TimedOut(shared.timeout);
+    let result = async {
+        let mut txn = store.begin(&shared.options)?;
+        let mut retries = 0u32;
+        loop {
+            let error = match tokio::time::timeout_at(deadline, work.attempt(&mut txn)).await {
+                Err(_) => return Err(timed_out()),
+                Ok(Err(e)) => e,
+                Ok(Ok((output, false))) => return Ok(output),
+                Ok(Ok((output, true))) => {
+                    match tokio::time::timeout_at(deadline, txn.commit()).await {
+                        // The commit may or may not land; the caller hears "unavailable".
+                        Err(_) => return Err(timed_out()),
+                        Ok(Ok(())) => {
+                            Stats::add(&stats.commits, 1);
+                            return Ok(output);
+                        }
+                        Ok(Err((back, e))) => {
+                            txn = back;
+                            if e.is_maybe_committed() {
+                                Stats::add(&stats.maybe_committed, 1);
+                                work.maybe_committed();
+                            }
+                            e
+                        }
+                    }
+                }
+            };
+            if !error.is_retryable() {
+                return Err(error);
+            }
+            if retries >= shared.retry_limit {
+                return Err(KvError::RetryLimit {
+                    retries,
+                    last: Box::new(error),
+                });
+            }
+            retries += 1;
+            Stats::add(&stats.retries, 1);
+            tracing::debug!(code = ?error.code(), retries, "ledger transaction retry");
+            txn = match tokio::time::timeout_at(deadline, txn.on_error(error)).await {
+                Err(_) => return Err(timed_out()),
+                Ok(result) => result?,
+            };
+        }
+    }
+    .await;
+    if let Err(e) = &result {
+        Stats::add(&stats.failures, 1);
+        tracing::warn!(error = %e, "ledger transaction failed");
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------------------
+// Lanes and claim batches
+
+async fn run_lane<S: KvStore>(
+    store: Arc<S>,
+    shared: Arc<Shared>,
+    mut queue: mpsc::Receiver<Pending>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < shared.max_batch {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        // A caller that stopped waiting before its batch started: skip it, write nothing.
+        batch.retain(|p| !p.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let deadline = batch
+            .iter()
+            .map(|p| p.deadline)
+            .min()
+            .unwrap_or_else(Instant::now);
+        Stats::add(&shared.stats.batches, 1);
+        Stats::add(&shared.stats.claims, batch.len() as u64);
+        let mut work = ClaimBatch {
+            shared: &shared,
+            batch: &mut batch,
+            recovered: 0,
+        };
+        let answers = match transact(store.as_ref(), &shared, deadline, &mut work).await {
+            Ok(answers) => {
+                Stats::add(&shared.stats.recovered, work.recovered);
+                answers
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                (0..batch.len())
+                    .map(|_| Err(LedgerError::Unavailable(msg.clone())))
+                    .collect()
+            }
+        };
+        for (pending, answer) in batch.into_iter().zip(answers) {
+            // A caller that gave up meanwhile is fine: the slot may be spent, but nothing
+            // is forwarded (spec/ledger.md, "What a timeout means").
+            let _ = pending.reply.send(answer);
+        }
+    }
+}
+
+/// A batch of claims as one transaction's work.
+struct ClaimBatch<'b> {
+    shared: &'b Shared,
+    batch: &'b mut Vec<Pending>,
+    /// Claims of the last attempt answered from their own earlier commit.
+    recovered: u64,
+}
+
+/// The values one attempt read, overlaid with the attempt's own writes.
+#[derive(Default)]
+struct Overlay {
+    values: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    writes: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Overlay {
+    fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.values.get(key).and_then(|v| v.as_deref())
+    }
+
+    fn set(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.values.insert(key.clone(), Some(value.clone()));
+        self.writes.insert(key, value);
+    }
+
+    /// A write nobody in the batch reads back.
+    fn set_blind(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, value);
+    }
+}
+
+impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
+    type Output = Vec<ClaimAnswer>;
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        let keys = &self.shared.keys;
+        let mut wanted = BTreeSet::new();
+        for p in self.batch.iter() {
+            let scope = plan::idempotency_scope(&p.req);
+            wanted.insert(keys.idempotency(scope, &p.idempotency_key));
+            wanted.insert(keys.head(&p.req.levels[0].revocation_id));
+            for level in &p.req.levels {
+                wanted.insert(keys.count(&level.revocation_id));
+                wanted.insert(keys.revoked(&level.revocation_id));
+            }
+        }
+        let wanted: Vec<Vec<u8>> = wanted.into_iter().collect();
+        // Serializable reads, all in flight at once: one round trip for the batch.
+        let read = try_join_all(wanted.iter().map(|k| txn.get(k))).await?;
+        let mut overlay = Overlay {
+            values: wanted.into_iter().zip(read).collect(),
+            writes: BTreeMap::new(),
+        };
+        let mut journal: Vec<String> = Vec::new();
+        let mut answers = Vec::with_capacity(self.batch.len());
+        self.recovered = 0;
+        for p in self.batch.iter_mut() {
+            let (answer, recovered) = apply_claim(self.shared, &mut overlay, &mut journal, p);
+            self.recovered += u64::from(recovered);
+            answers.push(answer);
+        }
+        let wrote = !overlay.writes.is_empty();
+        for (key, value) in &overlay.writes {
+            txn.set(key, value);
+        }
+        for (i, receipt) in journal.iter().enumerate() {
+            // `max_batch <= MAX_BATCH_LIMIT < u16::MAX`: one user version per receipt.
+            let user_version = u16::try_from(i).unwrap_or(u16::MAX);
+            txn.set_versionstamped_key(&keys.journal_incomplete(user_version), receipt.as_bytes());
+        }
+        Ok((answers, wrote))
+    }
+}
+
+/// What a claim wrote in an attempt whose commit may have landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wrote {
+    /// The original claim (counters, receipt, record).
+    Commit,
+    /// A replay (the record's replay counter).
+    Replay,
+}
+
+/// The stored value under `(ks, "idem", scope, key)`: the shared record plus the ids of
+/// every write that produced it (at most `1 + MAX_REPLAYS`), so a retry can tell its own
+/// earlier write from anyone else's.
+fn encode_idempotency(record: &StoredIdempotency, writers: &[String]) -> Vec<u8> {
+    let value = serde_json::json!({
+        "record": serde_json::to_value(record).unwrap_or_default(),
+        "writers": writers,
+    });
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+fn decode_idempotency(bytes: &[u8]) -> Result<(StoredIdempotency, Vec<String>), LedgerError> {
+    let corrupt = |e: serde_json::Error| LedgerError::Corrupt(format!("idempotency record: {e}"));
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(corrupt)?;
+    let record = serde_json::from_value(value["record"].take()).map_err(corrupt)?;
+    let writers = serde_json::from_value(value["writers"].take()).map_err(corrupt)?;
+    Ok((record, writers))
+}
+
+/// Most writer ids kept per record (more than `1 + MAX_REPLAYS` writes never happen).
+const MAX_WRITERS: usize = 16;
+
+fn writer_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Reads one claim's state from the overlay, plans it and carries the plan out into the
+/// overlay. Returns the answer and whether it was recovered from an earlier attempt.
+fn apply_claim(
+    shared: &Shared,
+    overlay: &mut Overlay,
+    journal: &mut Vec<String>,
+    p: &mut Pending,
+) -> (ClaimAnswer, bool) {
+    let keys = &shared.keys;
+    let req = &p.req;
+    let family = req.levels[0].revocation_id.as_slice();
+    let scope = plan::idempotency_scope(req);
+    let idem_key = keys.idempotency(scope, &p.idempotency_key);
+
+    let (state, writers) = match read_state(keys, overlay, req, &idem_key) {
+        Ok(read) => read,
+        Err(e) => return (Err(e), false),
+    };
+
+    // An earlier attempt of this very claim committed after all (its commit result was
+    // unknown): answer as that attempt did, write and charge nothing more.
+    if let Some(stored) = &state.idempotency {
+        if let Some((_, wrote)) = p.wrote.iter().find(|(id, _)| writers.contains(id)) {
+            let receipt = match Receipt::parse(&stored.receipt) {
+                Ok(r) => r,
+                Err(e) => {
+                    return (
+                        Err(LedgerError::Corrupt(format!(
+                            "stored receipt is unreadable: {e}"
+                        ))),
+                        false,
+                    )
+                }
+            };
+            let (replayed, remaining) = match wrote {
+                Wrote::Commit => (false, remaining_of(&receipt)),
+                Wrote::Replay => (true, plan::remaining(&req.levels, &state.counts)),
+            };
+            return (
+                Ok(Ok(Claim {
+                    receipt,
+                    replayed,
+                    remaining,
+                })),
+                true,
+            );
+        }
+    }
+
+    let ctx = ClaimContext {
+        proxy_id: &shared.proxy_id,
+        kid: &shared.kid,
+        idempotency_key: &p.idempotency_key,
+    };
+    match plan::plan_claim(req, &state, &ctx) {
+        Err(e) => (Err(e), false),
+        Ok(Plan::Refuse(refusal)) => (Ok(Err(refusal)), false),
+        Ok(Plan::Replay {
+            receipt,
+            record,
+            remaining,
+        }) => match Receipt::parse(&receipt) {
+            Ok(receipt) => {
+                // Remembered before the commit, so a retry after an unknown result
+                // recognises this write.
+                let id = writer_id();
+                p.wrote.push((id.clone(), Wrote::Replay));
+                let mut writers = writers;
+                writers.push(id);
+                let excess = writers.len().saturating_sub(MAX_WRITERS);
+                writers.drain(..excess);
+                overlay.set(idem_key, encode_idempotency(&record, &writers));
+                (
+                    Ok(Ok(Claim {
+                        receipt,
+                        replayed: true,
+                        remaining,
+                    })),
+                    false,
+                )
+            }
+            Err(e) => (
+                Err(LedgerError::Corrupt(format!(
+                    "stored idempotent receipt is unreadable: {e}"
+                ))),
+                false,
+            ),
+        },
+        Ok(Plan::Commit {
+            new_counts,
+            body,
+            remaining,
+        }) => {
+            let receipt = match shared.signer.sign(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "ledger: receipt signing failed");
+                    return (Err(LedgerError::Signing(e.to_string())), false);
+                }
+            };
+            let id = writer_id();
+            p.wrote.push((id.clone(), Wrote::Commit));
+            for (level, &count) in req.levels.iter().zip(&new_counts) {
+                overlay.set(
+                    keys.count(&level.revocation_id),
+                    keys::encode_u64(count).to_vec(),
+                );
+                overlay.set_blind(
+                    keys.slot(&level.revocation_id, count),
+                    keys::encode_slot_owner(family, body.seq),
+                );
+            }
+            overlay.set_blind(
+                keys.receipt(family, body.seq),
+                receipt.compact().as_bytes().to_vec(),
+            );
+            overlay.set(
+                keys.head(family),
+                keys::encode_head(body.seq, &receipt.hash_hex()),
+            );
+            let record = StoredIdempotency::original(&req.request, receipt.compact());
+            overlay.set(idem_key, encode_idempotency(&record, &[id]));
+            journal.push(receipt.compact().to_owned());
+            (
+                Ok(Ok(Claim {
+                    receipt,
+                    replayed: false,
+                    remaining,
+                })),
+                false,
+            )
+        }
+    }
+}
+
+fn read_state(
+    keys: &Keyspace,
+    overlay: &Overlay,
+    req: &ClaimRequest,
+    idem_key: &[u8],
+) -> Result<(ClaimState, Vec<String>), LedgerError> {
+    let corrupt = |e: KvError| LedgerError::Corrupt(e.to_string());
+    let (idempotency, writers) = match overlay.get(idem_key).map(decode_idempotency).transpose()? {
+        Some((record, writers)) => (Some(record), writers),
+        None => (None, Vec::new()),
+    };
+    let mut revoked = Vec::with_capacity(req.levels.len());
+    let mut counts = Vec::with_capacity(req.levels.len());
+    for level in &req.levels {
+        revoked.push(overlay.get(&keys.revoked(&level.revocation_id)).is_some());
+        counts.push(
+            overlay
+                .get(&keys.count(&level.revocation_id))
+                .map(keys::decode_u64)
+                .transpose()
+                .map_err(corrupt)?
+                .unwrap_or(0),
+        );
+    }
+    let chain_head = overlay
+        .get(&keys.head(&req.levels[0].revocation_id))
+        .map(keys::decode_head)
+        .transpose()
+        .map_err(corrupt)?;
+    Ok((
+        ClaimState {
+            idempotency,
+            revoked,
+            counts,
+            chain_head,
+        },
+        writers,
+    ))
+}
+
+/// Activations left under the tightest cap right after `receipt`'s claim.
+fn remaining_of(receipt: &Receipt) -> Option<u64> {
+    receipt
+        .body()
+        .slots
+        .iter()
+        .filter_map(|s| s.cap.map(|cap| cap.saturating_sub(s.slot)))
+        .min()
+}
+
+// ---------------------------------------------------------------------------------------
+// Other transactions
+
+struct RevokeWork {
+    key: Vec<u8>,
+    at: u64,
+}
+
+impl<T: KvTxn> Work<T> for RevokeWork {
+    type Output = ();
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<((), bool), KvError> {
+        // Keep the first revocation time; a repeat writes nothing.
+        if txn.get(&self.key).await?.is_some() {
+            return Ok(((), false));
+        }
+        txn.set(&self.key, &keys::encode_u64(self.at));
+        Ok(((), true))
+    }
+}
+
+struct UsageWork<'k> {
+    keys: &'k Keyspace,
+    ids: Vec<Vec<u8>>,
+}
+
+impl<T: KvTxn> Work<T> for UsageWork<'_> {
+    type Output = Result<Vec<LevelUsage>, LedgerError>;
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        let txn: &T = txn;
+        let counts = try_join_all(self.ids.iter().map(|id| {
+            let key = self.keys.count(id);
+            async move { txn.get(&key).await }
+        }));
+        let revoked = try_join_all(self.ids.iter().map(|id| {
+            let key = self.keys.revoked(id);
+            async move { txn.get(&key).await }
+        }));
+        let (counts, revoked) = futures::future::try_join(counts, revoked).await?;
+        let usage = self
+            .ids
+            .iter()
+            .zip(counts.into_iter().zip(revoked))
+            .map(|(id, (count, revoked))| {
+                Ok(LevelUsage {
+                    revocation_id: id.clone(),
+                    used: count
+                        .as_deref()
+                        .map(keys::decode_u64)
+                        .transpose()
+                        .map_err(|e| LedgerError::Corrupt(e.to_string()))?
+                        .unwrap_or(0),
+                    revoked: revoked.is_some(),
+                })
+            })
+            .collect();
+        Ok((usage, false))
+    }
+}
+
+struct RangeWork {
+    begin: Vec<u8>,
+    end: Vec<u8>,
+    limit: usize,
+}
+
+impl<T: KvTxn> Work<T> for RangeWork {
+    type Output = Vec<(Vec<u8>, Vec<u8>)>;
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        let pairs = txn.get_range(&self.begin, &self.end, self.limit).await?;
+        Ok((pairs, false))
+    }
+}
+
+struct SchemaWork<'k> {
+    keys: &'k Keyspace,
+    found: Option<i64>,
+}
+
+impl<T: KvTxn> Work<T> for SchemaWork<'_> {
+    type Output = ();
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<((), bool), KvError> {
+        let key = self.keys.schema();
+        match txn.get(&key).await? {
+            Some(bytes) => {
+                self.found = Some(keys::decode_schema(&bytes)?);
+                Ok(((), false))
+            }
+            None => {
+                self.found = None;
+                txn.set(&key, &keys::encode_schema());
+                Ok(((), true))
+            }
+        }
+    }
+}

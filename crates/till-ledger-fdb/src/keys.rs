@@ -1,0 +1,234 @@
+//! The key layout (normative: `spec/ledger-fdb.md`, "Key layout").
+//!
+//! Every key is a tuple-layer tuple under the prefix `(keyspace,)`:
+//!
+//! | key                                 | value                                          |
+//! |-------------------------------------|------------------------------------------------|
+//! | `(ks, "schema")`                    | tuple `(1,)`: layout version                   |
+//! | `(ks, "count", rid)`                | u64 little-endian: activations through `rid`   |
+//! | `(ks, "revoked", rid)`              | u64 little-endian: Unix time of the revocation |
+//! | `(ks, "head", family)`              | tuple `(seq, hash_hex)`: the chain head        |
+//! | `(ks, "receipt", family, seq)`      | receipt, compact JWS (UTF-8)                   |
+//! | `(ks, "slot", rid, slot)`           | tuple `(family, seq)`: who took slot `slot`    |
+//! | `(ks, "idem", scope, key)`          | JSON `{record, writers}` (see the spec)        |
+//! | `(ks, "journal", versionstamp)`     | receipt, compact JWS: append-only journal      |
+//!
+//! `rid`, `family` and `scope` are raw revocation-id bytes (tuple byte strings); `key` is
+//! the idempotency key (tuple string); `seq` and `slot` are tuple integers (order-preserving,
+//! so a range read lists a family's receipts in `seq` order).
+
+use foundationdb_tuple::{pack, unpack, Subspace, Versionstamp};
+
+use crate::error::KvError;
+
+/// The layout version stored under `(ks, "schema")`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The ledger's key space: computes every key.
+#[derive(Debug, Clone)]
+pub struct Keyspace {
+    root: Subspace,
+}
+
+impl Keyspace {
+    /// The key space under the tuple prefix `(name,)`.
+    pub fn new(name: &str) -> Self {
+        Self {
+            root: Subspace::from(&(name,)),
+        }
+    }
+
+    /// The prefix bytes (every key of the ledger starts with them).
+    pub fn prefix(&self) -> &[u8] {
+        self.root.bytes()
+    }
+
+    /// `(ks, "schema")`.
+    pub fn schema(&self) -> Vec<u8> {
+        self.root.pack(&("schema",))
+    }
+
+    /// `(ks, "count", rid)`.
+    pub fn count(&self, rid: &[u8]) -> Vec<u8> {
+        self.root.pack(&("count", rid))
+    }
+
+    /// `(ks, "revoked", rid)`.
+    pub fn revoked(&self, rid: &[u8]) -> Vec<u8> {
+        self.root.pack(&("revoked", rid))
+    }
+
+    /// `(ks, "head", family)`.
+    pub fn head(&self, family: &[u8]) -> Vec<u8> {
+        self.root.pack(&("head", family))
+    }
+
+    /// `(ks, "receipt", family, seq)`.
+    pub fn receipt(&self, family: &[u8], seq: u64) -> Vec<u8> {
+        self.root.pack(&("receipt", family, seq))
+    }
+
+    /// The key range of a family's receipts from `from_seq` on: `[begin, end)`.
+    pub fn receipts_from(&self, family: &[u8], from_seq: u64) -> (Vec<u8>, Vec<u8>) {
+        let begin = self.receipt(family, from_seq);
+        let (_, end) = self.root.subspace(&("receipt", family)).range();
+        (begin, end)
+    }
+
+    /// `(ks, "slot", rid, slot)`.
+    pub fn slot(&self, rid: &[u8], slot: u64) -> Vec<u8> {
+        self.root.pack(&("slot", rid, slot))
+    }
+
+    /// `(ks, "idem", scope, key)`.
+    pub fn idempotency(&self, scope: &[u8], key: &str) -> Vec<u8> {
+        self.root.pack(&("idem", scope, key))
+    }
+
+    /// `(ks, "journal", <incomplete versionstamp with user version>)`, in the form
+    /// `SetVersionstampedKey` takes (the 4-byte little-endian offset of the stamp appended).
+    pub fn journal_incomplete(&self, user_version: u16) -> Vec<u8> {
+        self.root
+            .pack_with_versionstamp(&("journal", Versionstamp::incomplete(user_version)))
+    }
+
+    /// The whole journal range `[begin, end)`.
+    pub fn journal_range(&self) -> (Vec<u8>, Vec<u8>) {
+        self.root.subspace(&("journal",)).range()
+    }
+
+    /// Decodes a journal key into its complete versionstamp.
+    pub fn journal_stamp(&self, key: &[u8]) -> Result<Versionstamp, KvError> {
+        let (tag, stamp): (String, Versionstamp) = self
+            .root
+            .unpack(key)
+            .map_err(|e| KvError::Decode(format!("journal key: {e:?}")))?;
+        if tag != "journal" {
+            return Err(KvError::Decode("not a journal key".into()));
+        }
+        Ok(stamp)
+    }
+}
+
+/// Encodes a counter (or a revocation time): u64 little-endian, FoundationDB's convention
+/// for integers that atomic operations could read (Till never uses an atomic add on a
+/// capped counter; see the spec).
+pub fn encode_u64(v: u64) -> [u8; 8] {
+    v.to_le_bytes()
+}
+
+/// Decodes [`encode_u64`].
+pub fn decode_u64(bytes: &[u8]) -> Result<u64, KvError> {
+    let arr: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| KvError::Decode(format!("counter of {} bytes, expected 8", bytes.len())))?;
+    Ok(u64::from_le_bytes(arr))
+}
+
+/// Encodes a chain head `(seq, hash_hex)`.
+pub fn encode_head(seq: u64, hash_hex: &str) -> Vec<u8> {
+    pack(&(seq, hash_hex))
+}
+
+/// Decodes [`encode_head`].
+pub fn decode_head(bytes: &[u8]) -> Result<(u64, String), KvError> {
+    unpack::<(u64, String)>(bytes).map_err(|e| KvError::Decode(format!("chain head: {e:?}")))
+}
+
+/// Encodes a slot-index entry `(family, seq)`.
+pub fn encode_slot_owner(family: &[u8], seq: u64) -> Vec<u8> {
+    pack(&(family, seq))
+}
+
+/// Decodes the schema version value.
+pub fn decode_schema(bytes: &[u8]) -> Result<i64, KvError> {
+    unpack::<(i64,)>(bytes)
+        .map(|(v,)| v)
+        .map_err(|e| KvError::Decode(format!("schema version: {e:?}")))
+}
+
+/// Encodes the schema version value.
+pub fn encode_schema() -> Vec<u8> {
+    pack(&(SCHEMA_VERSION,))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_tuples_under_the_prefix() {
+        let ks = Keyspace::new("till");
+        // Tuple encoding: 0x02 string ... 0x00; 0x01 bytes ... 0x00; ints 0x14 + n bytes.
+        assert_eq!(ks.prefix(), b"\x02till\x00");
+        assert_eq!(
+            ks.count(&[1, 0, 2]),
+            b"\x02till\x00\x02count\x00\x01\x01\x00\xff\x02\x00"
+        );
+        assert_eq!(
+            ks.receipt(b"f", 1),
+            b"\x02till\x00\x02receipt\x00\x01f\x00\x15\x01"
+        );
+        assert_eq!(
+            ks.idempotency(b"s", "k"),
+            b"\x02till\x00\x02idem\x00\x01s\x00\x02k\x00"
+        );
+        assert_eq!(ks.schema(), b"\x02till\x00\x02schema\x00");
+        for key in [
+            ks.count(b"a"),
+            ks.revoked(b"a"),
+            ks.head(b"a"),
+            ks.slot(b"a", 3),
+        ] {
+            assert!(key.starts_with(ks.prefix()));
+        }
+        assert_ne!(Keyspace::new("other").count(b"a"), ks.count(b"a"));
+    }
+
+    #[test]
+    fn receipt_keys_sort_by_seq_and_stay_in_the_family_range() {
+        let ks = Keyspace::new("till");
+        let (begin, end) = ks.receipts_from(b"fam", 2);
+        let k = |s| ks.receipt(b"fam", s);
+        assert!(k(1) < begin);
+        assert_eq!(k(2), begin);
+        let mut prev = k(2);
+        for s in [3, 255, 256, 65_536, u64::from(u32::MAX) + 1, u64::MAX] {
+            assert!(prev < k(s), "seq {s} sorts after the previous one");
+            assert!(k(s) < end);
+            prev = k(s);
+        }
+        // Another family (even one that extends this one's bytes) is outside the range.
+        assert!(ks.receipt(b"fam\x00", 1) >= end || ks.receipt(b"fam\x00", 1) < begin);
+        assert!(ks.receipt(b"fan", 1) >= end);
+    }
+
+    #[test]
+    fn journal_key_carries_an_incomplete_versionstamp_and_its_offset() {
+        let ks = Keyspace::new("till");
+        let key = ks.journal_incomplete(7);
+        let (body, offset) = key.split_at(key.len() - 4);
+        let offset = u32::from_le_bytes(offset.try_into().unwrap()) as usize;
+        assert_eq!(&body[offset..offset + 10], &[0xff; 10], "incomplete stamp");
+        assert_eq!(&body[offset + 10..offset + 12], &7u16.to_be_bytes());
+        let (begin, end) = ks.journal_range();
+        assert!(body > begin.as_slice() && body < end.as_slice());
+        let mut complete = body.to_vec();
+        complete[offset..offset + 10].copy_from_slice(&[0, 0, 0, 0, 0, 0, 0, 9, 0, 0]);
+        let stamp = ks.journal_stamp(&complete).unwrap();
+        assert_eq!(stamp.user_version(), 7);
+        assert!(stamp.is_complete());
+    }
+
+    #[test]
+    fn values_round_trip() {
+        assert_eq!(decode_u64(&encode_u64(42)).unwrap(), 42);
+        assert!(decode_u64(b"short").is_err());
+        assert_eq!(
+            decode_head(&encode_head(9, "ab")).unwrap(),
+            (9, "ab".to_owned())
+        );
+        assert!(decode_head(b"\xff").is_err());
+        assert_eq!(decode_schema(&encode_schema()).unwrap(), SCHEMA_VERSION);
+    }
+}

@@ -1,0 +1,274 @@
+//! The conformance suite and the fault cases against a real FoundationDB cluster.
+//!
+//! Gated: runs only when `TILL_FDB_CLUSTER_FILE` names a cluster file (e.g. the one
+//! `fdb/local.sh start` prints); otherwise every test prints
+//! `SKIPPED: set TILL_FDB_CLUSTER_FILE ...` and returns. Each run uses a fresh key space
+//! (`till-test-<random>`), so runs never see each other's data; the key spaces are left on
+//! the cluster (a throwaway test cluster).
+//!
+//! One `#[test]` boots the client (once per process, as FoundationDB requires) and runs
+//! every case in order on a multi-thread runtime.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use till_ledger::conformance::{self, Harness};
+use till_ledger::{ClaimRequest, Ledger, Level, Refusal, RequestDigest};
+use till_ledger_fdb::{FdbConfig, FdbLedger};
+use till_receipt::{audit_chain, ReceiptKeySet, ReceiptSigner};
+
+const ENV_CLUSTER_FILE: &str = "TILL_FDB_CLUSTER_FILE";
+
+fn cluster_file() -> Option<PathBuf> {
+    match std::env::var_os(ENV_CLUSTER_FILE).filter(|v| !v.is_empty()) {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            println!(
+                "SKIPPED: set {ENV_CLUSTER_FILE} to a cluster file (fdb/local.sh start prints \
+                 one) to run the FoundationDB conformance suite"
+            );
+            None
+        }
+    }
+}
+
+fn config(
+    cluster: &PathBuf,
+    keyspace: &str,
+    signer: &Arc<ReceiptSigner>,
+    proxy: &str,
+) -> FdbConfig {
+    let mut c = FdbConfig::new(Arc::clone(signer), proxy)
+        .with_cluster_file(cluster)
+        .with_keyspace(keyspace);
+    c.transaction_timeout = Duration::from_secs(10);
+    c.retry_limit = 1_000;
+    c
+}
+
+async fn harness(cluster: &PathBuf, proxies: usize) -> Harness {
+    let signer = Arc::new(ReceiptSigner::generate());
+    let mut keys = ReceiptKeySet::new();
+    keys.insert(signer.public_key());
+    let keyspace = format!("till-test-{:016x}", rand::random::<u64>());
+    let ledger: Arc<dyn Ledger> = if proxies == 1 {
+        Arc::new(
+            FdbLedger::open(config(cluster, &keyspace, &signer, "p0"))
+                .await
+                .unwrap(),
+        )
+    } else {
+        let mut all = Vec::new();
+        for i in 0..proxies {
+            all.push(
+                FdbLedger::open(config(cluster, &keyspace, &signer, &format!("p{i}")))
+                    .await
+                    .unwrap(),
+            );
+        }
+        Arc::new(RoundRobin {
+            proxies: all,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    };
+    Harness { ledger, keys }
+}
+
+/// Several `FdbLedger`s (proxies) on one key space; claims round-robin across them.
+#[derive(Debug)]
+struct RoundRobin {
+    proxies: Vec<FdbLedger>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl RoundRobin {
+    fn pick(&self) -> &FdbLedger {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.proxies[i % self.proxies.len()]
+    }
+}
+
+impl Ledger for RoundRobin {
+    fn claim(
+        &self,
+        req: ClaimRequest,
+    ) -> till_ledger::BoxFuture<
+        '_,
+        Result<Result<till_ledger::Claim, Refusal>, till_ledger::LedgerError>,
+    > {
+        self.pick().claim(req)
+    }
+    fn revoke(
+        &self,
+        id: &[u8],
+    ) -> till_ledger::BoxFuture<'_, Result<(), till_ledger::LedgerError>> {
+        self.pick().revoke(id)
+    }
+    fn usage(
+        &self,
+        levels: &[Level],
+    ) -> till_ledger::BoxFuture<'_, Result<Vec<till_ledger::LevelUsage>, till_ledger::LedgerError>>
+    {
+        self.pick().usage(levels)
+    }
+    fn receipts(
+        &self,
+        family: &[u8],
+        from: u64,
+        limit: usize,
+    ) -> till_ledger::BoxFuture<'_, Result<Vec<till_ledger::Receipt>, till_ledger::LedgerError>>
+    {
+        self.pick().receipts(family, from, limit)
+    }
+}
+
+#[test]
+fn fdb_cluster() {
+    let Some(cluster) = cluster_file() else {
+        return;
+    };
+    let _network = till_ledger_fdb::boot().expect("boot the FoundationDB client");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        println!("conformance suite, one proxy");
+        conformance::run_all(|| harness(&cluster, 1)).await;
+        println!("conformance suite, three proxies on one key space");
+        conformance::run_all(|| harness(&cluster, 3)).await;
+        println!("revocation through one proxy, seen by the others");
+        revocation_seen_by_every_proxy(&cluster).await;
+        println!("several proxies hammering one hot token");
+        fleet_hot_token(&cluster).await;
+        println!("unreachable cluster answers unavailable quickly");
+        unreachable_cluster_is_unavailable().await;
+    });
+    // The runtime (and every ledger) must go before the network guard stops the client.
+    drop(runtime);
+}
+
+fn request(levels: &[Level]) -> ClaimRequest {
+    ClaimRequest {
+        levels: levels.to_vec(),
+        idempotency_key: None,
+        request: RequestDigest {
+            method: "POST".into(),
+            upstream: "openai".into(),
+            path: "/v1/chat/completions".into(),
+            body_sha256: "0f".repeat(32),
+            model: None,
+        },
+        now: conformance::NOW,
+        not_after: None,
+    }
+}
+
+fn level(cap: Option<u64>) -> Level {
+    Level {
+        revocation_id: conformance::random_revocation_id(),
+        cap,
+    }
+}
+
+async fn revocation_seen_by_every_proxy(cluster: &PathBuf) {
+    let signer = Arc::new(ReceiptSigner::generate());
+    let ks = format!("till-test-{:016x}", rand::random::<u64>());
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        proxies.push(
+            FdbLedger::open(config(cluster, &ks, &signer, &format!("p{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let levels = vec![level(Some(100)), level(Some(10))];
+    for p in &proxies {
+        p.claim(request(&levels)).await.unwrap().unwrap();
+    }
+    proxies[0].revoke(&levels[1].revocation_id).await.unwrap();
+    for p in &proxies[1..] {
+        assert_eq!(
+            p.claim(request(&levels)).await.unwrap().unwrap_err(),
+            Refusal::Revoked { block: 1 }
+        );
+    }
+}
+
+/// Three proxies, 600 concurrent claims on one token (cap 150) plus two sub-tokens (caps
+/// 40 and 30): never over any cap, the family chain audits clean, and the batching is
+/// visible in the commit counts.
+async fn fleet_hot_token(cluster: &PathBuf) {
+    let signer = Arc::new(ReceiptSigner::generate());
+    let mut keys = ReceiptKeySet::new();
+    keys.insert(signer.public_key());
+    let ks = format!("till-test-{:016x}", rand::random::<u64>());
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        proxies.push(Arc::new(
+            FdbLedger::open(config(cluster, &ks, &signer, &format!("p{i}")))
+                .await
+                .unwrap(),
+        ));
+    }
+    let root = level(Some(150));
+    let a = vec![root.clone(), level(Some(40))];
+    let b = vec![root.clone(), level(Some(30))];
+    let mut tasks = Vec::new();
+    for i in 0..600usize {
+        let proxy = Arc::clone(&proxies[i % 3]);
+        let levels = match i % 5 {
+            0 => a.clone(),
+            1 => b.clone(),
+            _ => vec![root.clone()],
+        };
+        tasks.push(tokio::spawn(async move {
+            (i % 5, proxy.claim(request(&levels)).await)
+        }));
+    }
+    let mut ok = [0u64; 5];
+    for t in tasks {
+        let (kind, answer) = t.await.unwrap();
+        match answer {
+            Ok(Ok(_)) => ok[kind] += 1,
+            Ok(Err(Refusal::CapReached { .. })) => {}
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    let total: u64 = ok.iter().sum();
+    assert_eq!(total, 150, "exactly the root cap");
+    assert!(ok[0] <= 40 && ok[1] <= 30);
+    let usage = proxies[0]
+        .usage(&[root.clone(), a[1].clone(), b[1].clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        usage.iter().map(|u| u.used).collect::<Vec<_>>(),
+        vec![150, ok[0], ok[1]]
+    );
+    let receipts = conformance::all_receipts(proxies[1].as_ref(), &root.revocation_id).await;
+    audit_chain(&receipts, &keys).unwrap();
+    for (i, p) in proxies.iter().enumerate() {
+        println!("proxy {i}: {:?}", p.stats());
+    }
+}
+
+async fn unreachable_cluster_is_unavailable() {
+    // A cluster file naming a coordinator nobody listens on: `open` must fail within the
+    // transaction timeout rather than hang.
+    let dir = std::env::temp_dir().join(format!("till-fdb-dead-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("fdb.cluster");
+    std::fs::write(&file, "dead:dead@127.0.0.1:1\n").unwrap();
+    let signer = Arc::new(ReceiptSigner::generate());
+    let mut cfg = config(&file, "till-test-dead", &signer, "p");
+    cfg.transaction_timeout = Duration::from_millis(500);
+    let opened = tokio::time::timeout(Duration::from_secs(20), FdbLedger::open(cfg))
+        .await
+        .expect("open hung on an unreachable cluster");
+    assert!(opened.is_err(), "open succeeded on an unreachable cluster");
+    let _ = std::fs::remove_dir_all(dir);
+}

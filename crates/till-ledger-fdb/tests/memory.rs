@@ -1,0 +1,648 @@
+//! The FoundationDB engine on the in-memory store: the conformance suite (one proxy, a
+//! three-proxy fleet, and a fleet under random commit faults) and error injection in the
+//! style of foundationdb-rs's `tests/run_retry.rs` (1020, 1021, 1007 into the claim).
+//!
+//! This proves the engine's batching, retry and idempotency logic against FoundationDB's
+//! documented transaction contract as imitated by `MemoryStore`, not FoundationDB itself;
+//! `tests/fdb_cluster.rs` runs the same suite on a real cluster.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use till_ledger::conformance::{self, Harness};
+use till_ledger::{
+    BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal,
+    RequestDigest,
+};
+use till_ledger_fdb::memory::MemoryStore;
+use till_ledger_fdb::{codes, FdbConfig, KvLedger};
+use till_receipt::{audit_chain, ReceiptKeySet, ReceiptSigner};
+
+fn config(signer: &Arc<ReceiptSigner>, proxy: &str, max_batch: usize) -> FdbConfig {
+    let mut c = FdbConfig::new(Arc::clone(signer), proxy);
+    c.max_batch = max_batch;
+    // Generous: contention in the fleet cases must end in success, not a timeout, on a
+    // loaded 2-core machine; the timeout cases set their own.
+    c.transaction_timeout = Duration::from_secs(30);
+    c.retry_limit = 1_000;
+    c
+}
+
+fn keys(signer: &ReceiptSigner) -> ReceiptKeySet {
+    let mut keys = ReceiptKeySet::new();
+    keys.insert(signer.public_key());
+    keys
+}
+
+fn single(max_batch: usize) -> Harness {
+    let signer = Arc::new(ReceiptSigner::generate());
+    let ledger = KvLedger::start(
+        Arc::new(MemoryStore::new()),
+        &config(&signer, "p1", max_batch),
+    )
+    .unwrap();
+    Harness {
+        ledger: Arc::new(ledger),
+        keys: keys(&signer),
+    }
+}
+
+/// Several proxies on one store; claims go round-robin across them.
+#[derive(Debug)]
+struct Fleet {
+    proxies: Vec<KvLedger<MemoryStore>>,
+    next: AtomicUsize,
+}
+
+impl Fleet {
+    fn pick(&self) -> &KvLedger<MemoryStore> {
+        &self.proxies[self.next.fetch_add(1, Ordering::Relaxed) % self.proxies.len()]
+    }
+}
+
+impl Ledger for Fleet {
+    fn claim(
+        &self,
+        req: ClaimRequest,
+    ) -> BoxFuture<'_, Result<Result<Claim, Refusal>, LedgerError>> {
+        self.pick().claim(req)
+    }
+    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<(), LedgerError>> {
+        self.pick().revoke(revocation_id)
+    }
+    fn usage(&self, levels: &[Level]) -> BoxFuture<'_, Result<Vec<LevelUsage>, LedgerError>> {
+        self.pick().usage(levels)
+    }
+    fn receipts(
+        &self,
+        family: &[u8],
+        from_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
+        self.pick().receipts(family, from_seq, limit)
+    }
+}
+
+fn fleet(store: &MemoryStore, proxies: usize, max_batch: usize) -> (Arc<Fleet>, Harness) {
+    let signer = Arc::new(ReceiptSigner::generate());
+    let fleet = Arc::new(Fleet {
+        proxies: (0..proxies)
+            .map(|i| {
+                KvLedger::start(
+                    Arc::new(store.clone()),
+                    &config(&signer, &format!("p{i}"), max_batch),
+                )
+                .unwrap()
+            })
+            .collect(),
+        next: AtomicUsize::new(0),
+    });
+    let harness = Harness {
+        ledger: Arc::clone(&fleet) as Arc<dyn Ledger>,
+        keys: keys(&signer),
+    };
+    (fleet, harness)
+}
+
+macro_rules! cases {
+    ($mode:ident, $make:expr, [$($case:ident),* $(,)?]) => {
+        mod $mode {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let h: Harness = $make;
+                    conformance::$case(h).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! all_cases {
+    ($mode:ident, $make:expr) => {
+        cases!(
+            $mode,
+            $make,
+            [
+                concurrent_tree_claims,
+                hot_token_exact_cap,
+                slots_chain_and_remaining,
+                idempotent_replay,
+                concurrent_duplicate_claims,
+                sibling_cannot_replay_idempotency_key,
+                revocation_at_each_level,
+                expired_refused,
+                refusal_writes_nothing,
+                unknown_blocks_and_idempotent_revoke,
+                generated_idempotency_keys,
+                invalid_requests_rejected,
+            ]
+        );
+    };
+}
+
+all_cases!(group_commit_on, single(128));
+all_cases!(group_commit_off, single(1));
+all_cases!(fleet_of_three, fleet(&MemoryStore::new(), 3, 128).1);
+all_cases!(fleet_of_three_under_chaos, {
+    let store = MemoryStore::new();
+    // A quarter of all commits fail with 1020, 1021 (applied or not) or 1007.
+    store.set_chaos(25);
+    fleet(&store, 3, 64).1
+});
+
+// ---------------------------------------------------------------------------------------
+// Error injection into the claim (run_retry.rs style)
+
+fn digest(tag: &str) -> RequestDigest {
+    RequestDigest {
+        method: "POST".into(),
+        upstream: "openai".into(),
+        path: format!("/v1/{tag}"),
+        body_sha256: "0f".repeat(32),
+        model: None,
+    }
+}
+
+fn request(levels: &[Level], key: Option<&str>) -> ClaimRequest {
+    ClaimRequest {
+        levels: levels.to_vec(),
+        idempotency_key: key.map(str::to_owned),
+        request: digest("chat"),
+        now: conformance::NOW,
+        not_after: None,
+    }
+}
+
+fn token(caps: &[Option<u64>]) -> Vec<Level> {
+    caps.iter()
+        .map(|&cap| Level {
+            revocation_id: conformance::random_revocation_id(),
+            cap,
+        })
+        .collect()
+}
+
+struct Fixture {
+    store: MemoryStore,
+    ledger: KvLedger<MemoryStore>,
+    keys: ReceiptKeySet,
+}
+
+fn fixture(tweak: impl FnOnce(&mut FdbConfig)) -> Fixture {
+    let signer = Arc::new(ReceiptSigner::generate());
+    let store = MemoryStore::new();
+    let mut cfg = config(&signer, "p1", 128);
+    tweak(&mut cfg);
+    let ledger = KvLedger::start(Arc::new(store.clone()), &cfg).unwrap();
+    Fixture {
+        store,
+        ledger,
+        keys: keys(&signer),
+    }
+}
+
+async fn used(ledger: &dyn Ledger, levels: &[Level]) -> Vec<u64> {
+    ledger
+        .usage(levels)
+        .await
+        .unwrap()
+        .iter()
+        .map(|u| u.used)
+        .collect()
+}
+
+async fn claim_ok(ledger: &dyn Ledger, req: ClaimRequest) -> Claim {
+    match ledger.claim(req).await {
+        Ok(Ok(c)) => c,
+        other => panic!("expected a claim, got {other:?}"),
+    }
+}
+
+/// After the injected fault: one slot charged at every level, exactly one stored receipt
+/// (the one returned), a clean chain, and a later replay with the same key returns it.
+async fn assert_single_charge(f: &Fixture, levels: &[Level], key: &str, got: &Claim) {
+    assert!(!got.replayed, "the original claim is not a replay");
+    assert_eq!(got.receipt.body().seq, 1);
+    assert_eq!(
+        used(&f.ledger, levels).await,
+        vec![1; levels.len()],
+        "charged exactly once"
+    );
+    let stored = f
+        .ledger
+        .receipts(&levels[0].revocation_id, 1, 10)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1, "exactly one receipt stored");
+    assert_eq!(
+        stored[0].compact(),
+        got.receipt.compact(),
+        "the returned receipt is the stored one"
+    );
+    audit_chain(&stored, &f.keys).unwrap();
+    let again = claim_ok(&f.ledger, request(levels, Some(key))).await;
+    assert!(again.replayed);
+    assert_eq!(again.receipt.compact(), got.receipt.compact());
+    assert_eq!(used(&f.ledger, levels).await, vec![1; levels.len()]);
+    assert_eq!(f.store.pending_faults(), 0, "every injected fault was hit");
+}
+
+#[tokio::test]
+async fn commit_unknown_result_that_committed_returns_the_original_receipt() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(5), Some(2)]);
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
+    let got = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let stats = f.ledger.stats();
+    assert_eq!(stats.maybe_committed, 1);
+    assert_eq!(stats.recovered, 1, "the retry recognised its own commit");
+    assert_eq!(got.remaining, Some(1), "remaining as of the original claim");
+    assert_single_charge(&f, &levels, "k", &got).await;
+}
+
+#[tokio::test]
+async fn commit_unknown_result_that_did_not_commit_claims_once() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(5)]);
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, false);
+    let got = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let stats = f.ledger.stats();
+    assert_eq!((stats.maybe_committed, stats.recovered), (1, 0));
+    assert_single_charge(&f, &levels, "k", &got).await;
+}
+
+#[tokio::test]
+async fn unknown_result_without_a_client_key_reuses_the_generated_key() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(3)]);
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
+    let got = claim_ok(&f.ledger, request(&levels, None)).await;
+    assert_eq!(f.ledger.stats().recovered, 1);
+    let key = got.receipt.body().idempotency_key.clone();
+    assert_single_charge(&f, &levels, &key, &got).await;
+}
+
+#[tokio::test]
+async fn not_committed_is_retried_and_charged_once() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(5), None]);
+    f.store.inject_commit_error(codes::NOT_COMMITTED, false);
+    f.store.inject_commit_error(codes::NOT_COMMITTED, false);
+    let got = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let stats = f.ledger.stats();
+    assert_eq!(stats.retries, 2);
+    assert_eq!(stats.maybe_committed, 0);
+    assert_single_charge(&f, &levels, "k", &got).await;
+}
+
+#[tokio::test]
+async fn transaction_too_old_on_read_and_on_commit_is_retried() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(5)]);
+    f.store.inject_read_error(codes::TRANSACTION_TOO_OLD);
+    f.store
+        .inject_commit_error(codes::TRANSACTION_TOO_OLD, false);
+    let got = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    assert_eq!(f.ledger.stats().retries, 2);
+    assert_single_charge(&f, &levels, "k", &got).await;
+}
+
+#[tokio::test]
+async fn a_chain_of_faults_ends_in_one_charge() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(5), Some(1)]);
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, false);
+    f.store.inject_commit_error(codes::NOT_COMMITTED, false);
+    f.store
+        .inject_commit_error(codes::TRANSACTION_TOO_OLD, false);
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
+    let got = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let stats = f.ledger.stats();
+    assert_eq!(stats.retries, 4);
+    assert_eq!(stats.maybe_committed, 2);
+    assert_eq!(stats.recovered, 1);
+    assert_single_charge(&f, &levels, "k", &got).await;
+}
+
+/// A replay whose commit result is unknown: still the original receipt, never a charge.
+#[tokio::test]
+async fn unknown_result_on_a_replay_never_charges() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(5)]);
+    let original = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
+    let replay = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    assert!(replay.replayed);
+    assert_eq!(replay.receipt.compact(), original.receipt.compact());
+    assert_eq!(
+        f.ledger.stats().recovered,
+        1,
+        "the retry recognised its own replay"
+    );
+    assert_eq!(used(&f.ledger, &levels).await, vec![1]);
+    // The replay was counted once: MAX_REPLAYS - 1 more are served, then the limit.
+    for _ in 1..till_ledger::MAX_REPLAYS {
+        assert!(
+            claim_ok(&f.ledger, request(&levels, Some("k")))
+                .await
+                .replayed
+        );
+    }
+    assert_eq!(
+        f.ledger
+            .claim(request(&levels, Some("k")))
+            .await
+            .unwrap()
+            .unwrap_err(),
+        Refusal::ReplayLimit
+    );
+}
+
+/// Many concurrent claims of a hot token (batched) while commits fail with every kind of
+/// fault: exactly `cap` slots, unique and gapless, every returned receipt stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_token_under_injected_faults_never_over_cap() {
+    let f = fixture(|c| c.max_batch = 16);
+    let levels = token(&[Some(40)]);
+    for i in 0..12 {
+        let (code, applied) = [
+            (codes::COMMIT_UNKNOWN_RESULT, true),
+            (codes::NOT_COMMITTED, false),
+            (codes::COMMIT_UNKNOWN_RESULT, false),
+            (codes::TRANSACTION_TOO_OLD, false),
+        ][i % 4];
+        f.store.inject_commit_error(code, applied);
+    }
+    let ledger = Arc::new(f.ledger);
+    let tasks: Vec<_> = (0..120)
+        .map(|i| {
+            let ledger = Arc::clone(&ledger);
+            let req = request(
+                &levels,
+                if i % 2 == 0 {
+                    Some(format!("k{i}"))
+                } else {
+                    None
+                }
+                .as_deref(),
+            );
+            tokio::spawn(async move { ledger.claim(req).await })
+        })
+        .collect();
+    let mut seqs = BTreeSet::new();
+    let mut receipts = Vec::new();
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(Ok(c)) => {
+                assert!(!c.replayed);
+                assert!(seqs.insert(c.receipt.body().seq), "seq handed out twice");
+                receipts.push(c.receipt);
+            }
+            Ok(Err(Refusal::CapReached { block: 0, cap: 40 })) => refused += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(seqs, (1..=40).collect());
+    assert_eq!(refused, 80);
+    assert_eq!(used(ledger.as_ref(), &levels).await, vec![40]);
+    let stored = conformance::all_receipts(ledger.as_ref(), &levels[0].revocation_id).await;
+    audit_chain(&stored, &f.keys).unwrap();
+    for r in &receipts {
+        let at = usize::try_from(r.body().seq - 1).unwrap();
+        assert_eq!(
+            stored[at].compact(),
+            r.compact(),
+            "returned receipt is the stored one"
+        );
+    }
+    // Refusals are read-only (never committed), so some faults may be left over once the
+    // cap is reached; every consumed one caused exactly one retry (one lane: no conflicts).
+    // 40 slots in batches of at most 16 take at least three committing batches, which
+    // consume at least five faults (one of each kind).
+    let consumed = 12 - f.store.pending_faults() as u64;
+    assert!(consumed >= 5, "only {consumed} faults hit");
+    assert_eq!(ledger.stats().retries, consumed);
+}
+
+#[tokio::test]
+async fn retry_limit_exhausted_is_unavailable_and_writes_nothing() {
+    let f = fixture(|c| c.retry_limit = 3);
+    let levels = token(&[Some(5)]);
+    for _ in 0..4 {
+        f.store.inject_commit_error(codes::NOT_COMMITTED, false);
+    }
+    match f.ledger.claim(request(&levels, Some("k"))).await {
+        Err(LedgerError::Unavailable(msg)) => assert!(msg.contains("1020"), "{msg}"),
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    assert_eq!(used(&f.ledger, &levels).await, vec![0]);
+    assert_eq!(f.store.commits(), 0);
+}
+
+#[tokio::test]
+async fn non_retryable_error_is_unavailable_at_once() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(5)]);
+    f.store.inject_commit_error(2101, false); // transaction_too_large
+    assert!(matches!(
+        f.ledger.claim(request(&levels, Some("k"))).await,
+        Err(LedgerError::Unavailable(_))
+    ));
+    assert_eq!(f.ledger.stats().retries, 0);
+    assert_eq!(used(&f.ledger, &levels).await, vec![0]);
+    // The next claim goes through: the failure did not wedge the lane.
+    let c = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    assert_eq!(c.receipt.body().seq, 1);
+}
+
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(20), fut).await
+}
+
+/// A frozen cluster: claims, revocations and reads answer `Unavailable` (503) instead of
+/// hanging, nothing is written; after a thaw, traffic recovers without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_store_is_unavailable_then_recovers() {
+    let f = fixture(|c| c.transaction_timeout = Duration::from_millis(300));
+    let levels = token(&[Some(5)]);
+    f.store.set_frozen(true);
+    let answer = bounded(f.ledger.claim(request(&levels, Some("k"))))
+        .await
+        .expect("claim hung");
+    assert!(
+        matches!(answer, Err(LedgerError::Unavailable(_))),
+        "{answer:?}"
+    );
+    let answer = bounded(f.ledger.revoke(&levels[0].revocation_id))
+        .await
+        .expect("revoke hung");
+    assert!(
+        matches!(answer, Err(LedgerError::Unavailable(_))),
+        "{answer:?}"
+    );
+    assert!(bounded(f.ledger.usage(&levels))
+        .await
+        .expect("usage hung")
+        .is_err());
+    f.store.set_frozen(false);
+    assert_eq!(f.store.commits(), 0);
+    let c = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    assert_eq!(c.receipt.body().seq, 1);
+    assert_eq!(used(&f.ledger, &levels).await, vec![1]);
+}
+
+/// The hot token in one proxy is group-committed: 64 concurrent claims take far fewer
+/// transactions than claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_token_claims_are_group_committed() {
+    let f = fixture(|c| c.max_batch = 64);
+    let levels = token(&[None]);
+    let ledger = Arc::new(f.ledger);
+    // Freeze so every claim queues up, then release them together.
+    f.store.set_frozen(true);
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let ledger = Arc::clone(&ledger);
+            let req = request(&levels, None);
+            tokio::spawn(async move { ledger.claim(req).await })
+        })
+        .collect();
+    while ledger.stats().batches == 0 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    f.store.set_frozen(false);
+    for t in tasks {
+        assert!(matches!(t.await.unwrap(), Ok(Ok(_))));
+    }
+    assert_eq!(used(ledger.as_ref(), &levels).await, vec![64]);
+    let stats = ledger.stats();
+    // One batch per transaction; without group commit this would be 64 of each.
+    assert!(
+        stats.commits <= 8,
+        "64 claims took {} commits: {stats:?}",
+        stats.commits
+    );
+    assert!(stats.batches <= 8, "{stats:?}");
+}
+
+/// Revocation through one proxy is refused by the others at their next claim (they read
+/// it in the claim transaction; no cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revocation_through_one_proxy_is_seen_by_all() {
+    let store = MemoryStore::new();
+    let (fleet, _h) = fleet(&store, 3, 128);
+    let levels = token(&[Some(100), Some(10)]);
+    for p in &fleet.proxies {
+        claim_ok(p, request(&levels, None)).await;
+    }
+    fleet.proxies[0]
+        .revoke(&levels[1].revocation_id)
+        .await
+        .unwrap();
+    for p in &fleet.proxies[1..] {
+        assert_eq!(
+            p.claim(request(&levels, None)).await.unwrap().unwrap_err(),
+            Refusal::Revoked { block: 1 }
+        );
+    }
+    assert!(
+        claim_ok(&fleet.proxies[2], request(&levels[..1], None))
+            .await
+            .receipt
+            .body()
+            .seq
+            == 4
+    );
+}
+
+/// Every stored receipt is also in the versionstamped journal (in commit order) and in
+/// the slot index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn journal_and_slot_index_hold_every_receipt() {
+    let f = fixture(|c| c.max_batch = 8);
+    let levels = token(&[Some(30), Some(20)]);
+    let ledger = Arc::new(f.ledger);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let ledger = Arc::clone(&ledger);
+            let req = request(&levels, None);
+            tokio::spawn(async move { ledger.claim(req).await.unwrap().unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stored = conformance::all_receipts(ledger.as_ref(), &levels[0].revocation_id).await;
+    assert_eq!(stored.len(), 20);
+    let ks = ledger.keyspace();
+    let dump = f.store.dump();
+    let (jb, je) = ks.journal_range();
+    let journal: Vec<&Vec<u8>> = dump.range(jb..je).map(|(_, v)| v).collect();
+    let journal: Vec<&str> = journal
+        .iter()
+        .map(|v| std::str::from_utf8(v).unwrap())
+        .collect();
+    let expected: Vec<&str> = stored.iter().map(Receipt::compact).collect();
+    assert_eq!(
+        journal, expected,
+        "journal order is commit order, which is seq order here"
+    );
+    for r in &stored {
+        for (level, slot) in levels.iter().zip(&r.body().slots) {
+            let owner = dump
+                .get(&ks.slot(&level.revocation_id, slot.slot))
+                .expect("slot indexed");
+            let (family, seq): (Vec<u8>, u64) = foundationdb_tuple::unpack(owner).unwrap();
+            assert_eq!(
+                (family.as_slice(), seq),
+                (levels[0].revocation_id.as_slice(), r.body().seq)
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn schema_is_written_once_and_checked() {
+    let f = fixture(|_| {});
+    f.ledger.check_schema().await.unwrap();
+    f.ledger.check_schema().await.unwrap();
+    let key = f.ledger.keyspace().schema();
+    assert_eq!(
+        f.store.dump().get(&key).unwrap(),
+        &foundationdb_tuple::pack(&(1i64,))
+    );
+    // A key space written by another layout version is refused.
+    let signer = Arc::new(ReceiptSigner::generate());
+    let other = MemoryStore::new();
+    let ledger = KvLedger::start(Arc::new(other.clone()), &config(&signer, "p", 1)).unwrap();
+    ledger.check_schema().await.unwrap();
+    use till_ledger_fdb::{KvStore, KvTxn};
+    let opts = till_ledger_fdb::TxnOptions {
+        timeout: Duration::from_secs(5),
+        retry_limit: 5,
+        max_retry_delay: Duration::from_millis(5),
+    };
+    let mut txn = other.begin(&opts).unwrap();
+    txn.set(&key, &foundationdb_tuple::pack(&(2i64,)));
+    txn.commit().await.map_err(|(_, e)| e).unwrap();
+    assert!(matches!(
+        ledger.check_schema().await,
+        Err(LedgerError::Open { .. })
+    ));
+}
