@@ -183,6 +183,8 @@ pub fn attenuate_str(
         }
     }
     let warnings = widening_warnings(&scope, &caveats);
+    // Refuse to write a key that `verify` would refuse.
+    check_block_count(existing.len() + 1, limits)?;
     let source = caveats.block_source(existing.len())?;
     let block = BlockBuilder::new()
         .code(&source)
