@@ -1,0 +1,586 @@
+//! The composition root and the request path.
+//!
+//! [`Config::build`] turns a validated config, the trusted root keys and a ledger into an
+//! [`App`]; [`app`] is its axum router (tests drive it with `oneshot`), and
+//! `App::serve` runs it on a listener. A proxied request goes through named phases, in
+//! this order, and stops at the first refusal:
+//!
+//! 1. `request_filter`: absolute-form targets, path normalisation, upstream lookup.
+//! 2. `authenticate`: find the key, verify it (cached by key digest).
+//! 3. `read_body`: `Idempotency-Key` check, body size limit, bounded buffering.
+//! 4. `authorize`: scope caveats (upstream, expiry, method, path, model) — no slot yet.
+//! 5. `claim`: ONE ledger transaction; its refusal or failure ends the request here,
+//!    and nothing was forwarded.
+//! 6. `upstream_request`: strip client credentials and hop-by-hop headers, inject the
+//!    real credential, fixed upstream URL.
+//! 7. `forward`: send (no redirects, timeouts), map transport failures to 502/504.
+//! 8. `response_filter`: hop-by-hop headers out, `Till-*` headers in, body streamed.
+//! 9. `logging`: one line and the metrics, whatever happened.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
+use http_body_util::BodyExt as _;
+use sha2::{Digest as _, Sha256};
+use till_ledger::{Claim, ClaimRequest, Ledger, Level, RequestDigest};
+use till_token::{
+    key_digest, verify, AuthorizeError, KeyRing, Limits, RequestFacts, VerifiedToken,
+};
+
+use crate::cache::VerifyCache;
+use crate::config::{Config, Upstream};
+use crate::error::{ConfigError, ErrorCode, ProxyError};
+use crate::hygiene;
+use crate::metrics::{ClaimOutcome, Metrics};
+use crate::preset::{self, Auth, ModelSource};
+use crate::route::{self, Target};
+
+/// Response header: the claim's signed receipt (JWS compact).
+pub const HEADER_RECEIPT: &str = "till-receipt";
+/// Response header: activations left under the tightest cap (absent when uncapped).
+pub const HEADER_REMAINING: &str = "till-activations-remaining";
+/// Response header: `true` when the claim was an idempotent replay (nothing charged).
+pub const HEADER_REPLAYED: &str = "till-replayed";
+/// Request header naming the idempotency key.
+pub const HEADER_IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Everything a request needs, shared by every connection.
+#[derive(Debug)]
+pub struct AppState {
+    config: Config,
+    keys: KeyRing,
+    token_limits: Limits,
+    ledger: Arc<dyn Ledger>,
+    cache: VerifyCache,
+    clients: HashMap<String, reqwest::Client>,
+    metrics: Metrics,
+}
+
+impl AppState {
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.ledger
+    }
+}
+
+/// The built proxy: state plus router; run it with `App::serve`.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub(crate) state: Arc<AppState>,
+}
+
+impl App {
+    /// The shared state.
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// The router (same as [`app`]).
+    pub fn router(&self) -> Router {
+        app(self.state.clone())
+    }
+}
+
+impl Config {
+    /// Composition root: builds the upstream clients and the shared state.
+    pub fn build(self, keys: KeyRing, ledger: Arc<dyn Ledger>) -> Result<App, ConfigError> {
+        let mut clients = HashMap::new();
+        for (name, up) in &self.upstreams {
+            clients.insert(name.clone(), upstream_client(up, &self)?);
+        }
+        let cache = VerifyCache::new(self.limits.verify_cache_entries);
+        let state = AppState {
+            config: self,
+            keys,
+            token_limits: Limits::default(),
+            ledger,
+            cache,
+            clients,
+            metrics: Metrics::default(),
+        };
+        Ok(App {
+            state: Arc::new(state),
+        })
+    }
+}
+
+fn upstream_client(up: &Upstream, config: &Config) -> Result<reqwest::Client, ConfigError> {
+    let fail = |reason: String| ConfigError::Client {
+        upstream: up.name.clone(),
+        reason,
+    };
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        // Never follow: a redirect is the upstream's answer, returned to the client as is.
+        .redirect(reqwest::redirect::Policy::none())
+        // The upstream host comes only from config, never from HTTP(S)_PROXY.
+        .no_proxy()
+        .connect_timeout(config.limits.upstream_connect_timeout)
+        .read_timeout(config.limits.upstream_response_timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true);
+    if let Some(pem) = &up.ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| fail(format!("ca_file: {e}")))?;
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build().map_err(|e| fail(e.to_string()))
+}
+
+/// The router: `/_till/health`, `/_till/ready`, `/_till/metrics`, and every other path
+/// proxied as `/{upstream}/{path...}`.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/_till/health", get(health))
+        .route("/_till/ready", get(ready))
+        .route("/_till/metrics", get(metrics))
+        .fallback(proxy)
+        .with_state(state)
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn ready(State(s): State<Arc<AppState>>) -> Response {
+    let probe = [Level {
+        revocation_id: vec![0; 64],
+        cap: None,
+    }];
+    let answer =
+        tokio::time::timeout(s.config.limits.ledger_claim_timeout, s.ledger.usage(&probe)).await;
+    match answer {
+        Ok(Ok(_)) => axum::Json(serde_json::json!({ "status": "ready" })).into_response(),
+        _ => ProxyError::LedgerUnavailable.into_response(),
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// What the request log line says about a request (never a key or credential).
+#[derive(Debug, Default)]
+struct RequestLog {
+    upstream: Option<String>,
+    family: Option<String>,
+    block: Option<usize>,
+    slot: Option<u64>,
+    replayed: bool,
+}
+
+async fn proxy(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let mut log = RequestLog::default();
+    let response = match s.handle(req, &mut log).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    s.logging(&log, &method, &response, started.elapsed());
+    response
+}
+
+impl AppState {
+    async fn handle(&self, req: Request, log: &mut RequestLog) -> Result<Response, ProxyError> {
+        let (parts, body) = req.into_parts();
+        let (target, upstream) = self.request_filter(&parts)?;
+        log.upstream = Some(target.upstream.clone());
+        let token = self.authenticate(&parts.headers, parts.uri.query())?;
+        log.family = Some(short_hex(token.family_id()));
+        log.block = token.blocks().len().checked_sub(1);
+        let idempotency_key = idempotency_key(&parts.headers)?;
+        let body = self.read_body(&parts.headers, body).await?;
+        let model = match upstream.model {
+            ModelSource::None => None,
+            ModelSource::JsonBody => preset::json_model(&body),
+            ModelSource::GeminiPath => preset::gemini_model(&target.path).map(str::to_string),
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.authorize(
+            &token,
+            &target,
+            parts.method.as_str(),
+            model.as_deref(),
+            now,
+        )?;
+        let digest = RequestDigest {
+            method: parts.method.as_str().to_string(),
+            upstream: target.upstream.clone(),
+            path: target.path.clone(),
+            body_sha256: hex::encode(Sha256::digest(&body)),
+            model,
+        };
+        let claim = self.claim(&token, idempotency_key, digest, now).await?;
+        log.slot = claim.receipt.body().slots.last().map(|s| s.slot);
+        log.replayed = claim.replayed;
+        let till_headers = till_headers(&claim)?;
+        let request = self.upstream_request(upstream, &target, &parts, body)?;
+        let response = self.forward(upstream, request).await?;
+        Ok(response_filter(response, till_headers))
+    }
+
+    /// Phase 1: the target. The upstream host comes only from config: absolute-form
+    /// targets are refused (HTTP/1; HTTP/2 always carries an authority, which is
+    /// ignored) and `Host` is never read.
+    fn request_filter(
+        &self,
+        parts: &http::request::Parts,
+    ) -> Result<(Target, &Upstream), ProxyError> {
+        if parts.version < Version::HTTP_2
+            && (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
+        {
+            return Err(ProxyError::AbsoluteTarget);
+        }
+        if parts.method == Method::CONNECT {
+            return Err(ProxyError::AbsoluteTarget);
+        }
+        let target =
+            route::parse(parts.uri.path()).map_err(|p| ProxyError::BadPath(p.describe()))?;
+        let upstream = self
+            .config
+            .upstreams
+            .get(&target.upstream)
+            .ok_or_else(|| ProxyError::UnknownUpstream(target.upstream.clone()))?;
+        Ok((target, upstream))
+    }
+
+    /// Phase 2: find and verify the key. Only successful verifications are cached.
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<VerifiedToken, ProxyError> {
+        let (_, key) = hygiene::find_key(headers, query).ok_or(ProxyError::KeyMissing)?;
+        let digest = key_digest(&key);
+        if let Some(t) = self.cache.get(&digest) {
+            return Ok(t);
+        }
+        let token = verify(&key, &self.keys, &self.token_limits).map_err(ProxyError::Key)?;
+        self.cache.insert(digest, token.clone());
+        Ok(token)
+    }
+
+    /// Phase 3: the body, bounded by `max_body_bytes` before any claim: `Content-Length`
+    /// is checked first, and bytes are counted while buffering (chunked bodies).
+    async fn read_body(&self, headers: &HeaderMap, mut body: Body) -> Result<Bytes, ProxyError> {
+        let max = self.config.limits.max_body_bytes;
+        if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+            let len = len
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(ProxyError::BodyRead)?;
+            if len > max {
+                return Err(ProxyError::BodyTooLarge { max });
+            }
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let frame = tokio::time::timeout(self.config.limits.idle_timeout, body.frame()).await;
+            match frame {
+                Err(_) => return Err(ProxyError::BodyTimeout),
+                Ok(None) => break,
+                Ok(Some(Err(_))) => return Err(ProxyError::BodyRead),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        if (buf.len() + data.len()) as u64 > max {
+                            return Err(ProxyError::BodyTooLarge { max });
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+        Ok(Bytes::from(buf))
+    }
+
+    /// Phase 4: scope caveats with no counts (the ledger enforces caps in the claim).
+    fn authorize(
+        &self,
+        token: &VerifiedToken,
+        target: &Target,
+        method: &str,
+        model: Option<&str>,
+        now: u64,
+    ) -> Result<(), ProxyError> {
+        let facts = RequestFacts {
+            upstream: &target.upstream,
+            method,
+            path: &target.path,
+            model,
+            now: i64::try_from(now).unwrap_or(i64::MAX),
+        };
+        token
+            .authorize(&facts, None, &self.token_limits)
+            .map_err(|e| match e {
+                AuthorizeError::Refused(r) => ProxyError::Refused(r),
+                AuthorizeError::Token(t) => ProxyError::Key(t),
+                _ => ProxyError::Internal,
+            })
+    }
+
+    /// Phase 5: ONE ledger transaction. Fail closed on anything but a decision.
+    async fn claim(
+        &self,
+        token: &VerifiedToken,
+        idempotency_key: Option<String>,
+        request: RequestDigest,
+        now: u64,
+    ) -> Result<Claim, ProxyError> {
+        let levels = token
+            .blocks()
+            .iter()
+            .map(|b| Level {
+                revocation_id: b.revocation_id.clone(),
+                cap: b.caveats.cap,
+            })
+            .collect();
+        let not_after = token.scope().expires.map(|e| u64::try_from(e).unwrap_or(0));
+        let req = ClaimRequest {
+            levels,
+            idempotency_key,
+            request,
+            now,
+            not_after,
+        };
+        // The ledger has its own timeout; this one bounds a backend that ignores it.
+        let limit = self.config.limits.ledger_claim_timeout + Duration::from_millis(500);
+        let outcome = tokio::time::timeout(limit, self.ledger.claim(req)).await;
+        match outcome {
+            Ok(Ok(Ok(claim))) => {
+                self.metrics.claim(if claim.replayed {
+                    ClaimOutcome::Replayed
+                } else {
+                    ClaimOutcome::Claimed
+                });
+                Ok(claim)
+            }
+            Ok(Ok(Err(refusal))) => {
+                self.metrics.claim(ClaimOutcome::Refused);
+                Err(ProxyError::LedgerRefused(refusal))
+            }
+            Ok(Err(e)) => {
+                self.metrics.claim(ClaimOutcome::Error);
+                tracing::warn!(error = %e, "ledger claim failed; refusing with 503");
+                Err(ProxyError::LedgerUnavailable)
+            }
+            Err(_) => {
+                self.metrics.claim(ClaimOutcome::Error);
+                tracing::warn!("ledger claim timed out; refusing with 503");
+                Err(ProxyError::LedgerUnavailable)
+            }
+        }
+    }
+
+    /// Phase 6: the request the upstream sees.
+    fn upstream_request(
+        &self,
+        upstream: &Upstream,
+        target: &Target,
+        parts: &http::request::Parts,
+        body: Bytes,
+    ) -> Result<reqwest::Request, ProxyError> {
+        let (credential_header, query_param) = match &upstream.auth {
+            Auth::Header { name, .. } => (Some(name), None),
+            Auth::Query { param } => (None, Some(param.as_str())),
+        };
+        let mut query = hygiene::forward_query(parts.uri.query(), query_param);
+        if let Some(param) = query_param {
+            let pair = format!("{param}={}", form_encode(upstream.credential.expose()));
+            query = Some(match query {
+                Some(q) => format!("{q}&{pair}"),
+                None => pair,
+            });
+        }
+        let mut url = format!("{}{}", upstream.base_url, target.encoded_path);
+        if let Some(q) = &query {
+            url.push('?');
+            url.push_str(q);
+        }
+        let url = reqwest::Url::parse(&url)
+            .map_err(|_| ProxyError::BadPath("the path cannot be forwarded"))?;
+        // Defence in depth: whatever the path did, the host is the configured one.
+        let configured =
+            reqwest::Url::parse(&upstream.base_url).map_err(|_| ProxyError::Internal)?;
+        if url.host_str() != configured.host_str()
+            || url.port_or_known_default() != configured.port_or_known_default()
+        {
+            return Err(ProxyError::Internal);
+        }
+        let mut headers = hygiene::request_headers(&parts.headers, credential_header);
+        if let Auth::Header { name, scheme } = &upstream.auth {
+            let text = match scheme {
+                Some(s) => format!("{s} {}", upstream.credential.expose()),
+                None => upstream.credential.expose().to_string(),
+            };
+            let mut value = HeaderValue::from_str(&text).map_err(|_| ProxyError::Internal)?;
+            value.set_sensitive(true);
+            headers.insert(name.clone(), value);
+        }
+        let mut req = reqwest::Request::new(parts.method.clone(), url);
+        *req.headers_mut() = headers;
+        *req.body_mut() = Some(reqwest::Body::from(body));
+        Ok(req)
+    }
+
+    /// Phase 7: send it. No retries, no redirects.
+    async fn forward(
+        &self,
+        upstream: &Upstream,
+        req: reqwest::Request,
+    ) -> Result<reqwest::Response, ProxyError> {
+        let client = self
+            .clients
+            .get(&upstream.name)
+            .ok_or(ProxyError::Internal)?;
+        let limit = self.config.limits.upstream_response_timeout;
+        match tokio::time::timeout(limit, client.execute(req)).await {
+            Err(_) => Err(ProxyError::UpstreamTimeout(upstream.name.clone())),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.is_timeout() => Err(ProxyError::UpstreamTimeout(upstream.name.clone())),
+            Ok(Err(e)) if e.is_connect() => {
+                tracing::warn!(upstream = %upstream.name, error = %error_chain(e), "upstream unreachable");
+                Err(ProxyError::UpstreamUnreachable(upstream.name.clone()))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = %upstream.name, error = %error_chain(e), "upstream request failed");
+                Err(ProxyError::UpstreamFailed(upstream.name.clone()))
+            }
+        }
+    }
+
+    /// Phase 9: one log line and the metrics.
+    fn logging(&self, log: &RequestLog, method: &Method, response: &Response, latency: Duration) {
+        let status = response.status();
+        let code = response
+            .extensions()
+            .get::<ErrorCode>()
+            .map(|c| c.0)
+            .unwrap_or("ok");
+        self.metrics.request(status.as_u16(), code, latency);
+        let latency_ms = latency.as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "till::request",
+            family = log.family.as_deref().unwrap_or("-"),
+            block = log.block.map(|b| b as i64).unwrap_or(-1),
+            slot = log.slot.unwrap_or(0),
+            replayed = log.replayed,
+            upstream = log.upstream.as_deref().unwrap_or("-"),
+            method = %method,
+            status = status.as_u16(),
+            code,
+            latency_ms = format!("{latency_ms:.2}"),
+        );
+    }
+}
+
+/// Phase 3 (part): the `Idempotency-Key` header, validated (no CR/LF or other bytes
+/// Till would copy into a receipt or header).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ProxyError> {
+    let mut values = headers.get_all(HEADER_IDEMPOTENCY_KEY).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() || !hygiene::valid_idempotency_key(v.as_bytes()) {
+        return Err(ProxyError::BadIdempotencyKey);
+    }
+    v.to_str()
+        .map(|s| Some(s.to_string()))
+        .map_err(|_| ProxyError::BadIdempotencyKey)
+}
+
+fn till_headers(claim: &Claim) -> Result<Vec<(HeaderName, HeaderValue)>, ProxyError> {
+    let mut out = Vec::with_capacity(3);
+    let receipt =
+        HeaderValue::from_str(claim.receipt.compact()).map_err(|_| ProxyError::Internal)?;
+    out.push((HeaderName::from_static(HEADER_RECEIPT), receipt));
+    if let Some(n) = claim.remaining {
+        out.push((
+            HeaderName::from_static(HEADER_REMAINING),
+            HeaderValue::from(n),
+        ));
+    }
+    if claim.replayed {
+        out.push((
+            HeaderName::from_static(HEADER_REPLAYED),
+            HeaderValue::from_static("true"),
+        ));
+    }
+    Ok(out)
+}
+
+/// Phase 8: status and headers from the upstream, hop-by-hop out, `Till-*` in; the body
+/// is streamed chunk by chunk (dropping it — the client went away — drops the upstream
+/// connection).
+fn response_filter(upstream: reqwest::Response, till: Vec<(HeaderName, HeaderValue)>) -> Response {
+    let status =
+        StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut headers = hygiene::response_headers(upstream.headers());
+    for (k, v) in till {
+        headers.insert(k, v);
+    }
+    let mut resp = Response::new(Body::from_stream(upstream.bytes_stream()));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn short_hex(bytes: &[u8]) -> String {
+    let mut h = hex::encode(bytes.get(..8).unwrap_or(bytes));
+    h.truncate(16);
+    h
+}
+
+/// The error and its sources, for logs (reqwest's messages carry no credentials; the URL
+/// may carry a query-injected one, so it is stripped).
+fn error_chain(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
