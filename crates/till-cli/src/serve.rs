@@ -10,10 +10,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use till_ledger::{EmbeddedConfig, EmbeddedLedger};
+use till_ledger::{EmbeddedConfig, EmbeddedLedger, Ledger};
+use till_proxy::config::LedgerChoice;
 use till_proxy::config::ENV_CONFIG;
 use till_proxy::preset::ENV_PRESETS;
 use till_proxy::{Config, Overrides, SystemEnv};
+use till_receipt::ReceiptSigner;
 
 use crate::cli::Failure;
 use crate::datadir::DataDir;
@@ -39,6 +41,10 @@ pub struct ServeArgs {
     /// This proxy's id in receipts.
     #[arg(long, value_name = "ID")]
     pub proxy_id: Option<String>,
+    /// Ledger: `embedded` (default; the data dir's ledger.redb) or `fdb[:CLUSTER_FILE]`
+    /// (a FoundationDB cluster shared by a fleet; needs a build with `--features fdb`).
+    #[arg(long, value_name = "LEDGER")]
+    pub ledger: Option<String>,
     /// Validate the configuration, print a summary and exit (0 valid, 2 invalid).
     #[arg(long, short = 't')]
     pub check_config: bool,
@@ -62,6 +68,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
     let flags = Overrides {
         listen: args.listen.clone(),
         proxy_id: args.proxy_id.clone(),
+        ledger: args.ledger.clone(),
     };
     let config = Config::load(file.as_deref(), &flags, &SystemEnv).map_err(Failure::usage_from)?;
     if args.check_config {
@@ -73,6 +80,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         );
         println!("listen: {}", config.listen);
         println!("proxy id: {}", config.proxy_id);
+        println!("ledger: {}", describe_ledger(&config.ledger));
         print_upstreams(&config);
         return Ok(ExitCode::SUCCESS);
     }
@@ -80,13 +88,18 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
     data.init()?;
     let keys = data.key_ring()?;
     let signer = Arc::new(data.receipt_signer()?);
-    let mut ledger_config = EmbeddedConfig::new(signer, config.proxy_id.clone());
+    let mut ledger_config = EmbeddedConfig::new(Arc::clone(&signer), config.proxy_id.clone());
     ledger_config.claim_timeout = config.limits.ledger_claim_timeout;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let ledger = EmbeddedLedger::open(data.ledger_path(), ledger_config)?;
+        let ledger: Arc<dyn Ledger> = match &config.ledger {
+            LedgerChoice::Fdb { cluster_file } => {
+                open_fdb(signer, cluster_file.clone(), &config.proxy_id).await?
+            }
+            _ => Arc::new(EmbeddedLedger::open(data.ledger_path(), ledger_config)?),
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -94,6 +107,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         let shutdown = shutdown_signal()?;
         println!("till data dir: {}", data.path().display());
         println!("listening on http://{addr}");
+        println!("ledger: {}", describe_ledger(&config.ledger));
         print_upstreams(&config);
         match config.upstreams.keys().next() {
             Some(first) => {
@@ -110,12 +124,42 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
                 );
             }
         }
-        let app = config.build(keys, Arc::new(ledger)).map_err(Failure::usage_from)?;
+        let app = config.build(keys, ledger).map_err(Failure::usage_from)?;
         app.serve(listener, shutdown).await?;
         tracing::info!("till stopped");
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn describe_ledger(choice: &LedgerChoice) -> String {
+    match choice {
+        LedgerChoice::Fdb {
+            cluster_file: Some(f),
+        } => format!("FoundationDB ({})", f.display()),
+        LedgerChoice::Fdb { cluster_file: None } => "FoundationDB (default cluster file)".into(),
+        _ => "embedded".into(),
+    }
+}
+
+#[cfg(feature = "fdb")]
+async fn open_fdb(
+    signer: Arc<ReceiptSigner>,
+    cluster_file: Option<PathBuf>,
+    proxy_id: &str,
+) -> Result<Arc<dyn Ledger>> {
+    crate::fleet::open_fdb_ledger(signer, cluster_file, proxy_id).await
+}
+
+#[cfg(not(feature = "fdb"))]
+async fn open_fdb(
+    _signer: Arc<ReceiptSigner>,
+    _cluster_file: Option<PathBuf>,
+    _proxy_id: &str,
+) -> Result<Arc<dyn Ledger>> {
+    anyhow::bail!(Failure::usage(
+        "this till was built without FoundationDB support: rebuild with `--features fdb`"
+    ))
 }
 
 fn print_upstreams(config: &Config) {

@@ -23,6 +23,8 @@ pub const ENV_LISTEN: &str = "TILL_LISTEN";
 pub const ENV_PROXY_ID: &str = "TILL_PROXY_ID";
 /// Config file path from the environment (the `--config` flag wins).
 pub const ENV_CONFIG: &str = "TILL_CONFIG";
+/// Env: which ledger (`embedded` or `fdb[:CLUSTER_FILE]`).
+pub const ENV_LEDGER: &str = "TILL_LEDGER";
 /// `limits.max_body_bytes` from the environment.
 pub const ENV_MAX_BODY_BYTES: &str = "TILL_MAX_BODY_BYTES";
 /// `limits.max_header_bytes` from the environment.
@@ -94,6 +96,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     /// `--proxy-id`.
     pub proxy_id: Option<String>,
+    /// `--ledger`.
+    pub ledger: Option<String>,
 }
 
 /// `till.toml` as written. Every table and key is optional.
@@ -104,6 +108,8 @@ pub struct RawConfig {
     pub listen: Option<String>,
     /// This proxy's id in receipts.
     pub proxy_id: Option<String>,
+    /// `embedded` (default) or `fdb[:CLUSTER_FILE]`.
+    pub ledger: Option<String>,
     /// Limits and timeouts.
     #[serde(default)]
     pub limits: RawLimits,
@@ -230,6 +236,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Proxy id in receipts.
     pub proxy_id: String,
+    /// Which ledger backend.
+    pub ledger: LedgerChoice,
     /// Limits and timeouts.
     pub limits: ProxyLimits,
     /// Enabled upstreams by name.
@@ -306,6 +314,13 @@ impl Config {
         {
             return Err(invalid("proxy_id", "1-64 of A-Z a-z 0-9 - _ .".to_string()));
         }
+        let ledger_text = flags
+            .ledger
+            .clone()
+            .or_else(|| env.var(ENV_LEDGER))
+            .or(raw.ledger)
+            .unwrap_or_else(|| "embedded".to_string());
+        let ledger = LedgerChoice::parse(&ledger_text).map_err(|e| invalid("ledger", e))?;
         let limits = validate_limits(raw.limits, env)?;
         let upstreams = match raw.upstreams {
             Some(table) => {
@@ -321,10 +336,40 @@ impl Config {
         Ok(Config {
             listen,
             proxy_id,
+            ledger,
             limits,
             upstreams,
             file: None,
         })
+    }
+}
+
+/// Which ledger backend a proxy claims against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LedgerChoice {
+    /// The data dir's embedded ledger (single node).
+    Embedded,
+    /// FoundationDB (fleet); `None` uses the client's default cluster file.
+    Fdb {
+        /// Cluster file path.
+        cluster_file: Option<PathBuf>,
+    },
+}
+
+impl LedgerChoice {
+    /// Parses `embedded`, `fdb` or `fdb:CLUSTER_FILE`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.split_once(':') {
+            None if text == "embedded" => Ok(LedgerChoice::Embedded),
+            None if text == "fdb" => Ok(LedgerChoice::Fdb { cluster_file: None }),
+            Some(("fdb", path)) if !path.is_empty() => Ok(LedgerChoice::Fdb {
+                cluster_file: Some(PathBuf::from(path)),
+            }),
+            _ => Err(format!(
+                "`{text}`: expected `embedded`, `fdb` or `fdb:CLUSTER_FILE`"
+            )),
+        }
     }
 }
 
@@ -651,12 +696,45 @@ mod tests {
         let flags = Overrides {
             listen: Some("127.0.0.1:3".into()),
             proxy_id: Some("flag".into()),
+            ledger: None,
         };
         let c = Config::validate(raw, &flags, &e).unwrap();
         assert_eq!((c.listen.port(), c.proxy_id.as_str()), (3, "flag"));
         let raw = Config::parse("listen = \"127.0.0.1:1\"").unwrap();
         let c = Config::validate(raw, &Overrides::default(), &env(&[])).unwrap();
         assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.ledger, LedgerChoice::Embedded);
+    }
+
+    #[test]
+    fn ledger_choice_precedence_and_syntax() {
+        let raw = Config::parse("ledger = \"fdb:/etc/fdb.cluster\"\nupstreams = {}").unwrap();
+        let c = Config::validate(raw, &Overrides::default(), &env(&[])).unwrap();
+        assert_eq!(
+            c.ledger,
+            LedgerChoice::Fdb {
+                cluster_file: Some("/etc/fdb.cluster".into())
+            }
+        );
+        let raw = Config::parse("ledger = \"fdb\"\nupstreams = {}").unwrap();
+        let e = env(&[(ENV_LEDGER, "embedded")]);
+        let c = Config::validate(raw, &Overrides::default(), &e).unwrap();
+        assert_eq!(c.ledger, LedgerChoice::Embedded);
+        let raw = Config::parse("upstreams = {}").unwrap();
+        let flags = Overrides {
+            ledger: Some("fdb".into()),
+            ..Overrides::default()
+        };
+        let c = Config::validate(raw, &flags, &e).unwrap();
+        assert_eq!(c.ledger, LedgerChoice::Fdb { cluster_file: None });
+        for bad in ["postgres", "fdb:", "embedded:x"] {
+            let raw = Config::parse("upstreams = {}").unwrap();
+            let flags = Overrides {
+                ledger: Some(bad.into()),
+                ..Overrides::default()
+            };
+            assert!(Config::validate(raw, &flags, &e).is_err(), "{bad}");
+        }
     }
 
     #[test]
