@@ -70,16 +70,13 @@ fn write_config(dir: &Path, listen: SocketAddr, upstream: SocketAddr, cluster: &
     let path = dir.join("till.toml");
     let toml = format!(
         "listen = \"{listen}\"\n\
+         ledger = \"fdb:{cluster}\"\n\
          \n\
-         [ledger]\n\
-         backend = \"fdb\"\n\
-         cluster_file = \"{cluster}\"\n\
-         \n\
-         [[upstream]]\n\
-         name = \"up\"\n\
-         preset = \"bearer\"\n\
+         [upstreams.up]\n\
+         preset = \"generic\"\n\
          base_url = \"http://{upstream}\"\n\
-         secret_env = \"TILL_FLEET_UPSTREAM_SECRET\"\n",
+         credential_env = \"TILL_FLEET_UPSTREAM_SECRET\"\n\
+         auth = {{ header = \"authorization\", scheme = \"Bearer\" }}\n",
         cluster = cluster.display()
     );
     std::fs::write(&path, toml).unwrap();
