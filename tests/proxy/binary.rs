@@ -215,6 +215,24 @@ async fn till_serve_enforces_a_cap_of_5_under_50_concurrent_requests() {
         crate::support::usage_of(&ledger, &ring, &key).await,
         vec![5]
     );
+    drop(ledger);
+
+    // Acceptance: `till audit` on that family is clean (5 receipts, gapless chain).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_till"))
+        .arg("--dir")
+        .arg(&data)
+        .args(["audit", &key, "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "audit failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(audit["clean"], true, "{audit}");
+    assert_eq!(audit["report"]["receipts"], 5, "{audit}");
 }
 
 #[tokio::test]
