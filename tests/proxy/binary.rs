@@ -321,3 +321,84 @@ fn check_config_exits_0_or_2() {
     // Checking a config creates nothing.
     assert!(!dir.path().join("root.key.jwk").exists());
 }
+
+/// TEST-MATRIX row 21: at trace level, neither the logs nor anything in the data dir
+/// (keys, ledger file) contains the real credential or a full Till key — including keys
+/// that were refused, replayed or malformed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_logs_or_the_data_dir() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("till.toml");
+    std::fs::write(&config, crate::support::up_config(&upstream)).unwrap();
+    let server = serve(
+        &data,
+        &["--config", config.to_str().unwrap(), "--log-format", "json"],
+        &[("UP_SECRET", SECRET), ("TILL_LOG", "trace")],
+    );
+    let key = mint(&data, &["--upstream", "up", "--cap", "2"]);
+    let http = client();
+    let url = format!("{}/up/v1/chat/completions", server.url);
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let r = http
+            .post(&url)
+            .bearer_auth(&key)
+            .header("idempotency-key", format!("k{}", i % 2))
+            .body(r#"{"model":"m"}"#)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        let _ = r.bytes().await;
+    }
+    // A tampered key and a key in the query string, too.
+    let tampered = format!("{}A", &key[..key.len() - 1]);
+    let r = http.post(&url).bearer_auth(&tampered).send().await.unwrap();
+    statuses.push(r.status().as_u16());
+    let r = http
+        .get(format!("{}/up/v1/models?key={}", server.url, key))
+        .send()
+        .await
+        .unwrap();
+    statuses.push(r.status().as_u16());
+    assert_eq!(statuses[..2], [200, 200], "{statuses:?}");
+    assert_eq!(statuses[3], 401, "{statuses:?}");
+    let stderr = server.stderr.clone();
+    stop(server);
+
+    let logs = std::fs::read_to_string(&stderr).unwrap();
+    assert!(logs.len() > 200, "expected trace output, got:\n{logs}");
+    // The key body minus a few characters: catches partial echoes too.
+    let key_core = &key[8..key.len() - 8];
+    let tampered_core = &tampered[8..tampered.len() - 8];
+    for (what, needle) in [
+        ("credential", SECRET),
+        ("key", key_core),
+        ("tampered key", tampered_core),
+    ] {
+        assert!(!logs.contains(needle), "{what} found in trace logs");
+        for entry in walk(&data) {
+            let bytes = std::fs::read(&entry).unwrap();
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{what} found in {}",
+                entry.display()
+            );
+        }
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if !p.ends_with("serve.stderr.log") {
+            out.push(p);
+        }
+    }
+    out
+}
