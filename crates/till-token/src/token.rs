@@ -117,29 +117,8 @@ impl Token {
     /// of the request that earlier blocks already forbid.
     pub fn attenuate(&self, caveats: Caveats) -> Result<(Token, Vec<Warning>), TokenError> {
         let blocks = read_blocks(&self.biscuit)?;
-        let caveats = caveats.normalize()?;
-        if caveats.is_empty() {
-            return Err(TokenError::InvalidCaveat(
-                "an attenuation must restrict something (cap, methods, paths, models or expiry)"
-                    .into(),
-            ));
-        }
-        let scope = EffectiveScope::of(blocks.iter().map(|b| &b.caveats));
-        if let (Some(family), Some(requested)) = (&scope.upstream, &caveats.upstream) {
-            if family != requested {
-                return Err(TokenError::UpstreamMismatch {
-                    family: family.clone(),
-                    requested: requested.clone(),
-                });
-            }
-        }
-        let warnings = widening_warnings(&scope, &caveats);
-        let index = blocks.len();
-        let source = caveats.block_source(index)?;
-        let block = BlockBuilder::new()
-            .code(&source)
-            .map_err(biscuit_err)?
-            .context(caveats.context()?);
+        let existing: Vec<&Caveats> = blocks.iter().map(|b| &b.caveats).collect();
+        let (block, warnings) = next_block(&existing, caveats)?;
         let biscuit = self.biscuit.append(block).map_err(biscuit_err)?;
         Ok((Token { biscuit }, warnings))
     }
@@ -147,6 +126,36 @@ impl Token {
     pub(crate) fn biscuit(&self) -> &Biscuit {
         &self.biscuit
     }
+}
+
+/// Validates a new block against the blocks before it and renders it: it must restrict
+/// something and keep the family's upstream; widening requests become warnings.
+fn next_block(
+    existing: &[&Caveats],
+    caveats: Caveats,
+) -> Result<(BlockBuilder, Vec<Warning>), TokenError> {
+    let caveats = caveats.normalize()?;
+    if caveats.is_empty() {
+        return Err(TokenError::InvalidCaveat(
+            "an attenuation must restrict something (cap, methods, paths, models or expiry)".into(),
+        ));
+    }
+    let scope = EffectiveScope::of(existing.iter().copied());
+    if let (Some(family), Some(requested)) = (&scope.upstream, &caveats.upstream) {
+        if family != requested {
+            return Err(TokenError::UpstreamMismatch {
+                family: family.clone(),
+                requested: requested.clone(),
+            });
+        }
+    }
+    let warnings = widening_warnings(&scope, &caveats);
+    let source = caveats.block_source(existing.len())?;
+    let block = BlockBuilder::new()
+        .code(&source)
+        .map_err(biscuit_err)?
+        .context(caveats.context()?);
+    Ok((block, warnings))
 }
 
 /// Appends a block to a key given as a string, without verifying its root signature
@@ -167,29 +176,9 @@ pub fn attenuate_str(
         existing.push(caveats);
     }
     check_family_upstream(existing.iter())?;
-    let scope = EffectiveScope::of(existing.iter());
-    let caveats = caveats.normalize()?;
-    if caveats.is_empty() {
-        return Err(TokenError::InvalidCaveat(
-            "an attenuation must restrict something (cap, methods, paths, models or expiry)".into(),
-        ));
-    }
-    if let (Some(family), Some(requested)) = (&scope.upstream, &caveats.upstream) {
-        if family != requested {
-            return Err(TokenError::UpstreamMismatch {
-                family: family.clone(),
-                requested: requested.clone(),
-            });
-        }
-    }
-    let warnings = widening_warnings(&scope, &caveats);
     // Refuse to write a key that `verify` would refuse.
     check_block_count(existing.len() + 1, limits)?;
-    let source = caveats.block_source(existing.len())?;
-    let block = BlockBuilder::new()
-        .code(&source)
-        .map_err(biscuit_err)?
-        .context(caveats.context()?);
+    let (block, warnings) = next_block(&existing.iter().collect::<Vec<_>>(), caveats)?;
     let appended = unverified.append(block).map_err(biscuit_err)?;
     let out = appended.to_vec().map_err(biscuit_err)?;
     if out.len() > limits.max_token_bytes {
