@@ -23,6 +23,7 @@ cargo test --locked -p till-ledger-fdb --no-default-features
 
 say "fuzz targets over their committed corpus (stable toolchain; cargo fuzz for the real thing)"
 CARGO_TARGET_DIR="$PWD/target" cargo test --locked --manifest-path fuzz/Cargo.toml
+CARGO_TARGET_DIR="$PWD/target" cargo check --locked --manifest-path fuzz/Cargo.toml --features libfuzzer --bins
 
 say "receipt test vectors verified by a stock JOSE library (Python)"
 "$VENV/bin/python" spec/interop/verify_receipt.py spec/vectors/receipts.json

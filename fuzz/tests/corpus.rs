@@ -44,3 +44,13 @@ fn token_corpus() {
 fn receipt_corpus() {
     run_corpus("receipt", till_fuzz::receipt);
 }
+
+#[test]
+fn config_corpus() {
+    run_corpus("config", till_fuzz::config);
+}
+
+#[test]
+fn http_corpus() {
+    run_corpus("http", till_fuzz::http);
+}
