@@ -176,10 +176,16 @@ mod tests {
     fn ambiguous_or_odd_model_bodies_yield_no_model() {
         // Duplicate keys: parsers disagree on which wins, so Till sees no model and a
         // model-limited key refuses (`model_required`) instead of guessing.
-        assert_eq!(json_model(br#"{"model":"gpt-4o-mini","model":"gpt-4"}"#), None);
+        assert_eq!(
+            json_model(br#"{"model":"gpt-4o-mini","model":"gpt-4"}"#),
+            None
+        );
         assert_eq!(json_model(br#"{"model":5}"#), None);
         assert_eq!(json_model(b"not json"), None);
-        assert_eq!(json_model(br#"{"model":"a","messages":[]}"#).as_deref(), Some("a"));
+        assert_eq!(
+            json_model(br#"{"model":"a","messages":[]}"#).as_deref(),
+            Some("a")
+        );
     }
 
     #[test]
