@@ -8,6 +8,11 @@ say() { printf '\n==> %s\n' "$*"; }
 
 # Python JOSE library for the receipt interoperability check (a stock implementation in
 # another language must verify our receipts). Installed into a private venv.
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  say "installing python3-venv (Debian)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv
+fi
 VENV="${TILL_TEST_VENV:-target/test-venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   say "setting up $VENV (receipt interop check)"
