@@ -17,27 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use till_ledger::{ClaimRequest, Ledger, Level, RequestDigest};
+use till_ledger::{Ledger, Level};
 use till_ledger_fdb::{FdbConfig, FdbLedger};
 use till_receipt::ReceiptSigner;
 
 const CONCURRENCY: usize = 256;
-
-fn request(levels: &[Level]) -> ClaimRequest {
-    ClaimRequest {
-        levels: levels.to_vec(),
-        idempotency_key: None,
-        request: RequestDigest {
-            method: "POST".into(),
-            upstream: "openai".into(),
-            path: "/v1/chat/completions".into(),
-            body_sha256: "0f".repeat(32),
-            model: None,
-        },
-        now: 1_750_000_000,
-        not_after: None,
-    }
-}
 
 fn level() -> Level {
     Level {
@@ -78,7 +62,7 @@ fn claims(c: &mut Criterion) {
                 let tasks: Vec<_> = (0..CONCURRENCY)
                     .map(|_| {
                         let ledger = Arc::clone(&ledger);
-                        let req = request(&hot);
+                        let req = till_ledger::conformance::claim_request(&hot, None, "chat");
                         tokio::spawn(async move { ledger.claim(req).await.unwrap().unwrap() })
                     })
                     .collect();
@@ -100,7 +84,13 @@ fn claims(c: &mut Criterion) {
                     .map(|levels| {
                         let ledger = Arc::clone(&ledger);
                         tokio::spawn(async move {
-                            ledger.claim(request(&levels)).await.unwrap().unwrap()
+                            ledger
+                                .claim(till_ledger::conformance::claim_request(
+                                    &levels, None, "chat",
+                                ))
+                                .await
+                                .unwrap()
+                                .unwrap()
                         })
                     })
                     .collect();

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use till_ledger::conformance::{self, Harness};
-use till_ledger::{ClaimRequest, Ledger, Level, Refusal, RequestDigest};
+use till_ledger::{ClaimRequest, Ledger, Level, Refusal};
 use till_ledger_fdb::{FdbConfig, FdbLedger};
 use till_receipt::{audit_chain, ReceiptKeySet, ReceiptSigner};
 
@@ -151,22 +151,6 @@ fn fdb_cluster() {
     drop(runtime);
 }
 
-fn request(levels: &[Level]) -> ClaimRequest {
-    ClaimRequest {
-        levels: levels.to_vec(),
-        idempotency_key: None,
-        request: RequestDigest {
-            method: "POST".into(),
-            upstream: "openai".into(),
-            path: "/v1/chat/completions".into(),
-            body_sha256: "0f".repeat(32),
-            model: None,
-        },
-        now: conformance::NOW,
-        not_after: None,
-    }
-}
-
 fn level(cap: Option<u64>) -> Level {
     Level {
         revocation_id: conformance::random_revocation_id(),
@@ -187,12 +171,22 @@ async fn revocation_seen_by_every_proxy(cluster: &PathBuf) {
     }
     let levels = vec![level(Some(100)), level(Some(10))];
     for p in &proxies {
-        p.claim(request(&levels)).await.unwrap().unwrap();
+        p.claim(till_ledger::conformance::claim_request(
+            &levels, None, "chat",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
     }
     proxies[0].revoke(&levels[1].revocation_id).await.unwrap();
     for p in &proxies[1..] {
         assert_eq!(
-            p.claim(request(&levels)).await.unwrap().unwrap_err(),
+            p.claim(till_ledger::conformance::claim_request(
+                &levels, None, "chat"
+            ))
+            .await
+            .unwrap()
+            .unwrap_err(),
             Refusal::Revoked { block: 1 }
         );
     }
@@ -226,7 +220,14 @@ async fn fleet_hot_token(cluster: &PathBuf) {
             _ => vec![root.clone()],
         };
         tasks.push(tokio::spawn(async move {
-            (i % 5, proxy.claim(request(&levels)).await)
+            (
+                i % 5,
+                proxy
+                    .claim(till_ledger::conformance::claim_request(
+                        &levels, None, "chat",
+                    ))
+                    .await,
+            )
         }));
     }
     let mut ok = [0u64; 5];

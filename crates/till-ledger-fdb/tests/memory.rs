@@ -15,7 +15,6 @@ use std::time::Duration;
 use till_ledger::conformance::{self, Harness};
 use till_ledger::{
     BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal,
-    RequestDigest,
 };
 use till_ledger_fdb::memory::MemoryStore;
 use till_ledger_fdb::{codes, FdbConfig, KvLedger};
@@ -159,26 +158,6 @@ all_cases!(fleet_of_three_under_chaos, {
 // ---------------------------------------------------------------------------------------
 // Error injection into the claim (run_retry.rs style)
 
-fn digest(tag: &str) -> RequestDigest {
-    RequestDigest {
-        method: "POST".into(),
-        upstream: "openai".into(),
-        path: format!("/v1/{tag}"),
-        body_sha256: "0f".repeat(32),
-        model: None,
-    }
-}
-
-fn request(levels: &[Level], key: Option<&str>) -> ClaimRequest {
-    ClaimRequest {
-        levels: levels.to_vec(),
-        idempotency_key: key.map(str::to_owned),
-        request: digest("chat"),
-        now: conformance::NOW,
-        not_after: None,
-    }
-}
-
 fn token(caps: &[Option<u64>]) -> Vec<Level> {
     caps.iter()
         .map(|&cap| Level {
@@ -246,7 +225,11 @@ async fn assert_single_charge(f: &Fixture, levels: &[Level], key: &str, got: &Cl
         "the returned receipt is the stored one"
     );
     audit_chain(&stored, &f.keys).unwrap();
-    let again = claim_ok(&f.ledger, request(levels, Some(key))).await;
+    let again = claim_ok(
+        &f.ledger,
+        conformance::claim_request(levels, Some(key), "chat"),
+    )
+    .await;
     assert!(again.replayed);
     assert_eq!(again.receipt.compact(), got.receipt.compact());
     assert_eq!(used(&f.ledger, levels).await, vec![1; levels.len()]);
@@ -259,7 +242,11 @@ async fn commit_unknown_result_that_committed_returns_the_original_receipt() {
     let levels = token(&[Some(5), Some(2)]);
     f.store
         .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
-    let got = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let got = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
     let stats = f.ledger.stats();
     assert_eq!(stats.maybe_committed, 1);
     assert_eq!(stats.recovered, 1, "the retry recognised its own commit");
@@ -273,7 +260,11 @@ async fn commit_unknown_result_that_did_not_commit_claims_once() {
     let levels = token(&[Some(5)]);
     f.store
         .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, false);
-    let got = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let got = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
     let stats = f.ledger.stats();
     assert_eq!((stats.maybe_committed, stats.recovered), (1, 0));
     assert_single_charge(&f, &levels, "k", &got).await;
@@ -285,7 +276,7 @@ async fn unknown_result_without_a_client_key_reuses_the_generated_key() {
     let levels = token(&[Some(3)]);
     f.store
         .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
-    let got = claim_ok(&f.ledger, request(&levels, None)).await;
+    let got = claim_ok(&f.ledger, conformance::claim_request(&levels, None, "chat")).await;
     assert_eq!(f.ledger.stats().recovered, 1);
     let key = got.receipt.body().idempotency_key.clone();
     assert_single_charge(&f, &levels, &key, &got).await;
@@ -297,7 +288,11 @@ async fn not_committed_is_retried_and_charged_once() {
     let levels = token(&[Some(5), None]);
     f.store.inject_commit_error(codes::NOT_COMMITTED, false);
     f.store.inject_commit_error(codes::NOT_COMMITTED, false);
-    let got = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let got = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
     let stats = f.ledger.stats();
     assert_eq!(stats.retries, 2);
     assert_eq!(stats.maybe_committed, 0);
@@ -311,7 +306,11 @@ async fn transaction_too_old_on_read_and_on_commit_is_retried() {
     f.store.inject_read_error(codes::TRANSACTION_TOO_OLD);
     f.store
         .inject_commit_error(codes::TRANSACTION_TOO_OLD, false);
-    let got = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let got = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
     assert_eq!(f.ledger.stats().retries, 2);
     assert_single_charge(&f, &levels, "k", &got).await;
 }
@@ -327,7 +326,11 @@ async fn a_chain_of_faults_ends_in_one_charge() {
         .inject_commit_error(codes::TRANSACTION_TOO_OLD, false);
     f.store
         .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
-    let got = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let got = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
     let stats = f.ledger.stats();
     assert_eq!(stats.retries, 4);
     assert_eq!(stats.maybe_committed, 2);
@@ -340,10 +343,18 @@ async fn a_chain_of_faults_ends_in_one_charge() {
 async fn unknown_result_on_a_replay_never_charges() {
     let f = fixture(|_| {});
     let levels = token(&[Some(5)]);
-    let original = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let original = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
     f.store
         .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
-    let replay = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let replay = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
     assert!(replay.replayed);
     assert_eq!(replay.receipt.compact(), original.receipt.compact());
     assert_eq!(
@@ -355,14 +366,17 @@ async fn unknown_result_on_a_replay_never_charges() {
     // The replay was counted once: MAX_REPLAYS - 1 more are served, then the limit.
     for _ in 1..till_ledger::MAX_REPLAYS {
         assert!(
-            claim_ok(&f.ledger, request(&levels, Some("k")))
-                .await
-                .replayed
+            claim_ok(
+                &f.ledger,
+                conformance::claim_request(&levels, Some("k"), "chat")
+            )
+            .await
+            .replayed
         );
     }
     assert_eq!(
         f.ledger
-            .claim(request(&levels, Some("k")))
+            .claim(conformance::claim_request(&levels, Some("k"), "chat"))
             .await
             .unwrap()
             .unwrap_err(),
@@ -389,7 +403,7 @@ async fn hot_token_under_injected_faults_never_over_cap() {
     let tasks: Vec<_> = (0..120)
         .map(|i| {
             let ledger = Arc::clone(&ledger);
-            let req = request(
+            let req = conformance::claim_request(
                 &levels,
                 if i % 2 == 0 {
                     Some(format!("k{i}"))
@@ -397,6 +411,7 @@ async fn hot_token_under_injected_faults_never_over_cap() {
                     None
                 }
                 .as_deref(),
+                "chat",
             );
             tokio::spawn(async move { ledger.claim(req).await })
         })
@@ -444,7 +459,11 @@ async fn retry_limit_exhausted_is_unavailable_and_writes_nothing() {
     for _ in 0..4 {
         f.store.inject_commit_error(codes::NOT_COMMITTED, false);
     }
-    match f.ledger.claim(request(&levels, Some("k"))).await {
+    match f
+        .ledger
+        .claim(conformance::claim_request(&levels, Some("k"), "chat"))
+        .await
+    {
         Err(LedgerError::Unavailable(msg)) => assert!(msg.contains("1020"), "{msg}"),
         other => panic!("expected unavailable, got {other:?}"),
     }
@@ -458,13 +477,19 @@ async fn non_retryable_error_is_unavailable_at_once() {
     let levels = token(&[Some(5)]);
     f.store.inject_commit_error(2101, false); // transaction_too_large
     assert!(matches!(
-        f.ledger.claim(request(&levels, Some("k"))).await,
+        f.ledger
+            .claim(conformance::claim_request(&levels, Some("k"), "chat"))
+            .await,
         Err(LedgerError::Unavailable(_))
     ));
     assert_eq!(f.ledger.stats().retries, 0);
     assert_eq!(used(&f.ledger, &levels).await, vec![0]);
     // The next claim goes through: the failure did not wedge the lane.
-    let c = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let c = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
     assert_eq!(c.receipt.body().seq, 1);
 }
 
@@ -481,9 +506,12 @@ async fn frozen_store_is_unavailable_then_recovers() {
     let f = fixture(|c| c.transaction_timeout = Duration::from_millis(300));
     let levels = token(&[Some(5)]);
     f.store.set_frozen(true);
-    let answer = bounded(f.ledger.claim(request(&levels, Some("k"))))
-        .await
-        .expect("claim hung");
+    let answer = bounded(
+        f.ledger
+            .claim(conformance::claim_request(&levels, Some("k"), "chat")),
+    )
+    .await
+    .expect("claim hung");
     assert!(
         matches!(answer, Err(LedgerError::Unavailable(_))),
         "{answer:?}"
@@ -501,7 +529,11 @@ async fn frozen_store_is_unavailable_then_recovers() {
         .is_err());
     f.store.set_frozen(false);
     assert_eq!(f.store.commits(), 0);
-    let c = claim_ok(&f.ledger, request(&levels, Some("k"))).await;
+    let c = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
     assert_eq!(c.receipt.body().seq, 1);
     assert_eq!(used(&f.ledger, &levels).await, vec![1]);
 }
@@ -518,7 +550,7 @@ async fn hot_token_claims_are_group_committed() {
     let tasks: Vec<_> = (0..64)
         .map(|_| {
             let ledger = Arc::clone(&ledger);
-            let req = request(&levels, None);
+            let req = conformance::claim_request(&levels, None, "chat");
             tokio::spawn(async move { ledger.claim(req).await })
         })
         .collect();
@@ -549,7 +581,7 @@ async fn revocation_through_one_proxy_is_seen_by_all() {
     let (fleet, _h) = fleet(&store, 3, 128);
     let levels = token(&[Some(100), Some(10)]);
     for p in &fleet.proxies {
-        claim_ok(p, request(&levels, None)).await;
+        claim_ok(p, conformance::claim_request(&levels, None, "chat")).await;
     }
     fleet.proxies[0]
         .revoke(&levels[1].revocation_id)
@@ -557,17 +589,22 @@ async fn revocation_through_one_proxy_is_seen_by_all() {
         .unwrap();
     for p in &fleet.proxies[1..] {
         assert_eq!(
-            p.claim(request(&levels, None)).await.unwrap().unwrap_err(),
+            p.claim(conformance::claim_request(&levels, None, "chat"))
+                .await
+                .unwrap()
+                .unwrap_err(),
             Refusal::Revoked { block: 1 }
         );
     }
     assert!(
-        claim_ok(&fleet.proxies[2], request(&levels[..1], None))
-            .await
-            .receipt
-            .body()
-            .seq
-            == 4
+        claim_ok(
+            &fleet.proxies[2],
+            conformance::claim_request(&levels[..1], None, "chat")
+        )
+        .await
+        .receipt
+        .body()
+        .seq == 4
     );
 }
 
@@ -581,7 +618,7 @@ async fn journal_and_slot_index_hold_every_receipt() {
     let tasks: Vec<_> = (0..20)
         .map(|_| {
             let ledger = Arc::clone(&ledger);
-            let req = request(&levels, None);
+            let req = conformance::claim_request(&levels, None, "chat");
             tokio::spawn(async move { ledger.claim(req).await.unwrap().unwrap() })
         })
         .collect();

@@ -17,7 +17,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use futures::future::join_all;
 use tempfile::TempDir;
-use till_ledger::{ClaimRequest, EmbeddedConfig, EmbeddedLedger, Ledger, Level, RequestDigest};
+use till_ledger::{ClaimRequest, EmbeddedConfig, EmbeddedLedger, Ledger, Level};
 use till_receipt::ReceiptSigner;
 
 const CONCURRENT: usize = 64;
@@ -52,22 +52,6 @@ fn token(family: u64) -> Vec<Level> {
     ]
 }
 
-fn request(levels: &[Level]) -> ClaimRequest {
-    ClaimRequest {
-        levels: levels.to_vec(),
-        idempotency_key: None,
-        request: RequestDigest {
-            method: "POST".into(),
-            upstream: "openai".into(),
-            path: "/v1/chat/completions".into(),
-            body_sha256: "ab".repeat(32),
-            model: Some("gpt-4o-mini".into()),
-        },
-        now: 1_750_000_000,
-        not_after: None,
-    }
-}
-
 /// Claims concurrently (all queued at once) and checks every one succeeded.
 async fn claim_all(ledger: Arc<EmbeddedLedger>, reqs: Vec<ClaimRequest>) {
     let answers = join_all(reqs.into_iter().map(|r| ledger.claim(r))).await;
@@ -92,7 +76,7 @@ fn claim_single(c: &mut Criterion) {
     group.sample_size(10).throughput(Throughput::Elements(1));
     group.bench_function("one_token", |b| {
         b.to_async(&rt).iter_batched(
-            || request(&levels),
+            || till_ledger::conformance::claim_request(&levels, None, "chat"),
             |req| {
                 let ledger = Arc::clone(&ledger);
                 async move { ledger.claim(req).await.unwrap().unwrap() }
@@ -116,7 +100,7 @@ fn claim_hot_token(c: &mut Criterion) {
             b.to_async(&rt).iter_batched(
                 || {
                     (0..CONCURRENT)
-                        .map(|_| request(&levels))
+                        .map(|_| till_ledger::conformance::claim_request(&levels, None, "chat"))
                         .collect::<Vec<_>>()
                 },
                 |reqs| claim_all(Arc::clone(&ledger), reqs),
@@ -145,7 +129,13 @@ fn claim_cold_tokens(c: &mut Criterion) {
             || {
                 let start = next.fetch_add(CONCURRENT, Ordering::Relaxed);
                 (start..start + CONCURRENT)
-                    .map(|i| request(&families[i % COLD_FAMILIES]))
+                    .map(|i| {
+                        till_ledger::conformance::claim_request(
+                            &families[i % COLD_FAMILIES],
+                            None,
+                            "chat",
+                        )
+                    })
                     .collect::<Vec<_>>()
             },
             |reqs| claim_all(Arc::clone(&ledger), reqs),

@@ -108,7 +108,9 @@ pub fn digest(tag: &str) -> RequestDigest {
     }
 }
 
-fn request(levels: &[Level], key: Option<&str>, tag: &str) -> ClaimRequest {
+/// A claim through `levels` at [`NOW`] with an optional idempotency key and the request
+/// [`digest`] of `tag`. Shared by every backend's tests and benches.
+pub fn claim_request(levels: &[Level], key: Option<&str>, tag: &str) -> ClaimRequest {
     ClaimRequest {
         levels: levels.to_vec(),
         idempotency_key: key.map(str::to_owned),
@@ -264,7 +266,7 @@ async fn concurrent_tree(h: &Harness, seed: u64, claims: usize) {
     for i in 0..claims {
         let node = rng.gen_range(0..n);
         let key = rng.gen_bool(0.5).then(|| format!("c-{seed}-{i}"));
-        let req = request(&tree.chain(node), key.as_deref(), &format!("t{i}"));
+        let req = claim_request(&tree.chain(node), key.as_deref(), &format!("t{i}"));
         let ledger = Arc::clone(&h.ledger);
         tasks.push(tokio::spawn(async move { (node, ledger.claim(req).await) }));
     }
@@ -367,7 +369,7 @@ pub async fn hot_token_exact_cap(h: Harness) {
         let tasks: Vec<_> = (0..200)
             .map(|i| {
                 let ledger = Arc::clone(&h.ledger);
-                let req = request(&levels, None, &format!("hot{i}"));
+                let req = claim_request(&levels, None, &format!("hot{i}"));
                 tokio::spawn(async move { ledger.claim(req).await })
             })
             .collect();
@@ -401,7 +403,7 @@ pub async fn slots_chain_and_remaining(h: Harness) {
         let mut prev: Option<String> = None;
         for k in 1..=3u64 {
             let key = format!("deep-{k}");
-            let c = claim_ok(ledger, request(&deep, Some(&key), "deep")).await;
+            let c = claim_ok(ledger, claim_request(&deep, Some(&key), "deep")).await;
             assert!(!c.replayed);
             assert_eq!(c.remaining, Some(3 - k), "child is the tightest cap");
             let b = c.receipt.body();
@@ -419,18 +421,22 @@ pub async fn slots_chain_and_remaining(h: Harness) {
             prev = Some(c.receipt.hash_hex());
         }
         assert_eq!(
-            claim_refused(ledger, request(&deep, None, "deep")).await,
+            claim_refused(ledger, claim_request(&deep, None, "deep")).await,
             Refusal::CapReached { block: 1, cap: 3 }
         );
         for k in 4..=5u64 {
-            let c = claim_ok(ledger, request(std::slice::from_ref(&root), None, "root")).await;
+            let c = claim_ok(
+                ledger,
+                claim_request(std::slice::from_ref(&root), None, "root"),
+            )
+            .await;
             assert_eq!(c.receipt.body().seq, k);
             assert_eq!(c.remaining, Some(5 - k));
             assert_eq!(c.receipt.body().prev, prev);
             prev = Some(c.receipt.hash_hex());
         }
         assert_eq!(
-            claim_refused(ledger, request(&deep, None, "deep")).await,
+            claim_refused(ledger, claim_request(&deep, None, "deep")).await,
             Refusal::CapReached { block: 0, cap: 5 },
             "the first exceeded level in block order is reported"
         );
@@ -464,11 +470,11 @@ pub async fn idempotent_replay(h: Harness) {
     bounded("idempotent_replay", async {
         let ledger = h.ledger.as_ref();
         let levels = vec![level(Some(10)), level(Some(1))];
-        let original = claim_ok(ledger, request(&levels, Some("k-1"), "a")).await;
+        let original = claim_ok(ledger, claim_request(&levels, Some("k-1"), "a")).await;
         assert!(!original.replayed);
         assert_eq!(original.remaining, Some(0));
         for _ in 0..MAX_REPLAYS {
-            let again = claim_ok(ledger, request(&levels, Some("k-1"), "a")).await;
+            let again = claim_ok(ledger, claim_request(&levels, Some("k-1"), "a")).await;
             assert!(again.replayed);
             assert_eq!(again.receipt.compact(), original.receipt.compact());
             assert_eq!(again.remaining, Some(0));
@@ -478,16 +484,16 @@ pub async fn idempotent_replay(h: Harness) {
                 "replay not charged"
             );
             assert_eq!(
-                claim_refused(ledger, request(&levels, Some("k-1"), "b")).await,
+                claim_refused(ledger, claim_request(&levels, Some("k-1"), "b")).await,
                 Refusal::IdempotencyConflict
             );
         }
         assert_eq!(
-            claim_refused(ledger, request(&levels, Some("k-1"), "a")).await,
+            claim_refused(ledger, claim_request(&levels, Some("k-1"), "a")).await,
             Refusal::ReplayLimit
         );
         assert_eq!(
-            claim_refused(ledger, request(&levels, Some("k-1"), "b")).await,
+            claim_refused(ledger, claim_request(&levels, Some("k-1"), "b")).await,
             Refusal::IdempotencyConflict
         );
         assert_eq!(used(ledger, &levels).await, vec![1, 1]);
@@ -504,7 +510,7 @@ pub async fn concurrent_duplicate_claims(h: Harness) {
         let tasks: Vec<_> = (0..16)
             .map(|_| {
                 let ledger = Arc::clone(&h.ledger);
-                let req = request(&levels, Some("dup"), "same");
+                let req = claim_request(&levels, Some("dup"), "same");
                 tokio::spawn(async move { ledger.claim(req).await })
             })
             .collect();
@@ -538,22 +544,22 @@ pub async fn sibling_cannot_replay_idempotency_key(h: Harness) {
         let a = vec![root.clone(), level(Some(5))];
         let b = vec![root.clone(), level(Some(5))];
         let a1 = vec![root.clone(), a[1].clone(), level(None)];
-        let first = claim_ok(ledger, request(&a, Some("shared"), "x")).await;
+        let first = claim_ok(ledger, claim_request(&a, Some("shared"), "x")).await;
         assert_eq!(first.receipt.body().seq, 1);
-        let sibling = claim_ok(ledger, request(&b, Some("shared"), "x")).await;
+        let sibling = claim_ok(ledger, claim_request(&b, Some("shared"), "x")).await;
         assert!(!sibling.replayed, "a sibling cannot replay another's key");
         assert_eq!(sibling.receipt.body().seq, 2);
         let parent = claim_ok(
             ledger,
-            request(std::slice::from_ref(&root), Some("shared"), "x"),
+            claim_request(std::slice::from_ref(&root), Some("shared"), "x"),
         )
         .await;
         assert!(!parent.replayed);
         assert_eq!(parent.receipt.body().seq, 3);
-        let grandchild = claim_ok(ledger, request(&a1, Some("shared"), "x")).await;
+        let grandchild = claim_ok(ledger, claim_request(&a1, Some("shared"), "x")).await;
         assert!(!grandchild.replayed);
         assert_eq!(grandchild.receipt.body().seq, 4);
-        let replay = claim_ok(ledger, request(&a, Some("shared"), "x")).await;
+        let replay = claim_ok(ledger, claim_request(&a, Some("shared"), "x")).await;
         assert!(replay.replayed);
         assert_eq!(replay.receipt.compact(), first.receipt.compact());
         // a: its own claim + the grandchild's; b: its own.
@@ -583,7 +589,7 @@ pub async fn revocation_at_each_level(h: Harness) {
                 1 => &a,
                 _ => &a1,
             };
-            claim_ok(ledger, request(target, Some("before"), "pre")).await;
+            claim_ok(ledger, claim_request(target, Some("before"), "pre")).await;
             let id = &target[revoked_level].revocation_id;
             ledger.revoke(id).await.unwrap();
             ledger.revoke(id).await.unwrap();
@@ -597,7 +603,7 @@ pub async fn revocation_at_each_level(h: Harness) {
                     .map(|block| Refusal::Revoked { block })
             };
             for (name, chain) in [("root", &r), ("a", &a), ("b", &b), ("a1", &a1)] {
-                let answer = claim(ledger, request(chain, None, "post")).await;
+                let answer = claim(ledger, claim_request(chain, None, "post")).await;
                 match (expect_refused(chain), answer) {
                     (Some(want), Err(got)) => assert_eq!(got, want, "{name}"),
                     (None, Ok(_)) => {}
@@ -608,7 +614,7 @@ pub async fn revocation_at_each_level(h: Harness) {
                 }
             }
             assert_eq!(
-                claim_refused(ledger, request(target, Some("before"), "pre")).await,
+                claim_refused(ledger, claim_request(target, Some("before"), "pre")).await,
                 Refusal::Revoked {
                     block: revoked_level
                 },
@@ -645,7 +651,7 @@ pub async fn expired_refused(h: Harness) {
     bounded("expired_refused", async {
         let ledger = h.ledger.as_ref();
         let levels = vec![level(Some(3)), level(Some(2))];
-        let mut req = request(&levels, Some("late"), "e");
+        let mut req = claim_request(&levels, Some("late"), "e");
         req.not_after = Some(NOW - 1);
         assert_eq!(claim_refused(ledger, req).await, Refusal::Expired);
         assert_eq!(used(ledger, &levels).await, vec![0, 0]);
@@ -654,7 +660,7 @@ pub async fn expired_refused(h: Harness) {
             .await
             .unwrap()
             .is_empty());
-        let mut req = request(&levels, Some("on-time"), "e");
+        let mut req = claim_request(&levels, Some("on-time"), "e");
         req.not_after = Some(NOW);
         let c = claim_ok(ledger, req).await;
         assert_eq!(c.receipt.body().seq, 1);
@@ -671,32 +677,36 @@ pub async fn refusal_writes_nothing(h: Harness) {
         let root = level(Some(2));
         let child = vec![root.clone(), level(Some(1))];
         let zero = vec![root.clone(), level(Some(0))];
-        claim_ok(ledger, request(&child, None, "c")).await;
+        claim_ok(ledger, claim_request(&child, None, "c")).await;
         assert_eq!(
-            claim_refused(ledger, request(&child, Some("kc"), "c")).await,
+            claim_refused(ledger, claim_request(&child, Some("kc"), "c")).await,
             Refusal::CapReached { block: 1, cap: 1 }
         );
         assert_eq!(
-            claim_refused(ledger, request(&zero, Some("kz"), "z")).await,
+            claim_refused(ledger, claim_request(&zero, Some("kz"), "z")).await,
             Refusal::CapReached { block: 1, cap: 0 }
         );
         assert_eq!(used(ledger, &child).await, vec![1, 1]);
         assert_eq!(used(ledger, &zero).await, vec![1, 0]);
         audited_chain(&h, &root.revocation_id, 1).await;
 
-        let mut late = request(std::slice::from_ref(&root), Some("kr"), "first");
+        let mut late = claim_request(std::slice::from_ref(&root), Some("kr"), "first");
         late.not_after = Some(NOW - 10);
         assert_eq!(claim_refused(ledger, late).await, Refusal::Expired);
         // Had the refused claim stored a record, this would be a conflict.
         let fresh = claim_ok(
             ledger,
-            request(std::slice::from_ref(&root), Some("kr"), "second"),
+            claim_request(std::slice::from_ref(&root), Some("kr"), "second"),
         )
         .await;
         assert!(!fresh.replayed);
         assert_eq!(fresh.receipt.body().seq, 2);
         assert_eq!(
-            claim_refused(ledger, request(std::slice::from_ref(&root), None, "r")).await,
+            claim_refused(
+                ledger,
+                claim_request(std::slice::from_ref(&root), None, "r")
+            )
+            .await,
             Refusal::CapReached { block: 0, cap: 2 }
         );
         assert_eq!(used(ledger, &child).await, vec![2, 1]);
@@ -727,10 +737,10 @@ pub async fn unknown_blocks_and_idempotent_revoke(h: Harness) {
             vec![false, true]
         );
         assert_eq!(
-            claim_refused(ledger, request(&levels, None, "u")).await,
+            claim_refused(ledger, claim_request(&levels, None, "u")).await,
             Refusal::Revoked { block: 1 }
         );
-        let c = claim_ok(ledger, request(&levels[..1], None, "u")).await;
+        let c = claim_ok(ledger, claim_request(&levels[..1], None, "u")).await;
         assert_eq!(c.receipt.body().seq, 1);
     })
     .await;
@@ -742,8 +752,8 @@ pub async fn generated_idempotency_keys(h: Harness) {
     bounded("generated_idempotency_keys", async {
         let ledger = h.ledger.as_ref();
         let levels = vec![level(None)];
-        let a = claim_ok(ledger, request(&levels, None, "g")).await;
-        let b = claim_ok(ledger, request(&levels, None, "g")).await;
+        let a = claim_ok(ledger, claim_request(&levels, None, "g")).await;
+        let b = claim_ok(ledger, claim_request(&levels, None, "g")).await;
         let (ka, kb) = (
             a.receipt.body().idempotency_key.clone(),
             b.receipt.body().idempotency_key.clone(),
@@ -753,7 +763,7 @@ pub async fn generated_idempotency_keys(h: Harness) {
             assert_eq!(k.len(), 32);
             assert!(k.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')));
         }
-        let replay = claim_ok(ledger, request(&levels, Some(&ka), "g")).await;
+        let replay = claim_ok(ledger, claim_request(&levels, Some(&ka), "g")).await;
         assert!(replay.replayed);
         assert_eq!(replay.receipt.compact(), a.receipt.compact());
         assert_eq!(used(ledger, &levels).await, vec![2]);
@@ -767,12 +777,12 @@ pub async fn invalid_requests_rejected(h: Harness) {
     bounded("invalid_requests_rejected", async {
         let ledger = h.ledger.as_ref();
         let root = level(Some(5));
-        let empty = request(&[], None, "i");
+        let empty = claim_request(&[], None, "i");
         assert!(matches!(
             ledger.claim(empty).await,
             Err(LedgerError::InvalidRequest(_))
         ));
-        let twice = request(&[root.clone(), root.clone()], None, "i");
+        let twice = claim_request(&[root.clone(), root.clone()], None, "i");
         assert!(matches!(
             ledger.claim(twice).await,
             Err(LedgerError::InvalidRequest(_))

@@ -7,10 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use till_ledger::{
-    ClaimRequest, EmbeddedConfig, EmbeddedLedger, Ledger, LedgerError, Level, Refusal,
-    RequestDigest,
-};
+use till_ledger::conformance::claim_request;
+use till_ledger::{EmbeddedConfig, EmbeddedLedger, Ledger, LedgerError, Level, Refusal};
 use till_receipt::{audit_chain, ReceiptKeySet, ReceiptSigner};
 
 fn signer() -> Arc<ReceiptSigner> {
@@ -42,22 +40,6 @@ fn levels(caps: &[Option<u64>]) -> Vec<Level> {
         .collect()
 }
 
-fn request(levels: &[Level]) -> ClaimRequest {
-    ClaimRequest {
-        levels: levels.to_vec(),
-        idempotency_key: None,
-        request: RequestDigest {
-            method: "POST".into(),
-            upstream: "openai".into(),
-            path: "/v1/chat/completions".into(),
-            body_sha256: "ab".repeat(32),
-            model: None,
-        },
-        now: 1_750_000_000,
-        not_after: None,
-    }
-}
-
 async fn used(ledger: &dyn Ledger, levels: &[Level]) -> Vec<u64> {
     ledger
         .usage(levels)
@@ -84,14 +66,22 @@ async fn state_survives_reopen_and_chain_continues() {
     {
         let ledger = open(&path, 256, Duration::from_secs(10));
         for _ in 0..3 {
-            ledger.claim(request(&token)).await.unwrap().unwrap();
+            ledger
+                .claim(claim_request(&token, None, "chat"))
+                .await
+                .unwrap()
+                .unwrap();
         }
         ledger.revoke(&[9; 64]).await.unwrap();
     }
     let ledger = open(&path, 1, Duration::from_secs(10));
     assert_eq!(used(&ledger, &token).await, vec![3, 3]);
     assert!(ledger.usage(&levels_with(&[9; 64])).await.unwrap()[0].revoked);
-    let c = ledger.claim(request(&token)).await.unwrap().unwrap();
+    let c = ledger
+        .claim(claim_request(&token, None, "chat"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(c.receipt.body().seq, 4);
     assert_eq!(c.remaining, Some(0));
     assert_eq!(chain_len(&ledger, &token[0].revocation_id).await, 4);
@@ -145,7 +135,7 @@ async fn queued_batch_on_a_hot_token_is_exact() {
     let tasks: Vec<_> = (0..12)
         .map(|_| {
             let ledger = Arc::clone(&ledger);
-            let req = request(&token);
+            let req = claim_request(&token, None, "chat");
             tokio::spawn(async move { ledger.claim(req).await })
         })
         .collect();
@@ -175,10 +165,17 @@ async fn frozen_writer_times_out_then_recovers_without_charging() {
     let ledger = open(&dir.path().join("l.redb"), 256, Duration::from_millis(300));
     let faults = ledger.faults();
     let token = levels(&[Some(3)]);
-    ledger.claim(request(&token)).await.unwrap().unwrap();
+    ledger
+        .claim(claim_request(&token, None, "chat"))
+        .await
+        .unwrap()
+        .unwrap();
     faults.freeze();
     for _ in 0..3 {
-        let err = ledger.claim(request(&token)).await.unwrap_err();
+        let err = ledger
+            .claim(claim_request(&token, None, "chat"))
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, LedgerError::Unavailable(ref m) if m == "timed out"),
             "{err:?}"
@@ -189,7 +186,11 @@ async fn frozen_writer_times_out_then_recovers_without_charging() {
     // Reads do not go through the writer.
     assert_eq!(used(&ledger, &token).await, vec![1]);
     faults.unfreeze();
-    let c = ledger.claim(request(&token)).await.unwrap().unwrap();
+    let c = ledger
+        .claim(claim_request(&token, None, "chat"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         c.receipt.body().seq,
         2,
@@ -206,7 +207,11 @@ async fn stall_shorter_than_timeout_only_delays() {
     let ledger = open(&dir.path().join("l.redb"), 256, Duration::from_secs(10));
     let token = levels(&[None]);
     ledger.faults().stall_for(Duration::from_millis(100));
-    let c = ledger.claim(request(&token)).await.unwrap().unwrap();
+    let c = ledger
+        .claim(claim_request(&token, None, "chat"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(c.receipt.body().seq, 1);
 }
 
@@ -220,12 +225,16 @@ async fn failed_commit_answers_unavailable_and_stores_nothing() {
     ));
     let faults = ledger.faults();
     let token = levels(&[Some(100), Some(50)]);
-    ledger.claim(request(&token)).await.unwrap().unwrap();
+    ledger
+        .claim(claim_request(&token, None, "chat"))
+        .await
+        .unwrap()
+        .unwrap();
     faults.fail_commits(true);
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let ledger = Arc::clone(&ledger);
-            let req = request(&token);
+            let req = claim_request(&token, None, "chat");
             tokio::spawn(async move { ledger.claim(req).await })
         })
         .collect();
@@ -240,7 +249,11 @@ async fn failed_commit_answers_unavailable_and_stores_nothing() {
     assert_eq!(used(ledger.as_ref(), &token).await, vec![1, 1]);
     assert!(!ledger.usage(&token).await.unwrap()[1].revoked);
     faults.reset();
-    let c = ledger.claim(request(&token)).await.unwrap().unwrap();
+    let c = ledger
+        .claim(claim_request(&token, None, "chat"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(c.receipt.body().seq, 2);
     assert_eq!(chain_len(ledger.as_ref(), &token[0].revocation_id).await, 2);
 }
@@ -252,7 +265,7 @@ async fn failed_signing_is_an_error_and_writes_nothing() {
     let faults = ledger.faults();
     let token = levels(&[Some(2)]);
     faults.fail_signing(true);
-    let mut req = request(&token);
+    let mut req = claim_request(&token, None, "chat");
     req.idempotency_key = Some("sig".into());
     let err = ledger.claim(req.clone()).await.unwrap_err();
     assert!(matches!(err, LedgerError::Signing(_)), "{err:?}");
@@ -272,10 +285,14 @@ async fn unsignable_receipt_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = open(&dir.path().join("l.redb"), 256, Duration::from_secs(10));
     let token = levels(&[None]);
-    let mut req = request(&token);
+    let mut req = claim_request(&token, None, "chat");
     req.request.path = "/".repeat(till_receipt::MAX_RECEIPT_LEN);
     let err = ledger.claim(req).await.unwrap_err();
     assert!(matches!(err, LedgerError::Signing(_)), "{err:?}");
     assert_eq!(used(&ledger, &token).await, vec![0]);
-    ledger.claim(request(&token)).await.unwrap().unwrap();
+    ledger
+        .claim(claim_request(&token, None, "chat"))
+        .await
+        .unwrap()
+        .unwrap();
 }
