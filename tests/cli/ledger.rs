@@ -51,6 +51,7 @@ async fn claim(ledger: &EmbeddedLedger, levels: &[Level], n: u32) -> Result<Stri
         },
         now: 1_800_000_000,
         not_after: None,
+        meta: None,
     };
     ledger
         .claim(req)

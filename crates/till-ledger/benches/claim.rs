@@ -30,6 +30,7 @@ fn open(max_batch: usize) -> (Arc<EmbeddedLedger>, TempDir) {
         proxy_id: "bench".into(),
         max_batch,
         claim_timeout: Duration::from_secs(60),
+        alerts: till_ledger::AlertPolicy::default(),
     };
     let ledger = EmbeddedLedger::open(dir.path().join("ledger.redb"), config).unwrap();
     (Arc::new(ledger), dir)

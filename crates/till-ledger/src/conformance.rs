@@ -37,7 +37,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use till_receipt::{audit_chain, Receipt, ReceiptKeySet, RequestDigest};
 
+use crate::alert::{AlertKind, AlertOutcome, DeliveryStatus};
+use crate::family::{BlockMeta, KeyBlocks};
 use crate::{Claim, ClaimRequest, Ledger, LedgerError, Level, Refusal, MAX_REPLAYS};
+
+// Harness requirement: the backend runs with the default alert policy
+// (`AlertPolicy::default()`: thresholds 80 % and 100 %, revocation alerts, no rate ceiling).
 
 /// Upper bound on one case's wall time.
 pub const CASE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -72,6 +77,10 @@ where
     unknown_blocks_and_idempotent_revoke(make().await).await;
     generated_idempotency_keys(make().await).await;
     invalid_requests_rejected(make().await).await;
+    families_and_blocks_recorded(make().await).await;
+    threshold_alerts_exactly_once(make().await).await;
+    alert_outbox_lease_and_settle(make().await).await;
+    revocation_alert_once(make().await).await;
 }
 
 async fn bounded(name: &str, case: impl Future<Output = ()>) {
@@ -117,8 +126,27 @@ pub fn claim_request(levels: &[Level], key: Option<&str>, tag: &str) -> ClaimReq
         request: digest(tag),
         now: NOW,
         not_after: None,
+        meta: Some(Arc::new(block_meta(levels))),
     }
 }
+
+/// The caveats a claim through `levels` declares: each level's cap; the authority block
+/// also upstream `openai` and label [`LABEL`].
+pub fn block_meta(levels: &[Level]) -> Vec<BlockMeta> {
+    levels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| BlockMeta {
+            label: (i == 0).then(|| LABEL.to_owned()),
+            upstream: (i == 0).then(|| "openai".to_owned()),
+            cap: l.cap,
+            ..BlockMeta::default()
+        })
+        .collect()
+}
+
+/// The label [`claim_request`] gives every family.
+pub const LABEL: &str = "conformance";
 
 async fn claim(ledger: &dyn Ledger, req: ClaimRequest) -> Result<Claim, Refusal> {
     match ledger.claim(req).await {
@@ -793,6 +821,329 @@ pub async fn invalid_requests_rejected(h: Harness) {
             .await
             .unwrap()
             .is_empty());
+    })
+    .await;
+}
+
+/// Families appear after their first committed claim (never after a refusal), with the
+/// authority block's label, upstream and cap, usage, activity and every block seen under
+/// its parent; a key recorded through `record_key` is listed before any claim, `minted`.
+pub async fn families_and_blocks_recorded(h: Harness) {
+    bounded("families_and_blocks_recorded", async {
+        let ledger = h.ledger.as_ref();
+        let root = level(Some(10));
+        let a = level(Some(4));
+        let b = level(None);
+        let refused_family = level(Some(1));
+        let f = hex::encode(&root.revocation_id);
+
+        // A refusal records nothing: the expired claim never lists its family.
+        let mut expired = claim_request(std::slice::from_ref(&refused_family), None, "exp");
+        expired.not_after = Some(NOW - 1);
+        assert_eq!(claim_refused(ledger, expired).await, Refusal::Expired);
+
+        claim_ok(
+            ledger,
+            claim_request(&[root.clone(), a.clone()], None, "a1"),
+        )
+        .await;
+        claim_ok(
+            ledger,
+            claim_request(&[root.clone(), a.clone()], None, "a2"),
+        )
+        .await;
+        claim_ok(
+            ledger,
+            claim_request(&[root.clone(), b.clone()], None, "b1"),
+        )
+        .await;
+
+        let families = ledger.families(NOW).await.unwrap();
+        let ours: Vec<_> = families.iter().filter(|v| v.family == f).collect();
+        assert_eq!(ours.len(), 1, "family listed once: {families:?}");
+        let view = ours[0];
+        assert_eq!(view.label.as_deref(), Some(LABEL));
+        assert_eq!(view.upstream.as_deref(), Some("openai"));
+        assert_eq!(
+            (view.cap, view.used, view.remaining),
+            (Some(10), 3, Some(7))
+        );
+        assert!(!view.revoked && !view.minted);
+        assert_eq!(view.blocks, 3);
+        assert_eq!(view.first_activation, Some(NOW));
+        assert_eq!(view.last_activation, Some(NOW));
+        assert_eq!(view.activity.last_hour, 3);
+        assert_eq!(view.activity.per_minute.last(), Some(&3));
+        let refused_hex = hex::encode(&refused_family.revocation_id);
+        assert!(
+            families.iter().all(|v| v.family != refused_hex),
+            "a refused claim recorded its family"
+        );
+
+        let detail = ledger
+            .family(&root.revocation_id, NOW)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(detail.family, *view);
+        let blocks: BTreeMap<String, (u32, Option<String>, u64, Option<u64>)> = detail
+            .blocks
+            .iter()
+            .map(|b| {
+                (
+                    b.record.revocation_id.clone(),
+                    (b.record.index, b.record.parent.clone(), b.used, b.remaining),
+                )
+            })
+            .collect();
+        assert_eq!(blocks.len(), 3);
+        assert_eq!(blocks[&f], (0, None, 3, Some(7)));
+        assert_eq!(
+            blocks[&hex::encode(&a.revocation_id)],
+            (1, Some(f.clone()), 2, Some(2))
+        );
+        assert_eq!(
+            blocks[&hex::encode(&b.revocation_id)],
+            (1, Some(f.clone()), 1, None)
+        );
+        assert!(detail.blocks[0].record.index == 0, "authority block first");
+        assert!(ledger
+            .family(&random_revocation_id(), NOW)
+            .await
+            .unwrap()
+            .is_none());
+
+        // Recorded at mint, before any use; recording again changes nothing.
+        let minted = level(Some(5));
+        let key = KeyBlocks {
+            blocks: vec![(
+                minted.revocation_id.clone(),
+                block_meta(std::slice::from_ref(&minted))[0].clone(),
+            )],
+        };
+        ledger.record_key(key.clone(), NOW - 5).await.unwrap();
+        ledger.record_key(key, NOW).await.unwrap();
+        let m = ledger
+            .family(&minted.revocation_id, NOW)
+            .await
+            .unwrap()
+            .expect("minted family listed before use");
+        assert!(m.family.minted);
+        assert_eq!(
+            (m.family.used, m.family.cap, m.family.recorded_at),
+            (0, Some(5), NOW - 5)
+        );
+        assert_eq!(m.family.last_activation, None);
+        // Recording a known block through the admin API marks it minted, keeps the rest.
+        ledger
+            .record_key(
+                KeyBlocks {
+                    blocks: vec![(root.revocation_id.clone(), BlockMeta::default())],
+                },
+                NOW + 100,
+            )
+            .await
+            .unwrap();
+        let again = ledger
+            .family(&root.revocation_id, NOW)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(again.family.minted);
+        assert_eq!(again.family.label.as_deref(), Some(LABEL));
+        assert_eq!(again.family.recorded_at, view.recorded_at);
+        assert!(ledger
+            .record_key(KeyBlocks { blocks: vec![] }, NOW)
+            .await
+            .is_err());
+    })
+    .await;
+}
+
+/// Cap 10, 50 concurrent claims: exactly one 80 % and one 100 % alert for the block,
+/// each reported by exactly one claim, stored once, pending delivery; a sub-block with
+/// its own cap alerts on its own count.
+pub async fn threshold_alerts_exactly_once(h: Harness) {
+    bounded("threshold_alerts_exactly_once", async {
+        let root = level(Some(10));
+        let child = level(Some(5));
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let ledger = Arc::clone(&h.ledger);
+                let levels = if i % 2 == 0 {
+                    vec![root.clone()]
+                } else {
+                    vec![root.clone(), child.clone()]
+                };
+                let req = claim_request(&levels, None, &format!("alert{i}"));
+                tokio::spawn(async move { ledger.claim(req).await })
+            })
+            .collect();
+        let mut reported = Vec::new();
+        let mut ok = 0;
+        for task in tasks {
+            if let Ok(Ok(c)) = task.await.unwrap() {
+                ok += 1;
+                reported.extend(c.alerts.into_iter().map(|a| a.id));
+            }
+        }
+        assert_eq!(ok, 10);
+        let r = hex::encode(&root.revocation_id);
+        let c = hex::encode(&child.revocation_id);
+        reported.sort();
+        let used_child = used(h.ledger.as_ref(), &[root.clone(), child.clone()]).await[1];
+        let mut expected = vec![format!("threshold:{r}:100"), format!("threshold:{r}:80")];
+        if used_child >= 4 {
+            expected.push(format!("threshold:{c}:80"));
+        }
+        if used_child >= 5 {
+            expected.push(format!("threshold:{c}:100"));
+        }
+        expected.sort();
+        assert_eq!(
+            reported, expected,
+            "each threshold reported by exactly one claim"
+        );
+        let stored: Vec<_> = h
+            .ledger
+            .alerts(1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.family.as_deref() == Some(r.as_str()))
+            .collect();
+        let mut stored_ids: Vec<_> = stored.iter().map(|a| a.id.clone()).collect();
+        stored_ids.sort();
+        assert_eq!(stored_ids, expected);
+        for a in &stored {
+            assert_eq!(a.kind, AlertKind::Threshold);
+            assert_eq!(a.delivery.status, DeliveryStatus::Pending);
+            assert_eq!(a.label.as_deref(), Some(LABEL));
+            let pct = u64::from(a.threshold.unwrap());
+            assert_eq!(
+                a.used,
+                Some(crate::alert::trigger(a.cap.unwrap(), pct as u8))
+            );
+        }
+        // Refused claims past the cap fire nothing more.
+        assert!(claim(
+            h.ledger.as_ref(),
+            claim_request(&[root.clone()], None, "more")
+        )
+        .await
+        .is_err());
+        assert_eq!(
+            h.ledger
+                .alerts(1000)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|a| a.family.as_deref() == Some(r.as_str()))
+                .count(),
+            expected.len()
+        );
+    })
+    .await;
+}
+
+/// The outbox: a due alert is leased once (a second deliverer gets nothing while the
+/// lease runs), a failed attempt comes back at its retry time, a delivered one never.
+pub async fn alert_outbox_lease_and_settle(h: Harness) {
+    bounded("alert_outbox_lease_and_settle", async {
+        let ledger = h.ledger.as_ref();
+        let root = level(Some(1));
+        let c = claim_ok(ledger, claim_request(&[root.clone()], None, "one")).await;
+        let ids: Vec<String> = c.alerts.iter().map(|a| a.id.clone()).collect();
+        assert_eq!(
+            ids.len(),
+            2,
+            "cap 1: 80 % and 100 % both at the first claim"
+        );
+        let mine = |v: Vec<crate::AlertRecord>| -> Vec<crate::AlertRecord> {
+            v.into_iter().filter(|a| ids.contains(&a.id)).collect()
+        };
+        let first = mine(ledger.lease_alerts(NOW, 30, 1000).await.unwrap());
+        assert_eq!(first.len(), 2);
+        assert!(first.iter().all(|a| a.delivery.attempts == 1));
+        assert!(mine(ledger.lease_alerts(NOW + 29, 30, 1000).await.unwrap()).is_empty());
+        ledger
+            .settle_alert(&ids[0], AlertOutcome::Delivered { at: NOW + 1 })
+            .await
+            .unwrap();
+        ledger
+            .settle_alert(
+                &ids[1],
+                AlertOutcome::Failed {
+                    error: "receiver said 503".into(),
+                    retry_at: NOW + 60,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(mine(ledger.lease_alerts(NOW + 59, 30, 1000).await.unwrap()).is_empty());
+        let again = mine(ledger.lease_alerts(NOW + 60, 30, 1000).await.unwrap());
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].id, ids[1]);
+        assert_eq!(again[0].delivery.attempts, 2);
+        assert_eq!(
+            again[0].delivery.last_error.as_deref(),
+            Some("receiver said 503")
+        );
+        let all = mine(ledger.alerts(1000).await.unwrap());
+        let delivered = all.iter().find(|a| a.id == ids[0]).unwrap();
+        assert_eq!(delivered.delivery.status, DeliveryStatus::Delivered);
+        assert_eq!(delivered.delivery.delivered_at, Some(NOW + 1));
+        assert!(ledger
+            .settle_alert("threshold:nope:80", AlertOutcome::NotConfigured)
+            .await
+            .is_err());
+    })
+    .await;
+}
+
+/// Revoking fires one revocation alert naming the block's family; revoking again fires
+/// nothing and reports `newly: false`.
+pub async fn revocation_alert_once(h: Harness) {
+    bounded("revocation_alert_once", async {
+        let ledger = h.ledger.as_ref();
+        let root = level(Some(10));
+        let child = level(Some(5));
+        claim_ok(
+            ledger,
+            claim_request(&[root.clone(), child.clone()], None, "x"),
+        )
+        .await;
+        let first = ledger.revoke(&child.revocation_id).await.unwrap();
+        assert!(first.newly);
+        assert_eq!(first.family, Some(hex::encode(&root.revocation_id)));
+        let alert = first.alert.expect("revocation alert");
+        assert_eq!(alert.kind, AlertKind::Revocation);
+        assert_eq!(alert.block, Some(1));
+        assert_eq!(alert.label.as_deref(), Some(LABEL));
+        let second = ledger.revoke(&child.revocation_id).await.unwrap();
+        assert!(!second.newly && second.alert.is_none());
+        let id = format!("revocation:{}", hex::encode(&child.revocation_id));
+        assert_eq!(
+            ledger
+                .alerts(1000)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|a| a.id == id)
+                .count(),
+            1
+        );
+        let detail = ledger
+            .family(&root.revocation_id, NOW)
+            .await
+            .unwrap()
+            .unwrap();
+        let b = detail.blocks.iter().find(|b| b.record.index == 1).unwrap();
+        assert!(b.revoked && b.revoked_at.is_some());
+        assert!(!detail.family.revoked);
+        // An unknown block can be revoked too (keys are verified offline); no family.
+        let stranger = ledger.revoke(&random_revocation_id()).await.unwrap();
+        assert!(stranger.newly && stranger.family.is_none());
     })
     .await;
 }

@@ -21,9 +21,13 @@ use redb::{Database, DatabaseError, Durability, ReadableTable, TableDefinition};
 use till_receipt::{Receipt, ReceiptSigner};
 use tokio::sync::oneshot;
 
+use crate::alert::{self, AlertOutcome, AlertPolicy, AlertRecord};
+use crate::family::{self, Activity, BlockRecord, BlockView, FamilyDetail, FamilyView, KeyBlocks};
 use crate::fault::Faults;
 use crate::plan::{self, ClaimContext, ClaimState, Plan, StoredIdempotency};
-use crate::{BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Refusal};
+use crate::{
+    BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Refusal, Revoked,
+};
 
 /// Counter per block: revocation id → activations claimed through it (and descendants).
 const COUNTERS: TableDefinition<&[u8], u64> = TableDefinition::new("counters");
@@ -35,6 +39,18 @@ const RECEIPTS: TableDefinition<(&[u8], u64), &str> = TableDefinition::new("rece
 const CHAIN_HEADS: TableDefinition<&[u8], (u64, &str)> = TableDefinition::new("chain_heads");
 /// Idempotency records: (presented token's last revocation id, key) → JSON record.
 const IDEMPOTENCY: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("idempotency");
+/// Blocks seen (first claim or admin mint): revocation id → JSON [`BlockRecord`].
+const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
+/// Index of a family's blocks: (family id, revocation id) → ().
+const FAMILY_BLOCKS: TableDefinition<(&[u8], &[u8]), ()> = TableDefinition::new("family_blocks");
+/// Families known: family id → Unix time first recorded.
+const FAMILIES: TableDefinition<&[u8], u64> = TableDefinition::new("families");
+/// Activity: (family id, Unix minute) → activations in that minute.
+const ACTIVITY: TableDefinition<(&[u8], u64), u64> = TableDefinition::new("activity");
+/// Alerts: alert id → JSON [`AlertRecord`].
+const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
+/// Outbox: alert id → Unix time fired, while its delivery is pending.
+const OUTBOX: TableDefinition<&str, u64> = TableDefinition::new("outbox");
 /// Metadata: `schema_version` → [`SCHEMA_VERSION`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -58,6 +74,8 @@ pub struct EmbeddedConfig {
     /// How long `claim` and `revoke` wait for the writer before answering
     /// [`LedgerError::Unavailable`] (see `spec/ledger.md`, "What a timeout means").
     pub claim_timeout: Duration,
+    /// Which alerts claims and revocations fire.
+    pub alerts: AlertPolicy,
 }
 
 impl EmbeddedConfig {
@@ -73,6 +91,7 @@ impl EmbeddedConfig {
             proxy_id: proxy_id.into(),
             max_batch: Self::DEFAULT_MAX_BATCH,
             claim_timeout: Self::DEFAULT_CLAIM_TIMEOUT,
+            alerts: AlertPolicy::default(),
         }
     }
 }
@@ -85,11 +104,24 @@ enum Command {
         idempotency_key: String,
         reply: oneshot::Sender<ClaimAnswer>,
     },
-    Revoke {
-        revocation_id: Vec<u8>,
-        at: u64,
-        reply: oneshot::Sender<Result<(), LedgerError>>,
+    Admin {
+        op: AdminOp,
+        reply: oneshot::Sender<Result<AdminAnswer, LedgerError>>,
     },
+}
+
+/// State changes other than claims (rare; they share the writer and its batches).
+enum AdminOp {
+    Revoke { revocation_id: Vec<u8>, at: u64 },
+    Record { key: KeyBlocks, at: u64 },
+    Lease { now: u64, lease: u64, limit: usize },
+    Settle { id: String, outcome: AlertOutcome },
+}
+
+enum AdminAnswer {
+    Revoked(Revoked),
+    Done,
+    Leased(Vec<AlertRecord>),
 }
 
 impl Command {
@@ -98,7 +130,7 @@ impl Command {
     fn abandoned(&self) -> bool {
         match self {
             Command::Claim { reply, .. } => reply.is_closed(),
-            Command::Revoke { reply, .. } => reply.is_closed(),
+            Command::Admin { reply, .. } => reply.is_closed(),
         }
     }
 }
@@ -107,7 +139,7 @@ impl Command {
 #[allow(clippy::large_enum_variant)]
 enum Answer {
     Claim(ClaimAnswer),
-    Revoke(Result<(), LedgerError>),
+    Admin(Result<AdminAnswer, LedgerError>),
 }
 
 /// The embedded, single-node ledger (redb). See the module docs and `spec/ledger.md`.
@@ -143,6 +175,7 @@ impl EmbeddedLedger {
             db: Arc::clone(&db),
             kid: config.signer.key_id().to_owned(),
             signer: config.signer,
+            alerts: config.alerts,
             proxy_id: config.proxy_id,
             max_batch: config.max_batch.max(1),
             faults: Arc::clone(&faults),
@@ -200,6 +233,12 @@ impl EmbeddedLedger {
         }
     }
 
+    async fn admin(&self, op: AdminOp) -> Result<AdminAnswer, LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Admin { op, reply })?;
+        self.wait(answer).await?
+    }
+
     async fn read<T, F>(&self, f: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
@@ -241,19 +280,129 @@ impl Ledger for EmbeddedLedger {
         })
     }
 
-    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<(), LedgerError>> {
+    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<Revoked, LedgerError>> {
         let revocation_id = revocation_id.to_vec();
         Box::pin(async move {
             if revocation_id.is_empty() {
                 return Err(LedgerError::InvalidRequest("empty revocation id".into()));
             }
-            let (reply, answer) = oneshot::channel();
-            self.send(Command::Revoke {
-                revocation_id,
-                at: unix_now(),
-                reply,
-            })?;
-            self.wait(answer).await?
+            match self
+                .admin(AdminOp::Revoke {
+                    revocation_id,
+                    at: unix_now(),
+                })
+                .await?
+            {
+                AdminAnswer::Revoked(r) => Ok(r),
+                _ => Err(LedgerError::Unavailable("internal mismatch".into())),
+            }
+        })
+    }
+
+    fn record_key(&self, key: KeyBlocks, at: u64) -> BoxFuture<'_, Result<(), LedgerError>> {
+        Box::pin(async move {
+            if key.blocks.is_empty() || key.blocks.iter().any(|(id, _)| id.is_empty()) {
+                return Err(LedgerError::InvalidRequest(
+                    "a key needs at least one block with a revocation id".into(),
+                ));
+            }
+            self.admin(AdminOp::Record { key, at }).await.map(|_| ())
+        })
+    }
+
+    fn families(&self, now: u64) -> BoxFuture<'_, Result<Vec<FamilyView>, LedgerError>> {
+        Box::pin(self.read(move |db| {
+            let r = ReadTables::open(db)?;
+            let mut out = Vec::new();
+            for entry in r.families.iter().map_err(unavailable)? {
+                let (family, recorded_at) = entry.map_err(unavailable)?;
+                out.push(r.family_view(family.value(), recorded_at.value(), now)?);
+            }
+            Ok(out)
+        }))
+    }
+
+    fn family(
+        &self,
+        family: &[u8],
+        now: u64,
+    ) -> BoxFuture<'_, Result<Option<FamilyDetail>, LedgerError>> {
+        let family = family.to_vec();
+        Box::pin(self.read(move |db| {
+            let r = ReadTables::open(db)?;
+            let Some(recorded_at) = r.families.get(family.as_slice()).map_err(unavailable)? else {
+                return Ok(None);
+            };
+            let view = r.family_view(&family, recorded_at.value(), now)?;
+            let start = (family.as_slice(), &[][..]);
+            let mut blocks = Vec::new();
+            for entry in r.family_blocks.range(start..).map_err(unavailable)? {
+                let (key, _) = entry.map_err(unavailable)?;
+                let (fam, rev) = key.value();
+                if fam != family.as_slice() {
+                    break;
+                }
+                if let Some(record) = r.block(rev)? {
+                    blocks.push(r.block_view(rev, record)?);
+                }
+            }
+            blocks.sort_by(|a, b| {
+                (a.record.index, &a.record.revocation_id)
+                    .cmp(&(b.record.index, &b.record.revocation_id))
+            });
+            Ok(Some(FamilyDetail {
+                family: view,
+                blocks,
+            }))
+        }))
+    }
+
+    fn alerts(&self, limit: usize) -> BoxFuture<'_, Result<Vec<AlertRecord>, LedgerError>> {
+        Box::pin(self.read(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(ALERTS).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(unavailable)? {
+                let (_, value) = entry.map_err(unavailable)?;
+                out.push(AlertRecord::from_bytes(value.value())?);
+            }
+            out.sort_by(|a, b| (b.at, &b.id).cmp(&(a.at, &a.id)));
+            out.truncate(limit);
+            Ok(out)
+        }))
+    }
+
+    fn lease_alerts(
+        &self,
+        now: u64,
+        lease_secs: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<AlertRecord>, LedgerError>> {
+        Box::pin(async move {
+            match self
+                .admin(AdminOp::Lease {
+                    now,
+                    lease: lease_secs,
+                    limit,
+                })
+                .await?
+            {
+                AdminAnswer::Leased(v) => Ok(v),
+                _ => Err(LedgerError::Unavailable("internal mismatch".into())),
+            }
+        })
+    }
+
+    fn settle_alert(
+        &self,
+        id: &str,
+        outcome: AlertOutcome,
+    ) -> BoxFuture<'_, Result<(), LedgerError>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            self.admin(AdminOp::Settle { id, outcome })
+                .await
+                .map(|_| ())
         })
     }
 
@@ -356,9 +505,241 @@ fn open_database(path: &Path) -> Result<Database, LedgerError> {
             .map_err(|e| open_err(e.to_string()))?;
         txn.open_table(IDEMPOTENCY)
             .map_err(|e| open_err(e.to_string()))?;
+        txn.open_table(BLOCKS)
+            .map_err(|e| open_err(e.to_string()))?;
+        txn.open_table(FAMILY_BLOCKS)
+            .map_err(|e| open_err(e.to_string()))?;
+        txn.open_table(FAMILIES)
+            .map_err(|e| open_err(e.to_string()))?;
+        txn.open_table(ACTIVITY)
+            .map_err(|e| open_err(e.to_string()))?;
+        txn.open_table(ALERTS)
+            .map_err(|e| open_err(e.to_string()))?;
+        txn.open_table(OUTBOX)
+            .map_err(|e| open_err(e.to_string()))?;
     }
     txn.commit().map_err(|e| open_err(e.to_string()))?;
     Ok(db)
+}
+
+/// Read-only tables for the admin read models.
+struct ReadTables {
+    counters: redb::ReadOnlyTable<&'static [u8], u64>,
+    revoked: redb::ReadOnlyTable<&'static [u8], u64>,
+    receipts: redb::ReadOnlyTable<(&'static [u8], u64), &'static str>,
+    chain_heads: redb::ReadOnlyTable<&'static [u8], (u64, &'static str)>,
+    blocks: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    family_blocks: redb::ReadOnlyTable<(&'static [u8], &'static [u8]), ()>,
+    families: redb::ReadOnlyTable<&'static [u8], u64>,
+    activity: redb::ReadOnlyTable<(&'static [u8], u64), u64>,
+}
+
+impl ReadTables {
+    fn open(db: &Database) -> Result<Self, LedgerError> {
+        let txn = db.begin_read().map_err(unavailable)?;
+        Ok(Self {
+            counters: txn.open_table(COUNTERS).map_err(unavailable)?,
+            revoked: txn.open_table(REVOKED).map_err(unavailable)?,
+            receipts: txn.open_table(RECEIPTS).map_err(unavailable)?,
+            chain_heads: txn.open_table(CHAIN_HEADS).map_err(unavailable)?,
+            blocks: txn.open_table(BLOCKS).map_err(unavailable)?,
+            family_blocks: txn.open_table(FAMILY_BLOCKS).map_err(unavailable)?,
+            families: txn.open_table(FAMILIES).map_err(unavailable)?,
+            activity: txn.open_table(ACTIVITY).map_err(unavailable)?,
+        })
+    }
+
+    fn block(&self, rev: &[u8]) -> Result<Option<BlockRecord>, LedgerError> {
+        match self.blocks.get(rev).map_err(unavailable)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|e| LedgerError::Corrupt(format!("block record: {e}"))),
+        }
+    }
+
+    fn block_view(&self, rev: &[u8], record: BlockRecord) -> Result<BlockView, LedgerError> {
+        let used = self
+            .counters
+            .get(rev)
+            .map_err(unavailable)?
+            .map_or(0, |v| v.value());
+        let revoked_at = self
+            .revoked
+            .get(rev)
+            .map_err(unavailable)?
+            .map(|v| v.value());
+        Ok(BlockView {
+            remaining: family::remaining_of(record.caveats.cap, used),
+            record,
+            used,
+            revoked: revoked_at.is_some(),
+            revoked_at,
+        })
+    }
+
+    fn receipt_time(&self, family: &[u8], seq: u64) -> Result<Option<u64>, LedgerError> {
+        let Some(v) = self.receipts.get((family, seq)).map_err(unavailable)? else {
+            return Ok(None);
+        };
+        let receipt = Receipt::parse(v.value()).map_err(|e| {
+            LedgerError::Corrupt(format!("stored receipt {seq} is unreadable: {e}"))
+        })?;
+        Ok(Some(receipt.body().iat))
+    }
+
+    fn family_view(
+        &self,
+        family: &[u8],
+        recorded_at: u64,
+        now: u64,
+    ) -> Result<FamilyView, LedgerError> {
+        let root = self.block(family)?;
+        let root_view = match root {
+            Some(record) => Some(self.block_view(family, record)?),
+            None => None,
+        };
+        let head = self
+            .chain_heads
+            .get(family)
+            .map_err(unavailable)?
+            .map(|v| v.value().0);
+        let first_seq = self
+            .receipts
+            .range((family, 0)..=(family, u64::MAX))
+            .map_err(unavailable)?
+            .next()
+            .transpose()
+            .map_err(unavailable)?
+            .map(|(k, _)| k.value().1);
+        let first_activation = match first_seq {
+            Some(seq) => self.receipt_time(family, seq)?,
+            None => None,
+        };
+        let last_activation = match head {
+            Some(seq) => self.receipt_time(family, seq)?,
+            None => None,
+        };
+        let current = now / 60;
+        let mut buckets = Vec::new();
+        let from = current.saturating_sub(61);
+        for entry in self
+            .activity
+            .range((family, from)..=(family, current))
+            .map_err(unavailable)?
+        {
+            let (k, v) = entry.map_err(unavailable)?;
+            buckets.push((k.value().1, v.value()));
+        }
+        let blocks = self
+            .family_blocks
+            .range((family, &[][..])..)
+            .map_err(unavailable)?
+            .take_while(|e| e.as_ref().map_or(true, |(k, _)| k.value().0 == family))
+            .count() as u64;
+        let used = self
+            .counters
+            .get(family)
+            .map_err(unavailable)?
+            .map_or(0, |v| v.value());
+        let caveats = root_view
+            .as_ref()
+            .map(|v| v.record.caveats.clone())
+            .unwrap_or_default();
+        Ok(FamilyView {
+            family: hex::encode(family),
+            label: caveats.label.clone(),
+            upstream: caveats.upstream.clone(),
+            cap: caveats.cap,
+            used,
+            remaining: family::remaining_of(caveats.cap, used),
+            revoked: self.revoked.get(family).map_err(unavailable)?.is_some(),
+            expires: caveats.expires,
+            recorded_at,
+            minted: root_view.is_some_and(|v| v.record.minted),
+            first_activation,
+            last_activation,
+            blocks,
+            activity: Activity::from_buckets(now, &buckets),
+        })
+    }
+}
+
+/// Counts one activation in the family's current minute; on the first of a new minute,
+/// deletes buckets older than [`family::ACTIVITY_MINUTES`].
+#[allow(clippy::result_large_err)] // see `Tables`
+fn record_activity(
+    t: &mut Tables<'_>,
+    family: &[u8],
+    minute: u64,
+    count: u64,
+) -> Result<(), redb::Error> {
+    t.activity.insert((family, minute), count)?;
+    if count == 1 {
+        let cutoff = minute.saturating_sub(family::ACTIVITY_MINUTES);
+        let old: Vec<u64> = t
+            .activity
+            .range((family, 0)..(family, cutoff))?
+            .map(|e| e.map(|(k, _)| k.value().1))
+            .collect::<Result<_, _>>()?;
+        for m in old {
+            t.activity.remove((family, m))?;
+        }
+    }
+    Ok(())
+}
+
+/// Records every block of `key` not yet known (and marks known ones `minted` when
+/// `minted`). Returns whether anything was written.
+#[allow(clippy::result_large_err)] // see `Tables`
+fn record_blocks(
+    t: &mut Tables<'_>,
+    key: &KeyBlocks,
+    at: u64,
+    minted: bool,
+) -> Result<bool, redb::Error> {
+    let Some((family, _)) = key.blocks.first() else {
+        return Ok(false);
+    };
+    let mut wrote = false;
+    for (record, (id, _)) in key.records(at, minted).into_iter().zip(&key.blocks) {
+        let existing = t.blocks.get(id.as_slice())?.map(|v| v.value().to_vec());
+        let bytes = match existing {
+            None => Some(serde_json::to_vec(&record).unwrap_or_default()),
+            Some(bytes) if minted => match serde_json::from_slice::<BlockRecord>(&bytes) {
+                Ok(mut old) if !old.minted => {
+                    old.minted = true;
+                    Some(serde_json::to_vec(&old).unwrap_or_default())
+                }
+                _ => None,
+            },
+            Some(_) => None,
+        };
+        if let Some(bytes) = bytes {
+            t.blocks.insert(id.as_slice(), bytes.as_slice())?;
+            t.family_blocks
+                .insert((family.as_slice(), id.as_slice()), ())?;
+            wrote = true;
+        }
+    }
+    if t.families.get(family.as_slice())?.is_none() {
+        t.families.insert(family.as_slice(), at)?;
+        wrote = true;
+    }
+    Ok(wrote)
+}
+
+/// Writes an alert and its outbox entry unless an alert with its id exists (exactly
+/// once). Returns whether it was written.
+#[allow(clippy::result_large_err)] // see `Tables`
+fn insert_alert(t: &mut Tables<'_>, alert: &AlertRecord) -> Result<bool, redb::Error> {
+    if t.alerts.get(alert.id.as_str())?.is_some() {
+        return Ok(false);
+    }
+    t.alerts
+        .insert(alert.id.as_str(), alert.to_bytes().as_slice())?;
+    t.outbox.insert(alert.id.as_str(), alert.at)?;
+    Ok(true)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> LedgerError {
@@ -375,6 +756,7 @@ fn unix_now() -> u64 {
 struct Writer {
     db: Arc<Database>,
     signer: Arc<ReceiptSigner>,
+    alerts: AlertPolicy,
     kid: String,
     proxy_id: String,
     max_batch: usize,
@@ -390,6 +772,12 @@ struct Tables<'txn> {
     receipts: redb::Table<'txn, (&'static [u8], u64), &'static str>,
     chain_heads: redb::Table<'txn, &'static [u8], (u64, &'static str)>,
     idempotency: redb::Table<'txn, (&'static [u8], &'static str), &'static [u8]>,
+    blocks: redb::Table<'txn, &'static [u8], &'static [u8]>,
+    family_blocks: redb::Table<'txn, (&'static [u8], &'static [u8]), ()>,
+    families: redb::Table<'txn, &'static [u8], u64>,
+    activity: redb::Table<'txn, (&'static [u8], u64), u64>,
+    alerts: redb::Table<'txn, &'static str, &'static [u8]>,
+    outbox: redb::Table<'txn, &'static str, u64>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -401,6 +789,12 @@ impl<'txn> Tables<'txn> {
             receipts: txn.open_table(RECEIPTS)?,
             chain_heads: txn.open_table(CHAIN_HEADS)?,
             idempotency: txn.open_table(IDEMPOTENCY)?,
+            blocks: txn.open_table(BLOCKS)?,
+            family_blocks: txn.open_table(FAMILY_BLOCKS)?,
+            families: txn.open_table(FAMILIES)?,
+            activity: txn.open_table(ACTIVITY)?,
+            alerts: txn.open_table(ALERTS)?,
+            outbox: txn.open_table(OUTBOX)?,
         })
     }
 }
@@ -439,13 +833,13 @@ impl Writer {
                 (Command::Claim { reply, .. }, Answer::Claim(a)) => {
                     let _ = reply.send(a);
                 }
-                (Command::Revoke { reply, .. }, Answer::Revoke(a)) => {
+                (Command::Admin { reply, .. }, Answer::Admin(a)) => {
                     let _ = reply.send(a);
                 }
-                (Command::Claim { reply, .. }, Answer::Revoke(_)) => {
+                (Command::Claim { reply, .. }, Answer::Admin(_)) => {
                     let _ = reply.send(Err(LedgerError::Unavailable("internal mismatch".into())));
                 }
-                (Command::Revoke { reply, .. }, Answer::Claim(_)) => {
+                (Command::Admin { reply, .. }, Answer::Claim(_)) => {
                     let _ = reply.send(Err(LedgerError::Unavailable("internal mismatch".into())));
                 }
             }
@@ -463,8 +857,8 @@ impl Writer {
                     Command::Claim { .. } => {
                         Answer::Claim(Err(LedgerError::Unavailable(why.clone())))
                     }
-                    Command::Revoke { .. } => {
-                        Answer::Revoke(Err(LedgerError::Unavailable(why.clone())))
+                    Command::Admin { .. } => {
+                        Answer::Admin(Err(LedgerError::Unavailable(why.clone())))
                     }
                 })
                 .collect()
@@ -516,21 +910,120 @@ impl Writer {
                     idempotency_key,
                     ..
                 } => self.apply_claim(&mut tables, req, idempotency_key)?,
-                Command::Revoke {
-                    revocation_id, at, ..
-                } => {
-                    let already = tables.revoked.get(revocation_id.as_slice())?.is_some();
-                    if !already {
-                        tables.revoked.insert(revocation_id.as_slice(), *at)?;
-                    }
-                    Applied {
-                        answer: Answer::Revoke(Ok(())),
-                        wrote: !already,
-                    }
-                }
+                Command::Admin { op, .. } => self.apply_admin(&mut tables, op)?,
             });
         }
         Ok(applied)
+    }
+
+    /// Revocations, key records and alert deliveries.
+    #[allow(clippy::result_large_err)] // see `Tables`
+    fn apply_admin(&self, t: &mut Tables<'_>, op: &AdminOp) -> Result<Applied, redb::Error> {
+        let done = |answer: Result<AdminAnswer, LedgerError>, wrote: bool| Applied {
+            answer: Answer::Admin(answer),
+            wrote,
+        };
+        match op {
+            AdminOp::Revoke { revocation_id, at } => {
+                let id = revocation_id.as_slice();
+                let record: Option<BlockRecord> = t
+                    .blocks
+                    .get(id)?
+                    .and_then(|v| serde_json::from_slice(v.value()).ok());
+                let family = record.as_ref().map(|r| r.family.clone());
+                if t.revoked.get(id)?.is_some() {
+                    return Ok(done(
+                        Ok(AdminAnswer::Revoked(Revoked {
+                            newly: false,
+                            family,
+                            alert: None,
+                        })),
+                        false,
+                    ));
+                }
+                t.revoked.insert(id, *at)?;
+                let label = match &record {
+                    Some(r) => {
+                        let root = hex::decode(&r.family).unwrap_or_default();
+                        t.blocks
+                            .get(root.as_slice())?
+                            .and_then(|v| serde_json::from_slice::<BlockRecord>(v.value()).ok())
+                            .and_then(|root| root.caveats.label)
+                    }
+                    None => None,
+                };
+                let mut alert = alert::revocation_alert(
+                    &self.alerts,
+                    id,
+                    family.clone(),
+                    record.as_ref().map(|r| r.index),
+                    label,
+                    *at,
+                );
+                if let Some(a) = &alert {
+                    if !insert_alert(t, a)? {
+                        alert = None;
+                    }
+                }
+                Ok(done(
+                    Ok(AdminAnswer::Revoked(Revoked {
+                        newly: true,
+                        family,
+                        alert,
+                    })),
+                    true,
+                ))
+            }
+            AdminOp::Record { key, at } => {
+                let wrote = record_blocks(t, key, *at, true)?;
+                Ok(done(Ok(AdminAnswer::Done), wrote))
+            }
+            AdminOp::Lease { now, lease, limit } => {
+                let ids: Vec<String> = t
+                    .outbox
+                    .iter()?
+                    .map(|e| e.map(|(k, _)| k.value().to_owned()))
+                    .collect::<Result<_, _>>()?;
+                let mut leased = Vec::new();
+                for id in ids {
+                    if leased.len() >= *limit {
+                        break;
+                    }
+                    let Some(bytes) = t.alerts.get(id.as_str())?.map(|v| v.value().to_vec()) else {
+                        t.outbox.remove(id.as_str())?;
+                        continue;
+                    };
+                    let mut record = match AlertRecord::from_bytes(&bytes) {
+                        Ok(r) => r,
+                        Err(e) => return Ok(done(Err(e), false)),
+                    };
+                    if alert::lease(&mut record, *now, *lease) {
+                        t.alerts.insert(id.as_str(), record.to_bytes().as_slice())?;
+                        leased.push(record);
+                    }
+                }
+                let wrote = !leased.is_empty();
+                Ok(done(Ok(AdminAnswer::Leased(leased)), wrote))
+            }
+            AdminOp::Settle { id, outcome } => {
+                let Some(bytes) = t.alerts.get(id.as_str())?.map(|v| v.value().to_vec()) else {
+                    return Ok(done(
+                        Err(LedgerError::InvalidRequest(format!("no alert {id}"))),
+                        false,
+                    ));
+                };
+                let mut record = match AlertRecord::from_bytes(&bytes) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(done(Err(e), false)),
+                };
+                alert::settle(&mut record, outcome);
+                t.alerts.insert(id.as_str(), record.to_bytes().as_slice())?;
+                if record.delivery.status != alert::DeliveryStatus::Pending {
+                    t.outbox.remove(id.as_str())?;
+                }
+                Ok(done(Ok(AdminAnswer::Done), true))
+            }
+        }
     }
 
     /// Reads the claim's state in the transaction, plans, and carries the plan out.
@@ -568,16 +1061,20 @@ impl Writer {
             let (seq, hash) = v.value();
             (seq, hash.to_owned())
         });
+        let minute = req.now / 60;
+        let minute_count = t.activity.get((family, minute))?.map_or(0, |v| v.value());
         let state = ClaimState {
             idempotency,
             revoked,
             counts,
             chain_head,
+            minute_count,
         };
         let ctx = ClaimContext {
             proxy_id: &self.proxy_id,
             kid: &self.kid,
             idempotency_key,
+            alerts: &self.alerts,
         };
 
         match plan::plan_claim(req, &state, &ctx) {
@@ -603,6 +1100,7 @@ impl Writer {
                         receipt,
                         replayed: true,
                         remaining,
+                        alerts: Vec::new(),
                     }))),
                     wrote: true,
                 })
@@ -611,6 +1109,8 @@ impl Writer {
                 new_counts,
                 body,
                 remaining,
+                minute_count,
+                alerts,
             }) => {
                 let signed = if self.faults.signing_should_fail() {
                     Err("injected signing failure".to_owned())
@@ -633,11 +1133,30 @@ impl Writer {
                 let record = StoredIdempotency::original(&req.request, receipt.compact());
                 t.idempotency
                     .insert((scope, idempotency_key), record.to_bytes().as_slice())?;
+                record_activity(t, family, minute, minute_count)?;
+                if let Some(meta) = &req.meta {
+                    let key = KeyBlocks {
+                        blocks: req
+                            .levels
+                            .iter()
+                            .map(|l| l.revocation_id.clone())
+                            .zip(meta.iter().cloned())
+                            .collect(),
+                    };
+                    record_blocks(t, &key, req.now, false)?;
+                }
+                let mut fired = Vec::with_capacity(alerts.len());
+                for alert in alerts {
+                    if insert_alert(t, &alert)? {
+                        fired.push(alert);
+                    }
+                }
                 Ok(Applied {
                     answer: Answer::Claim(Ok(Ok(Claim {
                         receipt,
                         replayed: false,
                         remaining,
+                        alerts: fired,
                     }))),
                     wrote: true,
                 })

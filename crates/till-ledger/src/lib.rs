@@ -15,6 +15,11 @@
 //! same conformance suite (`conformance` cargo feature). Normative details:
 //! `spec/ledger.md`.
 //!
+//! Besides claims, the ledger keeps what the admin plane needs, written in the same
+//! transactions: a record of each block the first time it is seen ([`family`]),
+//! per-minute activity per family, and usage alerts with their delivery outbox
+//! ([`alert`]), decided inside the claim that crosses a threshold so each fires once.
+//!
 //! Non-features: no retention or compaction of receipts and idempotency records (kept
 //! forever for now); no multi-process access to one embedded ledger file (use the admin
 //! API of the running server, or the FoundationDB backend for a fleet).
@@ -42,6 +47,7 @@
 //!         },
 //!         now: 1_750_000_000,
 //!         not_after: None,
+//!         meta: None,
 //!     })
 //!     .await?;
 //! match claim {
@@ -59,12 +65,17 @@ use std::pin::Pin;
 
 pub use till_receipt::{Receipt, RequestDigest};
 
+pub mod alert;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod embedded;
 mod error;
+pub mod family;
 mod fault;
 pub mod plan;
+
+pub use alert::{AlertOutcome, AlertPolicy, AlertRecord};
+pub use family::{BlockMeta, FamilyDetail, FamilyView, KeyBlocks};
 
 pub use embedded::{EmbeddedConfig, EmbeddedLedger, QUEUE_CAPACITY, SCHEMA_VERSION};
 pub use error::{LedgerError, Refusal};
@@ -100,6 +111,9 @@ pub struct ClaimRequest {
     pub now: u64,
     /// The token's effective expiry (Unix seconds), if any: refuse when `now > not_after`.
     pub not_after: Option<u64>,
+    /// The caveats of each level (block order), recorded the first time the ledger sees
+    /// a block (for the admin plane) and used to label alerts. `None`: not recorded.
+    pub meta: Option<std::sync::Arc<Vec<BlockMeta>>>,
 }
 
 /// A successful claim (or an idempotent replay of one).
@@ -112,6 +126,19 @@ pub struct Claim {
     pub replayed: bool,
     /// Activations left under the tightest cap after this claim (`None`: uncapped).
     pub remaining: Option<u64>,
+    /// Alerts this claim fired (committed to the outbox with it); empty on a replay.
+    pub alerts: Vec<AlertRecord>,
+}
+
+/// The outcome of a revocation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Revoked {
+    /// False when the block was already revoked (nothing written).
+    pub newly: bool,
+    /// The block's family (hex), when the ledger has seen the block.
+    pub family: Option<String>,
+    /// The revocation alert written to the outbox, if the policy has one.
+    pub alert: Option<AlertRecord>,
 }
 
 /// Per-block usage, for `till usage` and the admin API.
@@ -135,7 +162,7 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         req: ClaimRequest,
     ) -> BoxFuture<'_, Result<Result<Claim, Refusal>, LedgerError>>;
     /// Revokes a block by revocation id (idempotent). Effective for the next claim.
-    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<(), LedgerError>>;
+    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<Revoked, LedgerError>>;
     /// Current usage of each given block.
     fn usage(&self, levels: &[Level]) -> BoxFuture<'_, Result<Vec<LevelUsage>, LedgerError>>;
     /// A family's receipts in `seq` order, starting at `from_seq` (1-based), at most `limit`.
@@ -145,4 +172,37 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         from_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>>;
+
+    /// Records a key's blocks (admin-API mint or attenuate) so the family is listed
+    /// before its first use. Existing records are kept, only marked `minted`.
+    fn record_key(&self, key: KeyBlocks, at: u64) -> BoxFuture<'_, Result<(), LedgerError>>;
+
+    /// Every family the ledger knows (first claim or admin mint), ordered by family id.
+    fn families(&self, now: u64) -> BoxFuture<'_, Result<Vec<FamilyView>, LedgerError>>;
+
+    /// One family with every block the ledger knows of it; `None` if unknown.
+    fn family(
+        &self,
+        family: &[u8],
+        now: u64,
+    ) -> BoxFuture<'_, Result<Option<FamilyDetail>, LedgerError>>;
+
+    /// Every alert, newest first, at most `limit`.
+    fn alerts(&self, limit: usize) -> BoxFuture<'_, Result<Vec<AlertRecord>, LedgerError>>;
+
+    /// Takes up to `limit` due pending alerts for delivery, leasing each for `lease_secs`
+    /// (in one transaction, so two deliverers never take the same alert at once).
+    fn lease_alerts(
+        &self,
+        now: u64,
+        lease_secs: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<AlertRecord>, LedgerError>>;
+
+    /// Records the outcome of a delivery attempt.
+    fn settle_alert(
+        &self,
+        id: &str,
+        outcome: AlertOutcome,
+    ) -> BoxFuture<'_, Result<(), LedgerError>>;
 }

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use till_receipt::{ReceiptBody, RequestDigest, SlotClaim, RECEIPT_VERSION};
 
+use crate::alert::{self, AlertPolicy, AlertRecord};
 use crate::{ClaimRequest, LedgerError, Level, Refusal};
 
 /// How many times one idempotency key may be replayed (after its original claim). Beyond
@@ -80,6 +81,8 @@ pub struct ClaimState {
     /// The family's chain head `(seq, lower-case hex receipt hash)`; `None` before the
     /// first claim. Always the receipt at `seq == counts[0]`.
     pub chain_head: Option<(u64, String)>,
+    /// The family's activations in the current clock minute (`now / 60`) so far.
+    pub minute_count: u64,
 }
 
 /// Who is claiming: fixed per backend instance, except the resolved idempotency key.
@@ -92,6 +95,8 @@ pub struct ClaimContext<'a> {
     /// The client's `Idempotency-Key`, or the id the backend generated once before its
     /// transaction (see [`resolve_idempotency_key`]).
     pub idempotency_key: &'a str,
+    /// Which alerts a committing claim fires.
+    pub alerts: &'a AlertPolicy,
 }
 
 /// The decision for one claim.
@@ -113,7 +118,8 @@ pub enum Plan {
     /// Write nothing; answer with this refusal.
     Refuse(Refusal),
     /// Sign `body`, then write `new_counts` (per level), the receipt at
-    /// `(family, body.seq)`, the chain head and the idempotency record.
+    /// `(family, body.seq)`, the chain head, the idempotency record, the family's
+    /// current-minute count and every alert (unless one with its id exists).
     Commit {
         /// New counter value per level, block order.
         new_counts: Vec<u64>,
@@ -121,6 +127,10 @@ pub enum Plan {
         body: ReceiptBody,
         /// Activations left under the tightest cap after this claim.
         remaining: Option<u64>,
+        /// The family's count for minute `now / 60` after this claim.
+        minute_count: u64,
+        /// Alerts this claim fires (see [`crate::alert`]).
+        alerts: Vec<AlertRecord>,
     },
 }
 
@@ -271,10 +281,21 @@ pub fn plan_claim(
         prev,
     };
     let remaining = remaining(&req.levels, &new_counts);
+    let minute_count = state.minute_count.saturating_add(1);
+    let alerts = alert::claim_alerts(
+        ctx.alerts,
+        &req.levels,
+        req.meta.as_deref().map(Vec::as_slice),
+        &new_counts,
+        req.now,
+        minute_count,
+    );
     Ok(Plan::Commit {
         new_counts,
         body,
         remaining,
+        minute_count,
+        alerts,
     })
 }
 
@@ -320,6 +341,7 @@ mod tests {
             request: digest("/v1/chat/completions"),
             now: 1_000,
             not_after: None,
+            meta: None,
         }
     }
 
@@ -329,6 +351,7 @@ mod tests {
             revoked: vec![false; n],
             counts: vec![0; n],
             chain_head: None,
+            minute_count: 0,
         }
     }
 
@@ -336,6 +359,13 @@ mod tests {
         proxy_id: "proxy-1",
         kid: "r-0011223344556677",
         idempotency_key: "k",
+        alerts: &NO_ALERTS,
+    };
+
+    static NO_ALERTS: AlertPolicy = AlertPolicy {
+        thresholds: Vec::new(),
+        rate_per_minute: None,
+        revocations: false,
     };
 
     #[test]
@@ -346,6 +376,7 @@ mod tests {
             new_counts,
             body,
             remaining,
+            ..
         } = plan
         else {
             panic!("expected commit, got {plan:?}");
@@ -392,6 +423,7 @@ mod tests {
             new_counts,
             body,
             remaining,
+            ..
         } = plan_claim(&req, &state, &CTX).unwrap()
         else {
             panic!("expected commit");
@@ -735,11 +767,12 @@ mod tests {
                     revoked: vec![false; path.len()],
                     counts: path.iter().map(|&i| counts[i]).collect(),
                     chain_head: head.clone(),
+                    minute_count: 0,
                 };
                 let ctx = ClaimContext { idempotency_key: &key_s, ..CTX };
                 let before = counts.clone();
                 match plan_claim(&req, &state, &ctx).unwrap() {
-                    Plan::Commit { new_counts, body, remaining } => {
+                    Plan::Commit { new_counts, body, remaining, .. } => {
                         prop_assert_eq!(body.seq, counts[0] + 1);
                         prop_assert_eq!(body.prev.clone(), head.as_ref().map(|(_, h)| h.clone()));
                         for (&i, &c) in path.iter().zip(&new_counts) {

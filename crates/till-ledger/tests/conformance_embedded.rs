@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 use till_ledger::conformance::{self, Harness};
-use till_ledger::{EmbeddedConfig, EmbeddedLedger};
+use till_ledger::{AlertPolicy, EmbeddedConfig, EmbeddedLedger};
 use till_receipt::{ReceiptKeySet, ReceiptSigner};
 
 /// A fresh ledger in a fresh temp dir (keep the dir alive as long as the ledger).
@@ -21,6 +21,7 @@ fn harness(max_batch: usize) -> (Harness, TempDir) {
         proxy_id: "conformance".into(),
         max_batch,
         claim_timeout: Duration::from_secs(30),
+        alerts: AlertPolicy::default(),
     };
     let ledger = EmbeddedLedger::open(dir.path().join("ledger.redb"), config).unwrap();
     (
@@ -62,6 +63,10 @@ cases!(
         unknown_blocks_and_idempotent_revoke,
         generated_idempotency_keys,
         invalid_requests_rejected,
+        families_and_blocks_recorded,
+        threshold_alerts_exactly_once,
+        alert_outbox_lease_and_settle,
+        revocation_alert_once,
     ]
 );
 
@@ -81,6 +86,10 @@ cases!(
         unknown_blocks_and_idempotent_revoke,
         generated_idempotency_keys,
         invalid_requests_rejected,
+        families_and_blocks_recorded,
+        threshold_alerts_exactly_once,
+        alert_outbox_lease_and_settle,
+        revocation_alert_once,
     ]
 );
 

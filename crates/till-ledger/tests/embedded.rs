@@ -27,6 +27,7 @@ fn open(path: &Path, max_batch: usize, timeout: Duration) -> EmbeddedLedger {
         proxy_id: "test".into(),
         max_batch,
         claim_timeout: timeout,
+        alerts: till_ledger::AlertPolicy::default(),
     };
     EmbeddedLedger::open(path, config).unwrap()
 }

@@ -42,6 +42,7 @@ fn open(path: &Path) -> EmbeddedLedger {
         proxy_id: "kill9".into(),
         max_batch: 64,
         claim_timeout: Duration::from_secs(20),
+        alerts: till_ledger::AlertPolicy::default(),
     };
     EmbeddedLedger::open(path, config).unwrap()
 }
@@ -83,6 +84,7 @@ fn request(i: usize) -> ClaimRequest {
         },
         now: 1_750_000_000,
         not_after: None,
+        meta: None,
     }
 }
 
