@@ -21,6 +21,7 @@ fn authority() -> Caveats {
         models: Some(vec!["gpt-4o".into(), "gpt-4o-mini".into()]),
         expires: Some(2_000_000_000),
         cap: Some(1_000_000),
+        label: None,
     }
 }
 

@@ -43,6 +43,10 @@ pub struct Caveats {
     /// Activation cap for this block and everything derived from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cap: Option<u64>,
+    /// A human label for the key family (authority block only). Declared, signed, and
+    /// shown by the admin plane; it restricts nothing, so it renders no Datalog check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 impl Caveats {
@@ -80,6 +84,9 @@ impl Caveats {
                     "expiry {e} is out of range"
                 )));
             }
+        }
+        if let Some(label) = &self.label {
+            validate_label(label)?;
         }
         if let Some(cap) = self.cap {
             // Datalog integers are i64.
@@ -216,6 +223,26 @@ fn normalize_list(
     out.dedup();
     *list = Some(out);
     Ok(())
+}
+
+/// Labels: 1-64 bytes of letters, digits, space and `- _ . : / @ +`, not starting or
+/// ending with a space.
+pub fn validate_label(label: &str) -> Result<(), TokenError> {
+    let ok = !label.is_empty()
+        && label.len() <= 64
+        && !label.starts_with(' ')
+        && !label.ends_with(' ')
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b" -_.:/@+".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(TokenError::InvalidCaveat(format!(
+            "label `{}` must be 1-64 of letters, digits, space and - _ . : / @ +",
+            printable(label)
+        )))
+    }
 }
 
 /// Upstream names: lower-case letters, digits, `-` and `_`, starting with a letter.

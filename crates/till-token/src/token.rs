@@ -135,6 +135,12 @@ fn next_block(
     caveats: Caveats,
 ) -> Result<(BlockBuilder, Vec<Warning>), TokenError> {
     let caveats = caveats.normalize()?;
+    if caveats.label.is_some() {
+        return Err(TokenError::InvalidCaveat(
+            "a label names a whole key family: only a minted key (the authority block) has one"
+                .into(),
+        ));
+    }
     if caveats.is_empty() {
         return Err(TokenError::InvalidCaveat(
             "an attenuation must restrict something (cap, methods, paths, models or expiry)".into(),
@@ -500,6 +506,11 @@ fn canonical_caveats(
     if index == 0 && caveats.upstream.is_none() {
         return Err(not_canonical(
             "the authority block must name an upstream".into(),
+        ));
+    }
+    if index > 0 && caveats.label.is_some() {
+        return Err(not_canonical(
+            "only the authority block may carry a label".into(),
         ));
     }
     let source = source.map_err(|e| not_canonical(e.to_string()))?;

@@ -66,6 +66,7 @@ fn caveats() -> impl Strategy<Value = Caveats> {
             models,
             expires,
             cap,
+            label: None,
         })
 }
 
@@ -261,6 +262,7 @@ proptest! {
             models: Some(models),
             expires: Some(expires),
             cap: Some(cap),
+            label: None,
         };
         // Some generated paths contain `.`/`..` segments; those are invalid by design.
         let Ok(normalized) = authority.clone().normalize() else { return Ok(()); };

@@ -872,6 +872,7 @@ fn refusal_codes_are_stable() {
         models: strings(&["m"]),
         expires: Some(100),
         cap: Some(1),
+        label: None,
     };
     let ok = post("/v1", Some("m"), 100);
     check_block(0, &c, &ok, 1).unwrap();
@@ -951,4 +952,60 @@ fn refusal_codes_are_stable() {
         kinds,
         serde_json::json!(["upstream", "methods", "paths", "models", "expires", "cap", "datalog"])
     );
+}
+
+#[test]
+fn label_is_declared_in_the_authority_block_only() {
+    let root = RootKey::generate();
+    let ring = KeyRing::with(root.public());
+    let key = mint(
+        &root,
+        Caveats {
+            upstream: Some("openai".into()),
+            label: Some("research-agent".into()),
+            cap: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let s = key.to_key_string().unwrap();
+    let v = verify(&s, &ring, &Limits::default()).unwrap();
+    assert_eq!(
+        v.blocks()[0].caveats.label.as_deref(),
+        Some("research-agent")
+    );
+    // A label restricts nothing: the Datalog is the same as without it.
+    let plain = Caveats {
+        upstream: Some("openai".into()),
+        cap: Some(3),
+        ..Default::default()
+    };
+    assert_eq!(
+        v.blocks()[0].caveats.block_source(0).unwrap(),
+        plain.block_source(0).unwrap()
+    );
+    // Attenuation cannot add or change a label.
+    let err = key
+        .attenuate(Caveats {
+            label: Some("other".into()),
+            cap: Some(1),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("label"), "{err}");
+    // Bad labels are refused at mint.
+    for bad in ["", " x", "x ", "a\nb", "é", &"x".repeat(65)] {
+        assert!(
+            mint(
+                &root,
+                Caveats {
+                    upstream: Some("openai".into()),
+                    label: Some(bad.into()),
+                    ..Default::default()
+                }
+            )
+            .is_err(),
+            "label {bad:?} accepted"
+        );
+    }
 }

@@ -80,6 +80,7 @@ fn full_authority() -> Caveats {
         models: strings(&["gpt-4o-mini", "gpt-4o"]),
         expires: Some(2_000_000_000),
         cap: Some(10),
+        label: None,
     }
 }
 
