@@ -143,6 +143,11 @@ pub fn http(data: &[u8]) {
             !p.contains("//") && !p.contains('\\'),
             "bad separator in {p:?}"
         );
+        // Issue 10 item 5: nothing an upstream could read as a path parameter or decode again.
+        assert!(
+            !p.contains(';') && !p.contains('%'),
+            "`;` or `%` in {p:?}"
+        );
         assert!(
             !p.bytes().any(|b| b.is_ascii_control()),
             "control byte in {p:?}"
