@@ -7,7 +7,8 @@ use foundationdb::api::{FdbApiBuilder, NetworkAutoStop};
 use foundationdb::options::{MutationType, TransactionOption};
 use foundationdb::{Database, FdbError, RangeOption, Transaction, TransactionCommitError};
 use till_ledger::{
-    BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal,
+    AlertOutcome, AlertRecord, BoxFuture, Claim, ClaimRequest, FamilyDetail, FamilyView, KeyBlocks,
+    Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal, Revoked,
 };
 
 use crate::config::FdbConfig;
@@ -227,6 +228,18 @@ impl KvTxn for FdbTxn {
         }
     }
 
+    fn clear(&mut self, key: &[u8]) {
+        if let TxnState::Live(t) = &self.state {
+            t.clear(key);
+        }
+    }
+
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
+        if let TxnState::Live(t) = &self.state {
+            t.clear_range(begin, end);
+        }
+    }
+
     fn set_versionstamped_key(&mut self, key: &[u8], value: &[u8]) {
         if let TxnState::Live(t) = &self.state {
             t.atomic_op(key, value, MutationType::SetVersionstampedKey);
@@ -320,7 +333,7 @@ impl Ledger for FdbLedger {
         self.inner.claim(req)
     }
 
-    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<(), LedgerError>> {
+    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<Revoked, LedgerError>> {
         self.inner.revoke(revocation_id)
     }
 
@@ -335,5 +348,42 @@ impl Ledger for FdbLedger {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
         self.inner.receipts(family, from_seq, limit)
+    }
+
+    fn record_key(&self, key: KeyBlocks, at: u64) -> BoxFuture<'_, Result<(), LedgerError>> {
+        self.inner.record_key(key, at)
+    }
+
+    fn families(&self, now: u64) -> BoxFuture<'_, Result<Vec<FamilyView>, LedgerError>> {
+        self.inner.families(now)
+    }
+
+    fn family(
+        &self,
+        family: &[u8],
+        now: u64,
+    ) -> BoxFuture<'_, Result<Option<FamilyDetail>, LedgerError>> {
+        self.inner.family(family, now)
+    }
+
+    fn alerts(&self, limit: usize) -> BoxFuture<'_, Result<Vec<AlertRecord>, LedgerError>> {
+        self.inner.alerts(limit)
+    }
+
+    fn lease_alerts(
+        &self,
+        now: u64,
+        lease_secs: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<AlertRecord>, LedgerError>> {
+        self.inner.lease_alerts(now, lease_secs, limit)
+    }
+
+    fn settle_alert(
+        &self,
+        id: &str,
+        outcome: AlertOutcome,
+    ) -> BoxFuture<'_, Result<(), LedgerError>> {
+        self.inner.settle_alert(id, outcome)
     }
 }

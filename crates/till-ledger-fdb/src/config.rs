@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use till_ledger::AlertPolicy;
 use till_receipt::ReceiptSigner;
 
 /// Configuration of an [`crate::FdbLedger`] (and of the engine on any [`crate::KvStore`]).
@@ -37,6 +38,10 @@ pub struct FdbConfig {
     /// Longest backoff between retries (FoundationDB's `max_retry_delay` option; its
     /// default of 1 s is far too slow for a hot token's conflict retries).
     pub max_retry_delay: Duration,
+    /// Which alerts claims and revocations fire (decided and written in their
+    /// transaction). Default [`AlertPolicy::default()`]. Every proxy of a fleet should use
+    /// the same policy.
+    pub alerts: AlertPolicy,
 }
 
 impl FdbConfig {
@@ -70,6 +75,7 @@ impl FdbConfig {
             transaction_timeout: Self::DEFAULT_TRANSACTION_TIMEOUT,
             retry_limit: Self::DEFAULT_RETRY_LIMIT,
             max_retry_delay: Self::DEFAULT_MAX_RETRY_DELAY,
+            alerts: AlertPolicy::default(),
         }
     }
 

@@ -29,14 +29,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::try_join_all;
+use till_ledger::family::ACTIVITY_MINUTES;
 use till_ledger::plan::{self, ClaimContext, ClaimState, Plan, StoredIdempotency};
 use till_ledger::{
-    BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal,
+    AlertOutcome, AlertPolicy, AlertRecord, BoxFuture, Claim, ClaimRequest, FamilyDetail,
+    FamilyView, KeyBlocks, Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal, Revoked,
 };
 use till_receipt::ReceiptSigner;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::admin;
 use crate::config::FdbConfig;
 use crate::error::KvError;
 use crate::keys::{self, Keyspace};
@@ -103,8 +106,9 @@ impl Stats {
 
 /// What every lane shares.
 #[derive(Debug)]
-struct Shared {
-    keys: Keyspace,
+pub(crate) struct Shared {
+    pub(crate) keys: Keyspace,
+    pub(crate) alerts: AlertPolicy,
     signer: Arc<ReceiptSigner>,
     kid: String,
     proxy_id: String,
@@ -158,6 +162,7 @@ impl<S: KvStore> KvLedger<S> {
         })?;
         let shared = Arc::new(Shared {
             keys: Keyspace::new(&config.keyspace),
+            alerts: config.alerts.clone(),
             kid: config.signer.key_id().to_owned(),
             signer: Arc::clone(&config.signer),
             proxy_id: config.proxy_id.clone(),
@@ -220,7 +225,10 @@ impl<S: KvStore> KvLedger<S> {
     }
 
     /// Runs `work` in one transaction with retries, bounded by the configured timeout.
-    async fn transact<W: Work<S::Txn>>(&self, work: &mut W) -> Result<W::Output, KvError> {
+    pub(crate) async fn transact<W: Work<S::Txn>>(
+        &self,
+        work: &mut W,
+    ) -> Result<W::Output, KvError> {
         let deadline = Instant::now() + self.shared.timeout;
         transact(self.store.as_ref(), &self.shared, deadline, work).await
     }
@@ -268,17 +276,102 @@ impl<S: KvStore> Ledger for KvLedger<S> {
         })
     }
 
-    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<(), LedgerError>> {
+    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<Revoked, LedgerError>> {
         let revocation_id = revocation_id.to_vec();
         Box::pin(async move {
             if revocation_id.is_empty() {
                 return Err(LedgerError::InvalidRequest("empty revocation id".into()));
             }
-            let mut work = RevokeWork {
-                key: self.shared.keys.revoked(&revocation_id),
-                at: unix_now(),
+            let mut work = admin::RevokeWork::new(&self.shared, revocation_id, unix_now());
+            self.transact(&mut work).await.map_err(unavailable)
+        })
+    }
+
+    fn record_key(&self, key: KeyBlocks, at: u64) -> BoxFuture<'_, Result<(), LedgerError>> {
+        Box::pin(async move {
+            if key.blocks.is_empty() || key.blocks.iter().any(|(id, _)| id.is_empty()) {
+                return Err(LedgerError::InvalidRequest(
+                    "a key needs at least one block with a revocation id".into(),
+                ));
+            }
+            let mut work = admin::RecordWork {
+                keys: &self.shared.keys,
+                key,
+                at,
             };
             self.transact(&mut work).await.map_err(unavailable)
+        })
+    }
+
+    fn families(&self, now: u64) -> BoxFuture<'_, Result<Vec<FamilyView>, LedgerError>> {
+        Box::pin(async move {
+            let mut work = admin::FamiliesWork {
+                keys: &self.shared.keys,
+                now,
+            };
+            self.transact(&mut work).await.map_err(unavailable)
+        })
+    }
+
+    fn family(
+        &self,
+        family: &[u8],
+        now: u64,
+    ) -> BoxFuture<'_, Result<Option<FamilyDetail>, LedgerError>> {
+        let family = family.to_vec();
+        Box::pin(async move {
+            let mut work = admin::FamilyWork {
+                keys: &self.shared.keys,
+                family,
+                now,
+            };
+            self.transact(&mut work).await.map_err(unavailable)
+        })
+    }
+
+    fn alerts(&self, limit: usize) -> BoxFuture<'_, Result<Vec<AlertRecord>, LedgerError>> {
+        Box::pin(async move {
+            let mut work = admin::AlertsWork {
+                keys: &self.shared.keys,
+                limit,
+            };
+            self.transact(&mut work).await.map_err(unavailable)
+        })
+    }
+
+    fn lease_alerts(
+        &self,
+        now: u64,
+        lease_secs: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<AlertRecord>, LedgerError>> {
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let mut work = admin::LeaseWork {
+                keys: &self.shared.keys,
+                now,
+                lease: lease_secs,
+                limit,
+            };
+            self.transact(&mut work).await.map_err(unavailable)
+        })
+    }
+
+    fn settle_alert(
+        &self,
+        id: &str,
+        outcome: AlertOutcome,
+    ) -> BoxFuture<'_, Result<(), LedgerError>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let mut work = admin::SettleWork {
+                keys: &self.shared.keys,
+                id,
+                outcome,
+            };
+            self.transact(&mut work).await.map_err(unavailable)?
         })
     }
 
@@ -322,7 +415,7 @@ impl<S: KvStore> Ledger for KvLedger<S> {
     }
 }
 
-fn unavailable(e: KvError) -> LedgerError {
+pub(crate) fn unavailable(e: KvError) -> LedgerError {
     match e {
         KvError::Decode(msg) => LedgerError::Corrupt(msg),
         other => LedgerError::Unavailable(other.to_string()),
@@ -339,7 +432,7 @@ fn unix_now() -> u64 {
 // The retry loop
 
 /// One transaction's work, run again from scratch on every attempt.
-trait Work<T: KvTxn>: Send {
+pub(crate) trait Work<T: KvTxn>: Send {
     type Output: Send;
     /// Reads and buffers writes; returns the output and whether anything was written
     /// (read-only attempts are not committed).
@@ -480,6 +573,8 @@ struct ClaimBatch<'b> {
 struct Overlay {
     values: HashMap<Vec<u8>, Option<Vec<u8>>>,
     writes: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Ranges cleared, applied before `writes` (see [`Overlay::clear_range`]).
+    clears: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Overlay {
@@ -496,6 +591,33 @@ impl Overlay {
     fn set_blind(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.writes.insert(key, value);
     }
+
+    /// Clears `[begin, end)`: earlier buffered writes in the range are dropped and read
+    /// values in it become absent, so applying every clear before every set is the same
+    /// as applying the batch's operations in order.
+    fn clear_range(&mut self, begin: Vec<u8>, end: Vec<u8>) {
+        if begin >= end {
+            return;
+        }
+        let doomed: Vec<Vec<u8>> = self
+            .writes
+            .range(begin.clone()..end.clone())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in doomed {
+            self.writes.remove(&k);
+        }
+        for (k, v) in self.values.iter_mut() {
+            if begin <= *k && *k < end {
+                *v = None;
+            }
+        }
+        self.clears.push((begin, end));
+    }
+
+    fn wrote(&self) -> bool {
+        !self.writes.is_empty() || !self.clears.is_empty()
+    }
 }
 
 impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
@@ -507,10 +629,21 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
         for p in self.batch.iter() {
             let scope = plan::idempotency_scope(&p.req);
             wanted.insert(keys.idempotency(scope, &p.idempotency_key));
-            wanted.insert(keys.head(&p.req.levels[0].revocation_id));
+            let family = p.req.levels[0].revocation_id.as_slice();
+            wanted.insert(keys.head(family));
+            // The family's current-minute activity (per family: adds no cross-family
+            // conflict; every claim of the family already reads and writes its head).
+            wanted.insert(keys.activity(family, p.req.now / 60));
             for level in &p.req.levels {
                 wanted.insert(keys.count(&level.revocation_id));
                 wanted.insert(keys.revoked(&level.revocation_id));
+            }
+            if p.req.meta.is_some() {
+                // Written once, the first time a committing claim presents the block.
+                wanted.insert(keys.family(family));
+                for level in &p.req.levels {
+                    wanted.insert(keys.block(&level.revocation_id));
+                }
             }
         }
         let wanted: Vec<Vec<u8>> = wanted.into_iter().collect();
@@ -518,17 +651,32 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
         let read = try_join_all(wanted.iter().map(|k| txn.get(k))).await?;
         let mut overlay = Overlay {
             values: wanted.into_iter().zip(read).collect(),
-            writes: BTreeMap::new(),
+            ..Overlay::default()
         };
         let mut journal: Vec<String> = Vec::new();
         let mut answers = Vec::with_capacity(self.batch.len());
         self.recovered = 0;
         for p in self.batch.iter_mut() {
-            let (answer, recovered) = apply_claim(self.shared, &mut overlay, &mut journal, p);
+            let (mut answer, recovered, alerts) =
+                apply_claim(self.shared, &mut overlay, &mut journal, p);
             self.recovered += u64::from(recovered);
+            if !alerts.is_empty() {
+                let fired = insert_alerts(&self.shared.keys, &*txn, &mut overlay, alerts).await?;
+                // Remembered with the write id: if this attempt's commit result is
+                // unknown but it landed, the retry answers with exactly these alerts.
+                if let Some((_, Wrote::Commit(remembered))) = p.wrote.last_mut() {
+                    remembered.clone_from(&fired);
+                }
+                if let Ok(Ok(claim)) = &mut answer {
+                    claim.alerts = fired;
+                }
+            }
             answers.push(answer);
         }
-        let wrote = !overlay.writes.is_empty();
+        let wrote = overlay.wrote();
+        for (begin, end) in &overlay.clears {
+            txn.clear_range(begin, end);
+        }
         for (key, value) in &overlay.writes {
             txn.set(key, value);
         }
@@ -541,11 +689,41 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
     }
 }
 
+/// Writes each alert (and its outbox entry) unless an alert with its id exists, in the
+/// store or earlier in this batch; returns those written. Alerts are rare (a threshold
+/// fires once per block), so the extra read round trip is paid only when one fires.
+async fn insert_alerts<T: KvTxn>(
+    keys: &Keyspace,
+    txn: &T,
+    overlay: &mut Overlay,
+    alerts: Vec<AlertRecord>,
+) -> Result<Vec<AlertRecord>, KvError> {
+    let unknown: Vec<Vec<u8>> = alerts
+        .iter()
+        .map(|a| keys.alert(&a.id))
+        .filter(|k| !overlay.values.contains_key(k))
+        .collect();
+    let read = try_join_all(unknown.iter().map(|k| txn.get(k))).await?;
+    overlay.values.extend(unknown.into_iter().zip(read));
+    let mut fired = Vec::with_capacity(alerts.len());
+    for alert in alerts {
+        let key = keys.alert(&alert.id);
+        if overlay.get(&key).is_some() {
+            continue;
+        }
+        overlay.set(key, alert.to_bytes());
+        overlay.set_blind(keys.outbox(&alert.id), keys::encode_u64(alert.at).to_vec());
+        fired.push(alert);
+    }
+    Ok(fired)
+}
+
 /// What a claim wrote in an attempt whose commit may have landed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Wrote {
-    /// The original claim (counters, receipt, record).
-    Commit,
+    /// The original claim (counters, receipt, record, activity, blocks), with the alerts
+    /// it fired.
+    Commit(Vec<AlertRecord>),
     /// A replay (the record's replay counter).
     Replay,
 }
@@ -577,51 +755,64 @@ fn writer_id() -> String {
 }
 
 /// Reads one claim's state from the overlay, plans it and carries the plan out into the
-/// overlay. Returns the answer and whether it was recovered from an earlier attempt.
+/// overlay. Returns the answer, whether it was recovered from an earlier attempt, and the
+/// alerts the plan fires (for [`insert_alerts`]; not yet in the answer).
 fn apply_claim(
     shared: &Shared,
     overlay: &mut Overlay,
     journal: &mut Vec<String>,
     p: &mut Pending,
-) -> (ClaimAnswer, bool) {
+) -> (ClaimAnswer, bool, Vec<AlertRecord>) {
+    let (answer, recovered) = match plan_and_apply(shared, overlay, journal, p) {
+        Ok(done) => done,
+        Err(e) => return (Err(e), false, Vec::new()),
+    };
+    match answer {
+        Applied::Answer(a) => (a, recovered, Vec::new()),
+        Applied::Committed(claim, alerts) => (Ok(Ok(claim)), recovered, alerts),
+    }
+}
+
+enum Applied {
+    Answer(ClaimAnswer),
+    /// A fresh commit and the alerts its plan fires.
+    Committed(Claim, Vec<AlertRecord>),
+}
+
+fn plan_and_apply(
+    shared: &Shared,
+    overlay: &mut Overlay,
+    journal: &mut Vec<String>,
+    p: &mut Pending,
+) -> Result<(Applied, bool), LedgerError> {
     let keys = &shared.keys;
     let req = &p.req;
     let family = req.levels[0].revocation_id.as_slice();
     let scope = plan::idempotency_scope(req);
     let idem_key = keys.idempotency(scope, &p.idempotency_key);
-
-    let (state, writers) = match read_state(keys, overlay, req, &idem_key) {
-        Ok(read) => read,
-        Err(e) => return (Err(e), false),
-    };
+    let (state, writers) = read_state(keys, overlay, req, &idem_key)?;
 
     // An earlier attempt of this very claim committed after all (its commit result was
     // unknown): answer as that attempt did, write and charge nothing more.
     if let Some(stored) = &state.idempotency {
         if let Some((_, wrote)) = p.wrote.iter().find(|(id, _)| writers.contains(id)) {
-            let receipt = match Receipt::parse(&stored.receipt) {
-                Ok(r) => r,
-                Err(e) => {
-                    return (
-                        Err(LedgerError::Corrupt(format!(
-                            "stored receipt is unreadable: {e}"
-                        ))),
-                        false,
-                    )
-                }
-            };
-            let (replayed, remaining) = match wrote {
-                Wrote::Commit => (false, remaining_of(&receipt)),
-                Wrote::Replay => (true, plan::remaining(&req.levels, &state.counts)),
-            };
-            return (
-                Ok(Ok(Claim {
+            let receipt = Receipt::parse(&stored.receipt)
+                .map_err(|e| LedgerError::Corrupt(format!("stored receipt is unreadable: {e}")))?;
+            let claim = match wrote {
+                Wrote::Commit(alerts) => Claim {
+                    remaining: remaining_of(&receipt),
                     receipt,
-                    replayed,
-                    remaining,
-                })),
-                true,
-            );
+                    replayed: false,
+                    alerts: alerts.clone(),
+                },
+                Wrote::Replay => Claim {
+                    receipt,
+                    replayed: true,
+                    remaining: plan::remaining(&req.levels, &state.counts),
+                    alerts: Vec::new(),
+                },
+            };
+            return Ok((Applied::Answer(Ok(Ok(claim))), true));
         }
     }
 
@@ -629,55 +820,48 @@ fn apply_claim(
         proxy_id: &shared.proxy_id,
         kid: &shared.kid,
         idempotency_key: &p.idempotency_key,
+        alerts: &shared.alerts,
     };
-    match plan::plan_claim(req, &state, &ctx) {
-        Err(e) => (Err(e), false),
-        Ok(Plan::Refuse(refusal)) => (Ok(Err(refusal)), false),
-        Ok(Plan::Replay {
+    match plan::plan_claim(req, &state, &ctx)? {
+        Plan::Refuse(refusal) => Ok((Applied::Answer(Ok(Err(refusal))), false)),
+        Plan::Replay {
             receipt,
             record,
             remaining,
-        }) => match Receipt::parse(&receipt) {
-            Ok(receipt) => {
-                // Remembered before the commit, so a retry after an unknown result
-                // recognises this write.
-                let id = writer_id();
-                p.wrote.push((id.clone(), Wrote::Replay));
-                let mut writers = writers;
-                writers.push(id);
-                let excess = writers.len().saturating_sub(MAX_WRITERS);
-                writers.drain(..excess);
-                overlay.set(idem_key, encode_idempotency(&record, &writers));
-                (
-                    Ok(Ok(Claim {
-                        receipt,
-                        replayed: true,
-                        remaining,
-                    })),
-                    false,
-                )
-            }
-            Err(e) => (
-                Err(LedgerError::Corrupt(format!(
-                    "stored idempotent receipt is unreadable: {e}"
-                ))),
-                false,
-            ),
-        },
-        Ok(Plan::Commit {
+        } => {
+            let receipt = Receipt::parse(&receipt).map_err(|e| {
+                LedgerError::Corrupt(format!("stored idempotent receipt is unreadable: {e}"))
+            })?;
+            // Remembered before the commit, so a retry after an unknown result
+            // recognises this write.
+            let id = writer_id();
+            p.wrote.push((id.clone(), Wrote::Replay));
+            let mut writers = writers;
+            writers.push(id);
+            let excess = writers.len().saturating_sub(MAX_WRITERS);
+            writers.drain(..excess);
+            overlay.set(idem_key, encode_idempotency(&record, &writers));
+            let claim = Claim {
+                receipt,
+                replayed: true,
+                remaining,
+                alerts: Vec::new(),
+            };
+            Ok((Applied::Answer(Ok(Ok(claim))), false))
+        }
+        Plan::Commit {
             new_counts,
             body,
             remaining,
-        }) => {
-            let receipt = match shared.signer.sign(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "ledger: receipt signing failed");
-                    return (Err(LedgerError::Signing(e.to_string())), false);
-                }
-            };
+            minute_count,
+            alerts,
+        } => {
+            let receipt = shared.signer.sign(&body).map_err(|e| {
+                tracing::error!(error = %e, "ledger: receipt signing failed");
+                LedgerError::Signing(e.to_string())
+            })?;
             let id = writer_id();
-            p.wrote.push((id.clone(), Wrote::Commit));
+            p.wrote.push((id.clone(), Wrote::Commit(Vec::new())));
             for (level, &count) in req.levels.iter().zip(&new_counts) {
                 overlay.set(
                     keys.count(&level.revocation_id),
@@ -699,15 +883,59 @@ fn apply_claim(
             let record = StoredIdempotency::original(&req.request, receipt.compact());
             overlay.set(idem_key, encode_idempotency(&record, &[id]));
             journal.push(receipt.compact().to_owned());
-            (
-                Ok(Ok(Claim {
-                    receipt,
-                    replayed: false,
-                    remaining,
-                })),
-                false,
-            )
+            record_activity(keys, overlay, family, req.now / 60, minute_count);
+            if let Some(meta) = &req.meta {
+                let key = KeyBlocks {
+                    blocks: req
+                        .levels
+                        .iter()
+                        .map(|l| l.revocation_id.clone())
+                        .zip(meta.iter().cloned())
+                        .collect(),
+                };
+                record_blocks(keys, overlay, &key, req.now);
+            }
+            let claim = Claim {
+                receipt,
+                replayed: false,
+                remaining,
+                alerts: Vec::new(),
+            };
+            Ok((Applied::Committed(claim, alerts), false))
         }
+    }
+}
+
+/// Counts one activation in the family's minute; on the first of a new minute, clears
+/// the buckets older than [`ACTIVITY_MINUTES`] (a blind range clear: no read conflict).
+fn record_activity(keys: &Keyspace, overlay: &mut Overlay, family: &[u8], minute: u64, count: u64) {
+    overlay.set(
+        keys.activity(family, minute),
+        keys::encode_u64(count).to_vec(),
+    );
+    if count == 1 {
+        let cutoff = minute.saturating_sub(ACTIVITY_MINUTES);
+        let (begin, end) = keys.activity_range(family, 0, cutoff);
+        overlay.clear_range(begin, end);
+    }
+}
+
+/// Records every block of a claim's key not yet known, and its family (claims never mark
+/// a block minted; see [`crate::admin::RecordWork`] for the admin API's records).
+fn record_blocks(keys: &Keyspace, overlay: &mut Overlay, key: &KeyBlocks, at: u64) {
+    let Some((family, _)) = key.blocks.first() else {
+        return;
+    };
+    for (record, (id, _)) in key.records(at, false).into_iter().zip(&key.blocks) {
+        let block_key = keys.block(id);
+        if overlay.get(&block_key).is_none() {
+            overlay.set(block_key, serde_json::to_vec(&record).unwrap_or_default());
+            overlay.set_blind(keys.family_block(family, id), Vec::new());
+        }
+    }
+    let family_key = keys.family(family);
+    if overlay.get(&family_key).is_none() {
+        overlay.set(family_key, keys::encode_u64(at).to_vec());
     }
 }
 
@@ -735,17 +963,25 @@ fn read_state(
                 .unwrap_or(0),
         );
     }
+    let family = req.levels[0].revocation_id.as_slice();
     let chain_head = overlay
-        .get(&keys.head(&req.levels[0].revocation_id))
+        .get(&keys.head(family))
         .map(keys::decode_head)
         .transpose()
         .map_err(corrupt)?;
+    let minute_count = overlay
+        .get(&keys.activity(family, req.now / 60))
+        .map(keys::decode_u64)
+        .transpose()
+        .map_err(corrupt)?
+        .unwrap_or(0);
     Ok((
         ClaimState {
             idempotency,
             revoked,
             counts,
             chain_head,
+            minute_count,
         },
         writers,
     ))
@@ -763,24 +999,6 @@ fn remaining_of(receipt: &Receipt) -> Option<u64> {
 
 // ---------------------------------------------------------------------------------------
 // Other transactions
-
-struct RevokeWork {
-    key: Vec<u8>,
-    at: u64,
-}
-
-impl<T: KvTxn> Work<T> for RevokeWork {
-    type Output = ();
-
-    async fn attempt(&mut self, txn: &mut T) -> Result<((), bool), KvError> {
-        // Keep the first revocation time; a repeat writes nothing.
-        if txn.get(&self.key).await?.is_some() {
-            return Ok(((), false));
-        }
-        txn.set(&self.key, &keys::encode_u64(self.at));
-        Ok(((), true))
-    }
-}
 
 struct UsageWork<'k> {
     keys: &'k Keyspace,

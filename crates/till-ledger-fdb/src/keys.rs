@@ -12,6 +12,12 @@
 //! | `(ks, "slot", rid, slot)`           | tuple `(family, seq)`: who took slot `slot`    |
 //! | `(ks, "idem", scope, key)`          | JSON `{record, writers}` (see the spec)        |
 //! | `(ks, "journal", versionstamp)`     | receipt, compact JWS: append-only journal      |
+//! | `(ks, "block", rid)`                | JSON `BlockRecord`: a block, written once      |
+//! | `(ks, "fblock", family, rid)`       | empty: index of a family's blocks              |
+//! | `(ks, "family", family)`            | u64 LE: Unix time the family was first recorded|
+//! | `(ks, "activity", family, minute)`  | u64 LE: the family's claims in that minute     |
+//! | `(ks, "alert", id)`                 | JSON `AlertRecord`, written once per id        |
+//! | `(ks, "outbox", id)`                | u64 LE: time fired, while delivery is pending  |
 //!
 //! `rid`, `family` and `scope` are raw revocation-id bytes (tuple byte strings); `key` is
 //! the idempotency key (tuple string); `seq` and `slot` are tuple integers (order-preserving,
@@ -95,6 +101,109 @@ impl Keyspace {
     /// The whole journal range `[begin, end)`.
     pub fn journal_range(&self) -> (Vec<u8>, Vec<u8>) {
         self.root.subspace(&("journal",)).range()
+    }
+
+    /// `(ks, "block", rid)`.
+    pub fn block(&self, rid: &[u8]) -> Vec<u8> {
+        self.root.pack(&("block", rid))
+    }
+
+    /// `(ks, "fblock", family, rid)`.
+    pub fn family_block(&self, family: &[u8], rid: &[u8]) -> Vec<u8> {
+        self.root.pack(&("fblock", family, rid))
+    }
+
+    /// Every `(ks, "fblock", family, _)`: `[begin, end)`.
+    pub fn family_blocks_range(&self, family: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        self.root.subspace(&("fblock", family)).range()
+    }
+
+    /// Decodes the revocation id out of a `(ks, "fblock", family, rid)` key.
+    pub fn family_block_rid(&self, key: &[u8]) -> Result<Vec<u8>, KvError> {
+        let (tag, _family, rid): (String, Vec<u8>, Vec<u8>) = self
+            .root
+            .unpack(key)
+            .map_err(|e| KvError::Decode(format!("family block key: {e:?}")))?;
+        if tag != "fblock" {
+            return Err(KvError::Decode("not a family block key".into()));
+        }
+        Ok(rid)
+    }
+
+    /// `(ks, "family", family)`.
+    pub fn family(&self, family: &[u8]) -> Vec<u8> {
+        self.root.pack(&("family", family))
+    }
+
+    /// Every `(ks, "family", _)`: `[begin, end)`.
+    pub fn families_range(&self) -> (Vec<u8>, Vec<u8>) {
+        self.root.subspace(&("family",)).range()
+    }
+
+    /// Decodes the family id out of a `(ks, "family", family)` key.
+    pub fn family_id(&self, key: &[u8]) -> Result<Vec<u8>, KvError> {
+        let (tag, family): (String, Vec<u8>) = self
+            .root
+            .unpack(key)
+            .map_err(|e| KvError::Decode(format!("family key: {e:?}")))?;
+        if tag != "family" {
+            return Err(KvError::Decode("not a family key".into()));
+        }
+        Ok(family)
+    }
+
+    /// `(ks, "activity", family, minute)`.
+    pub fn activity(&self, family: &[u8], minute: u64) -> Vec<u8> {
+        self.root.pack(&("activity", family, minute))
+    }
+
+    /// The family's activity buckets for minutes `[from, to)`: `[begin, end)`.
+    pub fn activity_range(&self, family: &[u8], from: u64, to: u64) -> (Vec<u8>, Vec<u8>) {
+        (self.activity(family, from), self.activity(family, to))
+    }
+
+    /// Decodes the minute out of a `(ks, "activity", family, minute)` key.
+    pub fn activity_minute(&self, key: &[u8]) -> Result<u64, KvError> {
+        let (tag, _family, minute): (String, Vec<u8>, u64) = self
+            .root
+            .unpack(key)
+            .map_err(|e| KvError::Decode(format!("activity key: {e:?}")))?;
+        if tag != "activity" {
+            return Err(KvError::Decode("not an activity key".into()));
+        }
+        Ok(minute)
+    }
+
+    /// `(ks, "alert", id)`.
+    pub fn alert(&self, id: &str) -> Vec<u8> {
+        self.root.pack(&("alert", id))
+    }
+
+    /// Every `(ks, "alert", _)`: `[begin, end)`.
+    pub fn alerts_range(&self) -> (Vec<u8>, Vec<u8>) {
+        self.root.subspace(&("alert",)).range()
+    }
+
+    /// `(ks, "outbox", id)`.
+    pub fn outbox(&self, id: &str) -> Vec<u8> {
+        self.root.pack(&("outbox", id))
+    }
+
+    /// Every `(ks, "outbox", _)`: `[begin, end)`.
+    pub fn outbox_range(&self) -> (Vec<u8>, Vec<u8>) {
+        self.root.subspace(&("outbox",)).range()
+    }
+
+    /// Decodes the alert id out of a `(ks, "outbox", id)` key.
+    pub fn outbox_id(&self, key: &[u8]) -> Result<String, KvError> {
+        let (tag, id): (String, String) = self
+            .root
+            .unpack(key)
+            .map_err(|e| KvError::Decode(format!("outbox key: {e:?}")))?;
+        if tag != "outbox" {
+            return Err(KvError::Decode("not an outbox key".into()));
+        }
+        Ok(id)
     }
 
     /// Decodes a journal key into its complete versionstamp.
@@ -218,6 +327,41 @@ mod tests {
         let stamp = ks.journal_stamp(&complete).unwrap();
         assert_eq!(stamp.user_version(), 7);
         assert!(stamp.is_complete());
+    }
+
+    #[test]
+    fn admin_plane_keys_decode_and_stay_in_their_ranges() {
+        let ks = Keyspace::new("till");
+        let fam = [1u8, 0, 2];
+        let fb = ks.family_block(&fam, b"rid");
+        let (b, e) = ks.family_blocks_range(&fam);
+        assert!(b < fb && fb < e);
+        assert_eq!(ks.family_block_rid(&fb).unwrap(), b"rid");
+        assert!(ks.family_block(b"other", b"rid") >= e || ks.family_block(b"other", b"rid") < b);
+        let f = ks.family(&fam);
+        let (b, e) = ks.families_range();
+        assert!(b < f && f < e);
+        assert_eq!(ks.family_id(&f).unwrap(), fam);
+        assert!(ks.family_id(&fb).is_err());
+        let (b, e) = ks.activity_range(&fam, 10, 12);
+        for (m, inside) in [
+            (9, false),
+            (10, true),
+            (11, true),
+            (12, false),
+            (300, false),
+        ] {
+            let k = ks.activity(&fam, m);
+            assert_eq!(b <= k && k < e, inside, "minute {m}");
+            assert_eq!(ks.activity_minute(&k).unwrap(), m);
+        }
+        let o = ks.outbox("threshold:ab:80");
+        let (b, e) = ks.outbox_range();
+        assert!(b < o && o < e);
+        assert_eq!(ks.outbox_id(&o).unwrap(), "threshold:ab:80");
+        let (b, e) = ks.alerts_range();
+        assert!(b < ks.alert("x") && ks.alert("x") < e);
+        assert!(!(b <= o && o < e), "outbox is not inside the alerts range");
     }
 
     #[test]

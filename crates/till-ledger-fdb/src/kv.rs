@@ -54,6 +54,11 @@ pub trait KvTxn: Send + Sync + Sized + 'static {
     ) -> impl Future<Output = Result<KeyValues, KvError>> + Send;
     /// Buffers a write.
     fn set(&mut self, key: &[u8], value: &[u8]);
+    /// Buffers the removal of one key (a write: it joins the write-conflict set, never the
+    /// read-conflict set).
+    fn clear(&mut self, key: &[u8]);
+    /// Buffers the removal of every key in `[begin, end)` (a write, like [`KvTxn::clear`]).
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]);
     /// Buffers a `SetVersionstampedKey` mutation: `key` ends with the 4-byte little-endian
     /// offset of a 10-byte placeholder, which the commit replaces with the commit
     /// versionstamp. Never conflicts with anything (nobody reads the key before it exists).

@@ -62,6 +62,7 @@
 //!     },
 //!     now: 1_750_000_000,
 //!     not_after: None,
+//!     meta: None,
 //! };
 //! let first = ledger.claim(req.clone()).await?;
 //! assert_eq!(first.map(|c| c.receipt.body().seq).ok(), Some(1));
@@ -73,6 +74,7 @@
 //! ```
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod admin;
 #[cfg(feature = "fdb-client")]
 mod client;
 mod config;
@@ -83,6 +85,7 @@ mod kv;
 #[cfg(any(test, feature = "memory"))]
 pub mod memory;
 
+pub use admin::SCAN_LIMIT;
 #[cfg(feature = "fdb-client")]
 pub use client::{boot, is_booted, FdbLedger, FdbNetwork, FdbStore, FdbTxn};
 pub use config::FdbConfig;

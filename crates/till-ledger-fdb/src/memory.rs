@@ -34,18 +34,29 @@ struct CommitFault {
     applied: bool,
 }
 
+type History = Vec<(u64, Option<Vec<u8>>)>;
+
+/// A buffered write, applied in order at commit.
+#[derive(Debug, Clone)]
+enum Op {
+    Set(Vec<u8>, Vec<u8>),
+    Clear(Vec<u8>, Vec<u8>),
+}
+
 #[derive(Debug, Default)]
 struct Data {
     /// Committed versions so far.
     version: u64,
-    /// key → (version, value) history, oldest first.
-    keys: BTreeMap<Vec<u8>, Vec<(u64, Vec<u8>)>>,
+    /// key → (version, value) history, oldest first; `None` marks a clear.
+    keys: BTreeMap<Vec<u8>, History>,
     commit_faults: VecDeque<CommitFault>,
     read_faults: VecDeque<i32>,
     commits: u64,
     conflicts: u64,
     /// Percent of commits that fail with a random retryable error (see `set_chaos`).
     chaos_percent: u32,
+    /// Simulated commit round trip (see `set_commit_latency`).
+    commit_latency: Duration,
 }
 
 #[derive(Debug)]
@@ -107,6 +118,13 @@ impl MemoryStore {
         self.inner.lock().chaos_percent = percent.min(100);
     }
 
+    /// From now on every commit takes `latency` before it is resolved (conflict check and
+    /// apply), like a cluster's commit round trip; transactions that read meanwhile get
+    /// older read versions and so conflict as they would on a real cluster. Benchmarks.
+    pub fn set_commit_latency(&self, latency: Duration) {
+        self.inner.lock().commit_latency = latency;
+    }
+
     /// Injected faults not yet consumed.
     pub fn pending_faults(&self) -> usize {
         let data = self.inner.lock();
@@ -135,7 +153,11 @@ impl MemoryStore {
             .lock()
             .keys
             .iter()
-            .filter_map(|(k, h)| h.last().map(|(_, v)| (k.clone(), v.clone())))
+            .filter_map(|(k, h)| {
+                h.last()
+                    .and_then(|(_, v)| v.as_ref())
+                    .map(|v| (k.clone(), v.clone()))
+            })
             .collect()
     }
 }
@@ -168,7 +190,7 @@ pub struct MemoryTxn {
     read_version: u64,
     /// Read-conflict ranges `[begin, end)`.
     reads: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
-    writes: Vec<(Vec<u8>, Vec<u8>)>,
+    writes: Vec<Op>,
     stamped: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -178,12 +200,12 @@ fn key_after(key: &[u8]) -> Vec<u8> {
     k
 }
 
-fn visible(history: &[(u64, Vec<u8>)], version: u64) -> Option<&Vec<u8>> {
+fn visible(history: &[(u64, Option<Vec<u8>>)], version: u64) -> Option<&Vec<u8>> {
     history
         .iter()
         .rev()
         .find(|(v, _)| *v <= version)
-        .map(|(_, value)| value)
+        .and_then(|(_, value)| value.as_ref())
 }
 
 impl MemoryTxn {
@@ -217,8 +239,13 @@ impl KvTxn for MemoryTxn {
         let key = key.to_vec();
         async move {
             self.wait_thawed().await?;
-            if let Some((_, v)) = self.writes.iter().rev().find(|(k, _)| *k == key) {
-                return Ok(Some(v.clone()));
+            // Read your writes: the latest buffered write touching the key wins.
+            for op in self.writes.iter().rev() {
+                match op {
+                    Op::Set(k, v) if *k == key => return Ok(Some(v.clone())),
+                    Op::Clear(b, e) if *b <= key && key < *e => return Ok(None),
+                    _ => {}
+                }
             }
             let value = {
                 let mut data = self.inner.lock();
@@ -271,7 +298,17 @@ impl KvTxn for MemoryTxn {
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) {
-        self.writes.push((key.to_vec(), value.to_vec()));
+        self.writes.push(Op::Set(key.to_vec(), value.to_vec()));
+    }
+
+    fn clear(&mut self, key: &[u8]) {
+        self.writes.push(Op::Clear(key.to_vec(), key_after(key)));
+    }
+
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
+        if begin < end {
+            self.writes.push(Op::Clear(begin.to_vec(), end.to_vec()));
+        }
     }
 
     fn set_versionstamped_key(&mut self, key: &[u8], value: &[u8]) {
@@ -281,6 +318,10 @@ impl KvTxn for MemoryTxn {
     async fn commit(self) -> Result<(), (Self, KvError)> {
         if let Err(e) = self.wait_thawed().await {
             return Err((self, e));
+        }
+        let latency = self.inner.lock().commit_latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
         }
         let outcome = {
             let mut data = self.inner.lock();
@@ -302,15 +343,30 @@ impl KvTxn for MemoryTxn {
                 if apply {
                     data.version += 1;
                     let version = data.version;
-                    for (k, v) in &self.writes {
-                        data.keys
-                            .entry(k.clone())
-                            .or_default()
-                            .push((version, v.clone()));
+                    for op in &self.writes {
+                        match op {
+                            Op::Set(k, v) => data
+                                .keys
+                                .entry(k.clone())
+                                .or_default()
+                                .push((version, Some(v.clone()))),
+                            Op::Clear(b, e) => {
+                                // Only keys that exist get a tombstone (a clear of nothing
+                                // changes nothing a reader could see).
+                                for (_, h) in data.keys.range_mut(b.clone()..e.clone()) {
+                                    if h.last().is_some_and(|(_, v)| v.is_some()) {
+                                        h.push((version, None));
+                                    }
+                                }
+                            }
+                        }
                     }
                     for (order, (k, v)) in self.stamped.iter().enumerate() {
                         if let Some(key) = complete_stamp(k, version, order) {
-                            data.keys.entry(key).or_default().push((version, v.clone()));
+                            data.keys
+                                .entry(key)
+                                .or_default()
+                                .push((version, Some(v.clone())));
                         }
                     }
                     data.commits += 1;

@@ -103,7 +103,7 @@ impl Ledger for RoundRobin {
     fn revoke(
         &self,
         id: &[u8],
-    ) -> till_ledger::BoxFuture<'_, Result<(), till_ledger::LedgerError>> {
+    ) -> till_ledger::BoxFuture<'_, Result<till_ledger::Revoked, till_ledger::LedgerError>> {
         self.pick().revoke(id)
     }
     fn usage(
@@ -121,6 +121,53 @@ impl Ledger for RoundRobin {
     ) -> till_ledger::BoxFuture<'_, Result<Vec<till_ledger::Receipt>, till_ledger::LedgerError>>
     {
         self.pick().receipts(family, from, limit)
+    }
+    fn record_key(
+        &self,
+        key: till_ledger::KeyBlocks,
+        at: u64,
+    ) -> till_ledger::BoxFuture<'_, Result<(), till_ledger::LedgerError>> {
+        self.pick().record_key(key, at)
+    }
+    fn families(
+        &self,
+        now: u64,
+    ) -> till_ledger::BoxFuture<'_, Result<Vec<till_ledger::FamilyView>, till_ledger::LedgerError>>
+    {
+        self.pick().families(now)
+    }
+    fn family(
+        &self,
+        family: &[u8],
+        now: u64,
+    ) -> till_ledger::BoxFuture<
+        '_,
+        Result<Option<till_ledger::FamilyDetail>, till_ledger::LedgerError>,
+    > {
+        self.pick().family(family, now)
+    }
+    fn alerts(
+        &self,
+        limit: usize,
+    ) -> till_ledger::BoxFuture<'_, Result<Vec<till_ledger::AlertRecord>, till_ledger::LedgerError>>
+    {
+        self.pick().alerts(limit)
+    }
+    fn lease_alerts(
+        &self,
+        now: u64,
+        lease_secs: u64,
+        limit: usize,
+    ) -> till_ledger::BoxFuture<'_, Result<Vec<till_ledger::AlertRecord>, till_ledger::LedgerError>>
+    {
+        self.pick().lease_alerts(now, lease_secs, limit)
+    }
+    fn settle_alert(
+        &self,
+        id: &str,
+        outcome: till_ledger::AlertOutcome,
+    ) -> till_ledger::BoxFuture<'_, Result<(), till_ledger::LedgerError>> {
+        self.pick().settle_alert(id, outcome)
     }
 }
 

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use till_ledger::conformance::{self, Harness};
 use till_ledger::{
-    BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal,
+    AlertOutcome, AlertRecord, BoxFuture, Claim, ClaimRequest, FamilyDetail, FamilyView, KeyBlocks,
+    Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal, Revoked,
 };
 use till_ledger_fdb::memory::MemoryStore;
 use till_ledger_fdb::{codes, FdbConfig, KvLedger};
@@ -69,7 +70,7 @@ impl Ledger for Fleet {
     ) -> BoxFuture<'_, Result<Result<Claim, Refusal>, LedgerError>> {
         self.pick().claim(req)
     }
-    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<(), LedgerError>> {
+    fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<Revoked, LedgerError>> {
         self.pick().revoke(revocation_id)
     }
     fn usage(&self, levels: &[Level]) -> BoxFuture<'_, Result<Vec<LevelUsage>, LedgerError>> {
@@ -82,6 +83,37 @@ impl Ledger for Fleet {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
         self.pick().receipts(family, from_seq, limit)
+    }
+    fn record_key(&self, key: KeyBlocks, at: u64) -> BoxFuture<'_, Result<(), LedgerError>> {
+        self.pick().record_key(key, at)
+    }
+    fn families(&self, now: u64) -> BoxFuture<'_, Result<Vec<FamilyView>, LedgerError>> {
+        self.pick().families(now)
+    }
+    fn family(
+        &self,
+        family: &[u8],
+        now: u64,
+    ) -> BoxFuture<'_, Result<Option<FamilyDetail>, LedgerError>> {
+        self.pick().family(family, now)
+    }
+    fn alerts(&self, limit: usize) -> BoxFuture<'_, Result<Vec<AlertRecord>, LedgerError>> {
+        self.pick().alerts(limit)
+    }
+    fn lease_alerts(
+        &self,
+        now: u64,
+        lease_secs: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<AlertRecord>, LedgerError>> {
+        self.pick().lease_alerts(now, lease_secs, limit)
+    }
+    fn settle_alert(
+        &self,
+        id: &str,
+        outcome: AlertOutcome,
+    ) -> BoxFuture<'_, Result<(), LedgerError>> {
+        self.pick().settle_alert(id, outcome)
     }
 }
 
@@ -140,6 +172,10 @@ macro_rules! all_cases {
                 unknown_blocks_and_idempotent_revoke,
                 generated_idempotency_keys,
                 invalid_requests_rejected,
+                families_and_blocks_recorded,
+                threshold_alerts_exactly_once,
+                alert_outbox_lease_and_settle,
+                revocation_alert_once,
             ]
         );
     };
@@ -469,6 +505,14 @@ async fn retry_limit_exhausted_is_unavailable_and_writes_nothing() {
     }
     assert_eq!(used(&f.ledger, &levels).await, vec![0]);
     assert_eq!(f.store.commits(), 0);
+    assert!(
+        f.ledger
+            .families(conformance::NOW)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a claim that never committed recorded its family"
+    );
 }
 
 #[tokio::test]
@@ -682,4 +726,262 @@ async fn schema_is_written_once_and_checked() {
         ledger.check_schema().await,
         Err(LedgerError::Open { .. })
     ));
+}
+
+// ---------------------------------------------------------------------------------------
+// Family records, activity and alerts: the FoundationDB-specific parts
+
+fn alert_ids(alerts: &[AlertRecord]) -> Vec<String> {
+    let mut ids: Vec<String> = alerts.iter().map(|a| a.id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+/// A claim that fires alerts, whose commit result is unknown but which landed: the retry
+/// answers with the original receipt AND the alerts that commit wrote; nothing is stored
+/// twice.
+#[tokio::test]
+async fn unknown_result_of_an_alerting_claim_fires_each_alert_once() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(1)]);
+    let rid = hex::encode(&levels[0].revocation_id);
+    let expected = vec![
+        format!("threshold:{rid}:100"),
+        format!("threshold:{rid}:80"),
+    ];
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
+    let got = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
+    assert_eq!(f.ledger.stats().recovered, 1);
+    assert_eq!(
+        alert_ids(&got.alerts),
+        expected,
+        "the recovered claim reports them"
+    );
+    let stored = f.ledger.alerts(100).await.unwrap();
+    assert_eq!(alert_ids(&stored), expected, "stored once");
+    let leased = f
+        .ledger
+        .lease_alerts(conformance::NOW, 30, 100)
+        .await
+        .unwrap();
+    assert_eq!(alert_ids(&leased), expected, "one outbox entry each");
+    assert_single_charge(&f, &levels, "k", &got).await;
+    let view = f
+        .ledger
+        .family(&levels[0].revocation_id, conformance::NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.family.activity.last_hour, 1, "activity counted once");
+    assert_eq!(view.blocks.len(), 1);
+}
+
+/// The same fault when the commit did NOT land: the retry plans afresh and fires the
+/// alerts then (they are not lost).
+#[tokio::test]
+async fn unknown_result_that_did_not_land_still_fires_the_alert() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(1)]);
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, false);
+    let got = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
+    assert_eq!(f.ledger.stats().recovered, 0);
+    assert_eq!(got.alerts.len(), 2);
+    assert_eq!(
+        alert_ids(&f.ledger.alerts(100).await.unwrap()),
+        alert_ids(&got.alerts)
+    );
+}
+
+/// A revocation whose commit result is unknown but which landed: still reported as the
+/// first revocation with its alert, and the alert is stored once.
+#[tokio::test]
+async fn unknown_result_of_a_revocation_reports_it_once() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(5), Some(2)]);
+    claim_ok(&f.ledger, conformance::claim_request(&levels, None, "chat")).await;
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
+    let r = f.ledger.revoke(&levels[1].revocation_id).await.unwrap();
+    assert!(r.newly);
+    assert_eq!(r.family, Some(hex::encode(&levels[0].revocation_id)));
+    let alert = r.alert.expect("the revocation alert");
+    assert_eq!(alert.block, Some(1));
+    let revocations: Vec<_> = f
+        .ledger
+        .alerts(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.id == alert.id)
+        .collect();
+    assert_eq!(revocations.len(), 1);
+    assert!(
+        !f.ledger
+            .revoke(&levels[1].revocation_id)
+            .await
+            .unwrap()
+            .newly
+    );
+}
+
+/// Ten claims of one family in ONE transaction (group commit): the per-minute counter
+/// sees the earlier claims of the batch (10, not 1), the rate alert fires exactly once,
+/// and the family's blocks are written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_of_one_family_counts_its_minute_and_fires_the_rate_alert_once() {
+    let f = fixture(|c| {
+        c.max_batch = 64;
+        c.alerts = till_ledger::AlertPolicy {
+            rate_per_minute: Some(3),
+            ..till_ledger::AlertPolicy::none()
+        };
+    });
+    let levels = token(&[None, Some(100)]);
+    let ledger = Arc::new(f.ledger);
+    f.store.set_frozen(true);
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let ledger = Arc::clone(&ledger);
+            let req = conformance::claim_request(&levels, None, "chat");
+            tokio::spawn(async move { ledger.claim(req).await })
+        })
+        .collect();
+    while ledger.stats().batches == 0 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    f.store.set_frozen(false);
+    let mut fired = Vec::new();
+    for t in tasks {
+        fired.extend(t.await.unwrap().unwrap().unwrap().alerts);
+    }
+    assert!(
+        ledger.stats().commits <= 3,
+        "the claims were meant to share transactions: {:?}",
+        ledger.stats()
+    );
+    let fam = hex::encode(&levels[0].revocation_id);
+    let minute = conformance::NOW / 60;
+    assert_eq!(alert_ids(&fired), vec![format!("rate:{fam}:{minute}")]);
+    assert_eq!(fired[0].rate_per_minute, Some(4));
+    let stored = ledger.alerts(100).await.unwrap();
+    assert_eq!(alert_ids(&stored), alert_ids(&fired));
+    let ks = ledger.keyspace();
+    let dump = f.store.dump();
+    let count = dump
+        .get(&ks.activity(&levels[0].revocation_id, minute))
+        .map(|v| till_ledger_fdb::keys::decode_u64(v).unwrap());
+    assert_eq!(count, Some(10), "every claim of the batch counted");
+    let detail = ledger
+        .family(&levels[0].revocation_id, conformance::NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(detail.blocks.len(), 2);
+    assert_eq!(detail.family.activity.per_minute.last(), Some(&10));
+}
+
+/// The first claim of a new minute prunes the family's buckets older than
+/// `ACTIVITY_MINUTES`; younger ones stay.
+#[tokio::test]
+async fn old_activity_buckets_are_pruned() {
+    let f = fixture(|_| {});
+    let levels = token(&[None]);
+    let fam = &levels[0].revocation_id;
+    let at = |now: u64| {
+        let mut req = conformance::claim_request(&levels, None, "chat");
+        req.now = now;
+        req
+    };
+    let t0 = conformance::NOW - conformance::NOW % 60;
+    claim_ok(&f.ledger, at(t0)).await;
+    claim_ok(&f.ledger, at(t0 + 60 * 50)).await;
+    claim_ok(&f.ledger, at(t0 + 60 * 50 + 1)).await;
+    let ks = f.ledger.keyspace();
+    let m0 = t0 / 60;
+    let present = |m: u64| f.store.dump().contains_key(&ks.activity(fam, m));
+    assert!(present(m0) && present(m0 + 50));
+    let late = m0 + till_ledger::family::ACTIVITY_MINUTES + 1;
+    claim_ok(&f.ledger, at(late * 60)).await;
+    assert!(!present(m0), "older than the window: pruned");
+    assert!(present(m0 + 50) && present(late));
+    let view = f.ledger.family(fam, late * 60).await.unwrap().unwrap();
+    assert_eq!(view.family.activity.last_hour, 1);
+}
+
+/// Two proxies leasing the outbox at the same moment: every due alert is leased by
+/// exactly one of them (the lease is one transaction; the loser of the conflict re-reads
+/// and finds the alert leased).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_proxies_leasing_at_once_never_take_the_same_alert() {
+    let store = MemoryStore::new();
+    let (fleet, _h) = fleet(&store, 2, 128);
+    let mut expected = Vec::new();
+    for _ in 0..15 {
+        let levels = token(&[Some(1)]);
+        let c = claim_ok(
+            &fleet.proxies[0],
+            conformance::claim_request(&levels, None, "chat"),
+        )
+        .await;
+        expected.extend(c.alerts);
+    }
+    assert_eq!(expected.len(), 30);
+    // A commit round trip long enough that both leases read before either commits.
+    store.set_commit_latency(Duration::from_millis(20));
+    let conflicts_before = store.conflicts();
+    for round in 0..3 {
+        let now = conformance::NOW + round * 100;
+        let (a, b) = tokio::join!(
+            fleet.proxies[0].lease_alerts(now, 30, 1000),
+            fleet.proxies[1].lease_alerts(now, 30, 1000)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let mut all = alert_ids(&a);
+        all.extend(alert_ids(&b));
+        all.sort();
+        let before = all.len();
+        all.dedup();
+        assert_eq!(before, all.len(), "an alert leased twice in round {round}");
+        assert_eq!(all, alert_ids(&expected), "every due alert leased once");
+        assert!(a
+            .iter()
+            .chain(&b)
+            .all(|r| r.delivery.attempts == round as u32 + 1));
+    }
+    assert!(
+        store.conflicts() >= conflicts_before + 3,
+        "the two leases of each round were meant to race (one conflicts)"
+    );
+    store.set_commit_latency(Duration::ZERO);
+    // Delivered alerts leave the outbox for good.
+    for a in &expected {
+        fleet.proxies[1]
+            .settle_alert(
+                &a.id,
+                AlertOutcome::Delivered {
+                    at: conformance::NOW,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let ks = fleet.proxies[0].keyspace();
+    let (b, e) = ks.outbox_range();
+    assert_eq!(store.dump().range(b..e).count(), 0, "outbox empty");
+    assert!(fleet.proxies[0]
+        .lease_alerts(conformance::NOW + 10_000, 30, 1000)
+        .await
+        .unwrap()
+        .is_empty());
 }
