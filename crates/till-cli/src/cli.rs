@@ -46,6 +46,9 @@ pub enum Command {
         /// Private root key file (default: the data dir's root.key.jwk).
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
+        /// A human label for the key family (shown by the admin API and dashboard).
+        #[arg(long, value_name = "TEXT")]
+        label: Option<String>,
         #[command(flatten)]
         caveats: CaveatArgs,
     },
@@ -83,6 +86,10 @@ pub enum Command {
     },
     /// Verify a key family's whole receipt chain: signatures, no gap, no fork, no over-cap.
     Audit(ledger_cmds::AuditArgs),
+    /// Mint an admin key (for the admin API of `till serve`); prints only the key.
+    AdminKey(crate::admin::AdminKeyArgs),
+    /// Follow a running server's live events (claims, refusals, revocations, alerts).
+    Watch(crate::admin::WatchArgs),
     /// Run a local OpenAI-compatible mock upstream (for trying Till and load tests).
     MockUpstream(mock::MockArgs),
 }
@@ -141,10 +148,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Mint {
             upstream,
             key,
+            label,
             caveats,
         } => {
             keys::check_upstream(&upstream)?;
-            keys::mint_cmd(&dir, key, upstream, &caveats)
+            keys::mint_cmd(&dir, key, upstream, label, &caveats)
         }
         Command::Attenuate {
             token,
@@ -162,5 +170,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Receipt { command } => ledger_cmds::receipt(&dir, command),
         Command::Audit(args) => ledger_cmds::audit(&dir, args),
         Command::MockUpstream(args) => mock::run(args),
+        Command::AdminKey(args) => crate::admin::admin_key_cmd(&dir, args),
+        Command::Watch(args) => crate::admin::watch_cmd(&dir, args),
     }
 }

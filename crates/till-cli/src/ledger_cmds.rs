@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
-use till_ledger::{EmbeddedConfig, EmbeddedLedger, Ledger, Level, LevelUsage};
+use till_ledger::{EmbeddedConfig, EmbeddedLedger, Ledger, LedgerError, Level, LevelUsage};
 use till_receipt::{audit_chain, Receipt, ReceiptKeySet};
 use till_token::{inspect, BlockInfo, Limits, SignatureStatus};
 
@@ -28,6 +28,19 @@ pub struct LedgerArgs {
         value_name = "LEDGER"
     )]
     pub ledger: String,
+    /// FoundationDB key space (with `--ledger fdb...`; the fleet's `[ledger] keyspace`).
+    #[arg(
+        long,
+        env = "TILL_FDB_KEYSPACE",
+        default_value = "till",
+        value_name = "NAME"
+    )]
+    pub keyspace: String,
+    /// Talk to a running server's admin API at this URL instead of opening the ledger
+    /// (default: when the embedded ledger is held by a running `till serve`, the admin
+    /// API it announced in the data dir's admin.json).
+    #[arg(long, env = "TILL_SERVER", value_name = "URL")]
+    pub server: Option<String>,
 }
 
 /// `till revoke` arguments.
@@ -89,6 +102,9 @@ pub enum ReceiptCommand {
 /// Opens the ledger named by `args` (inside a Tokio runtime: the FoundationDB backend
 /// spawns its batching tasks on it).
 pub async fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Ledger>> {
+    if let Some(url) = &args.server {
+        return remote(dir, url);
+    }
     let signer = Arc::new(dir.receipt_signer()?);
     match args
         .ledger
@@ -97,11 +113,26 @@ pub async fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Led
     {
         ("embedded", None) => {
             let config = EmbeddedConfig::new(signer, "till-cli");
-            let ledger = EmbeddedLedger::open(dir.ledger_path(), config)
-                .with_context(|| format!("opening {}", dir.ledger_path().display()))?;
-            Ok(Arc::new(ledger))
+            match EmbeddedLedger::open(dir.ledger_path(), config) {
+                Ok(ledger) => Ok(Arc::new(ledger)),
+                // A running `till serve` holds the file: use its admin API.
+                Err(LedgerError::Locked { .. }) => match crate::admin::read_discovery(dir) {
+                    Some(d) => remote(dir, &d.url),
+                    None => bail!(
+                        "{} is in use by another process, and no running till serve announced                          an admin API in {} (started with --admin-listen none?); pass --server URL",
+                        dir.ledger_path().display(),
+                        dir.path().join(till_admin::client::DISCOVERY_FILE).display()
+                    ),
+                },
+                Err(e) => Err(anyhow::Error::new(e)
+                    .context(format!("opening {}", dir.ledger_path().display()))),
+            }
         }
-        ("fdb", cluster_file) => open_fdb(signer, cluster_file.map(PathBuf::from)).await,
+        ("fdb", cluster_file) => {
+            till_proxy::config::validate_keyspace(&args.keyspace)
+                .map_err(|e| Failure::usage(format!("--keyspace {e}")))?;
+            open_fdb(signer, cluster_file.map(PathBuf::from), &args.keyspace).await
+        }
         _ => bail!(Failure::usage(format!(
             "--ledger `{}`: expected `embedded` or `fdb[:CLUSTER_FILE]`",
             args.ledger
@@ -109,18 +140,26 @@ pub async fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Led
     }
 }
 
+/// The running server's admin API as a ledger.
+fn remote(dir: &DataDir, url: &str) -> Result<Arc<dyn Ledger>> {
+    let key = crate::admin::admin_key(dir)?;
+    Ok(Arc::new(till_admin::client::RemoteLedger::new(url, &key)?))
+}
+
 #[cfg(feature = "fdb")]
 async fn open_fdb(
     signer: Arc<till_receipt::ReceiptSigner>,
     cluster_file: Option<PathBuf>,
+    keyspace: &str,
 ) -> Result<Arc<dyn Ledger>> {
-    crate::fleet::open_fdb_ledger(signer, cluster_file, "till-cli").await
+    crate::fleet::open_fdb_ledger(signer, cluster_file, keyspace, "till-cli").await
 }
 
 #[cfg(not(feature = "fdb"))]
 async fn open_fdb(
     _signer: Arc<till_receipt::ReceiptSigner>,
     _cluster_file: Option<PathBuf>,
+    _keyspace: &str,
 ) -> Result<Arc<dyn Ledger>> {
     bail!(Failure::usage(
         "this till was built without FoundationDB support: rebuild with `--features fdb`"
@@ -189,6 +228,35 @@ pub fn revoke(dir: &DataDir, args: RevokeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `till usage` table: a header and one line per block, columns aligned (values are
+/// rendered to strings first: `serde_json::Value`'s `Display` ignores width and
+/// alignment, which is how the block column once drifted from its header).
+fn usage_table(rows: &[serde_json::Value]) -> String {
+    let num = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
+    let mut out = format!(
+        "{:<6} {:>10} {:>10} {:>10}  {:<8} {}\n",
+        "block", "used", "cap", "remaining", "status", "revocation id"
+    );
+    for r in rows {
+        let status = if r["revoked"] == true {
+            "revoked"
+        } else {
+            "active"
+        };
+        let id = r["revocation_id"].as_str().unwrap_or_default();
+        out.push_str(&format!(
+            "{:<6} {:>10} {:>10} {:>10}  {:<8} {}…\n",
+            num(&r["block"]),
+            num(&r["used"]),
+            num(&r["cap"]),
+            num(&r["remaining"]),
+            status,
+            id.get(..id.len().min(16)).unwrap_or(id)
+        ));
+    }
+    out
+}
+
 /// `till usage`.
 pub fn usage(dir: &DataDir, args: UsageArgs) -> Result<ExitCode> {
     let blocks = key_blocks(dir, &args.token)?;
@@ -215,28 +283,7 @@ pub fn usage(dir: &DataDir, args: UsageArgs) -> Result<ExitCode> {
             serde_json::to_string_pretty(&json!({ "blocks": rows }))?
         );
     } else {
-        println!(
-            "{:<6} {:>10} {:>10} {:>10}  {:<8} revocation id",
-            "block", "used", "cap", "remaining", "status"
-        );
-        for r in &rows {
-            let num = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
-            let status = if r["revoked"] == true {
-                "revoked"
-            } else {
-                "active"
-            };
-            let id = r["revocation_id"].as_str().unwrap_or_default();
-            println!(
-                "{:<6} {:>10} {:>10} {:>10}  {:<8} {}…",
-                r["block"],
-                num(&r["used"]),
-                num(&r["cap"]),
-                num(&r["remaining"]),
-                status,
-                &id[..id.len().min(16)]
-            );
-        }
+        print!("{}", usage_table(&rows));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -349,5 +396,27 @@ pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         Err(Failure::invalid_msg("the ledger's counters disagree with its receipts").into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 10 (minor): every column lines up with its header.
+    #[test]
+    fn usage_table_columns_line_up() {
+        let rows = vec![
+            json!({"block": 0, "revocation_id": "ab".repeat(32), "used": 3, "cap": 500,
+                   "remaining": 497, "revoked": false}),
+            json!({"block": 12, "revocation_id": "cd".repeat(32), "used": 12345678,
+                   "cap": null, "remaining": null, "revoked": true}),
+        ];
+        let want = "\
+block        used        cap  remaining  status   revocation id
+0               3        500        497  active   abababababababab…
+12       12345678          -          -  revoked  cdcdcdcdcdcdcdcd…
+";
+        assert_eq!(usage_table(&rows), want);
     }
 }

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
+mod admin;
 mod cli;
 mod datadir;
 #[cfg(feature = "fdb")]

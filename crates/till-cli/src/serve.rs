@@ -45,6 +45,14 @@ pub struct ServeArgs {
     /// (a FoundationDB cluster shared by a fleet; needs a build with `--features fdb`).
     #[arg(long, value_name = "LEDGER")]
     pub ledger: Option<String>,
+    /// FoundationDB key space (default `till`; also $TILL_FDB_KEYSPACE or `[ledger]
+    /// keyspace`): proxies of one fleet share it, other deployments on the cluster use
+    /// their own.
+    #[arg(long, value_name = "NAME")]
+    pub keyspace: Option<String>,
+    /// Admin API listen address (default 127.0.0.1:8081; `none` disables the admin plane).
+    #[arg(long, value_name = "ADDR|none")]
+    pub admin_listen: Option<String>,
     /// Validate the configuration, print a summary and exit (0 valid, 2 invalid).
     #[arg(long, short = 't')]
     pub check_config: bool,
@@ -69,6 +77,8 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         listen: args.listen.clone(),
         proxy_id: args.proxy_id.clone(),
         ledger: args.ledger.clone(),
+        keyspace: args.keyspace.clone(),
+        admin_listen: args.admin_listen.clone(),
     };
     let config = Config::load(file.as_deref(), &flags, &SystemEnv).map_err(Failure::usage_from)?;
     if args.check_config {
@@ -81,32 +91,58 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         println!("listen: {}", config.listen);
         println!("proxy id: {}", config.proxy_id);
         println!("ledger: {}", describe_ledger(&config.ledger));
+        println!("admin: {}", describe_admin(&config));
+        println!("alerts: {}", describe_alerts(&config));
         print_upstreams(&config);
         return Ok(ExitCode::SUCCESS);
     }
     init_logging(args.log_format);
     data.init()?;
+    crate::admin::ensure_admin_key(&data)?;
     let keys = data.key_ring()?;
     let signer = Arc::new(data.receipt_signer()?);
     let mut ledger_config = EmbeddedConfig::new(Arc::clone(&signer), config.proxy_id.clone());
     ledger_config.claim_timeout = config.limits.ledger_claim_timeout;
+    ledger_config.alerts = config.alerts.policy.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let ledger: Arc<dyn Ledger> = match &config.ledger {
-            LedgerChoice::Fdb { cluster_file } => {
-                open_fdb(signer, cluster_file.clone(), &config.proxy_id).await?
-            }
+            LedgerChoice::Fdb {
+                cluster_file,
+                keyspace,
+            } => open_fdb(Arc::clone(&signer), cluster_file.clone(), keyspace, &config.proxy_id).await?,
             _ => Arc::new(EmbeddedLedger::open(data.ledger_path(), ledger_config)?),
         };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let shutdown = shutdown_signal()?;
+        let signal = shutdown_signal()?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            signal.await;
+            let _ = stop_tx.send(true);
+        });
+        let admin_listener = match config.admin.listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen on {a} (admin API; `--admin-listen none` disables it)"))?,
+            ),
+            None => None,
+        };
         println!("till data dir: {}", data.path().display());
         println!("listening on http://{addr}");
+        match &admin_listener {
+            Some(l) => println!(
+                "admin API on http://{}/admin/v1 (admin key: {})",
+                l.local_addr()?,
+                data.path().join(crate::admin::ADMIN_KEY).display()
+            ),
+            None => println!("admin API: disabled"),
+        }
         println!("ledger: {}", describe_ledger(&config.ledger));
         print_upstreams(&config);
         match config.upstreams.keys().next() {
@@ -124,8 +160,45 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
                 );
             }
         }
-        let app = config.build(keys, ledger).map_err(Failure::usage_from)?;
-        app.serve(listener, shutdown).await?;
+        let alerts = config.alerts.clone();
+        let app = config.build(keys.clone(), Arc::clone(&ledger)).map_err(Failure::usage_from)?;
+        let admin = match admin_listener {
+            None => None,
+            Some(admin_listener) => {
+                let mut receipt_keys = till_receipt::ReceiptKeySet::new();
+                receipt_keys.insert(signer.public_key());
+                let plane = till_admin::AdminPlane::new(till_admin::AdminConfig {
+                    ledger: Arc::clone(&ledger),
+                    keys,
+                    root: Some(data.root_key()?),
+                    receipt_keys,
+                    events: app.state().events().clone(),
+                    alerts,
+                });
+                let admin_addr = admin_listener.local_addr()?;
+                let url = format!("http://{admin_addr}");
+                crate::admin::write_discovery(&data, &url)?;
+                let deliverer = plane.spawn_deliverer();
+                let serving = {
+                    let plane = plane.clone();
+                    tokio::spawn(async move { plane.serve(admin_listener).await })
+                };
+                Some((plane, serving, deliverer))
+            }
+        };
+        let mut proxy_stop = stop_rx.clone();
+        let served = app
+            .serve(listener, async move {
+                let _ = proxy_stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Some((plane, serving, deliverer)) = admin {
+            plane.shutdown();
+            let _ = serving.await;
+            let _ = deliverer.await;
+            crate::admin::remove_discovery(&data);
+        }
+        served?;
         tracing::info!("till stopped");
         Ok::<_, anyhow::Error>(())
     })?;
@@ -136,8 +209,12 @@ fn describe_ledger(choice: &LedgerChoice) -> String {
     match choice {
         LedgerChoice::Fdb {
             cluster_file: Some(f),
-        } => format!("FoundationDB ({})", f.display()),
-        LedgerChoice::Fdb { cluster_file: None } => "FoundationDB (default cluster file)".into(),
+            keyspace,
+        } => format!("FoundationDB ({}, key space {keyspace})", f.display()),
+        LedgerChoice::Fdb {
+            cluster_file: None,
+            keyspace,
+        } => format!("FoundationDB (default cluster file, key space {keyspace})"),
         _ => "embedded".into(),
     }
 }
@@ -146,20 +223,41 @@ fn describe_ledger(choice: &LedgerChoice) -> String {
 async fn open_fdb(
     signer: Arc<ReceiptSigner>,
     cluster_file: Option<PathBuf>,
+    keyspace: &str,
     proxy_id: &str,
 ) -> Result<Arc<dyn Ledger>> {
-    crate::fleet::open_fdb_ledger(signer, cluster_file, proxy_id).await
+    crate::fleet::open_fdb_ledger(signer, cluster_file, keyspace, proxy_id).await
 }
 
 #[cfg(not(feature = "fdb"))]
 async fn open_fdb(
     _signer: Arc<ReceiptSigner>,
     _cluster_file: Option<PathBuf>,
+    _keyspace: &str,
     _proxy_id: &str,
 ) -> Result<Arc<dyn Ledger>> {
     anyhow::bail!(Failure::usage(
         "this till was built without FoundationDB support: rebuild with `--features fdb`"
     ))
+}
+
+fn describe_admin(config: &Config) -> String {
+    match config.admin.listen {
+        Some(a) => format!("http://{a}/admin/v1"),
+        None => "disabled".into(),
+    }
+}
+
+fn describe_alerts(config: &Config) -> String {
+    let p = &config.alerts.policy;
+    let thresholds: Vec<String> = p.thresholds.iter().map(|t| format!("{t}%")).collect();
+    format!(
+        "thresholds [{}], rate ceiling {}, revocations {}, webhook {}",
+        thresholds.join(", "),
+        p.rate_per_minute.map_or("none".into(), |r| format!("{r}/min")),
+        if p.revocations { "on" } else { "off" },
+        config.alerts.webhook.as_ref().map_or("none (recorded and logged only)".to_string(), |w| w.url.clone())
+    )
 }
 
 fn print_upstreams(config: &Config) {
