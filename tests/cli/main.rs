@@ -2,5 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod fixture;
+mod fleet_shapes;
+#[path = "../fleet/shapes.rs"]
+mod fleet_shapes_shared;
 mod keys;
 mod ledger;

@@ -25,6 +25,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod shapes;
+
 const ENV_CLUSTER_FILE: &str = "TILL_FDB_CLUSTER_FILE";
 const TILL: &str = env!("CARGO_BIN_EXE_till");
 /// Root cap of the hammered token.
@@ -65,32 +67,46 @@ fn ledger_arg(cluster: &Path) -> String {
     format!("fdb:{}", cluster.display())
 }
 
-/// `till.toml` for one proxy: listen address and one generic-bearer upstream.
-fn write_config(dir: &Path, listen: SocketAddr, upstream: SocketAddr, cluster: &Path) -> PathBuf {
+/// This run's key space (fresh per run, so runs on one cluster never see each other):
+/// the proxies get it from `[ledger] keyspace` in their till.toml, the ledger commands
+/// from `--keyspace`.
+fn keyspace() -> &'static str {
+    static KS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KS.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("till-fleet-{}-{nanos}", std::process::id())
+    })
+}
+
+/// `till.toml` for one proxy: listen address, the `[ledger]` table (the documented
+/// form, key space included) and one generic-bearer upstream.
+fn write_config(
+    dir: &Path,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    cluster: &Path,
+    keyspace: &str,
+) -> PathBuf {
     let path = dir.join("till.toml");
-    let toml = format!(
-        "listen = \"{listen}\"\n\
-         ledger = \"fdb:{cluster}\"\n\
-         \n\
-         [upstreams.up]\n\
-         preset = \"generic\"\n\
-         base_url = \"http://{upstream}\"\n\
-         credential_env = \"TILL_FLEET_UPSTREAM_SECRET\"\n\
-         auth = {{ header = \"authorization\", scheme = \"Bearer\" }}\n",
-        cluster = cluster.display()
+    let table = format!(
+        "backend = \"fdb\"\ncluster_file = \"{}\"\nkeyspace = \"{keyspace}\"",
+        cluster.display()
     );
+    let toml = shapes::proxy_config(&listen.to_string(), &upstream.to_string(), &table);
     std::fs::write(&path, toml).unwrap();
     path
 }
 
-fn serve(dir: &Path, config: &Path, cluster: &Path, proxy_id: &str) -> Child {
+/// The ledger (backend, cluster file, key space) comes from the config's `[ledger]` table.
+fn serve(dir: &Path, config: &Path, proxy_id: &str) -> Child {
     Command::new(TILL)
         .arg("--dir")
         .arg(dir)
         .arg("serve")
         .arg("--config")
         .arg(config)
-        .args(["--ledger", &ledger_arg(cluster)])
         .env("TILL_FLEET_UPSTREAM_SECRET", UPSTREAM_SECRET)
         .env("TILL_PROXY_ID", proxy_id)
         .stdin(Stdio::null())
@@ -105,6 +121,8 @@ fn revoke(dir: &Path, cluster: &Path, token: &str) {
         "revoke",
         "--ledger",
         &ledger_arg(cluster),
+        "--keyspace",
+        keyspace(),
         token,
     ]));
 }
@@ -116,6 +134,8 @@ fn audit(dir: &Path, cluster: &Path, token: &str) -> serde_json::Value {
         "--json",
         "--ledger",
         &ledger_arg(cluster),
+        "--keyspace",
+        keyspace(),
         token,
     ]));
     serde_json::from_slice(&out.stdout).expect("audit --json prints JSON")
@@ -128,6 +148,8 @@ fn usage(dir: &Path, cluster: &Path, token: &str) -> serde_json::Value {
         "--json",
         "--ledger",
         &ledger_arg(cluster),
+        "--keyspace",
+        keyspace(),
         token,
     ]));
     serde_json::from_slice(&out.stdout).expect("usage --json prints JSON")
@@ -319,9 +341,9 @@ fn fleet_of_three_on_one_cluster() {
                 copy_keys(&first, &dir);
             }
             let addr = free_port();
-            let config = write_config(&dir, addr, up.addr, &cluster);
+            let config = write_config(&dir, addr, up.addr, &cluster, keyspace());
             let id = format!("p{i}");
-            let child = serve(&dir, &config, &cluster, &id);
+            let child = serve(&dir, &config, &id);
             Proxy {
                 dir,
                 config,
@@ -400,7 +422,7 @@ fn fleet_of_three_on_one_cluster() {
         let p = &proxies[2];
         (p.dir.clone(), p.config.clone(), p.addr, p.id.clone())
     };
-    let mut child = serve(&dir, &config, &cluster, &id);
+    let mut child = serve(&dir, &config, &id);
     wait_ready(addr, &mut child);
     proxies[2].child = child;
     assert_eq!(
@@ -431,15 +453,15 @@ fn fleet_of_three_on_one_cluster() {
         "only 200 and 403 answers (and connection failures on the killed proxy)"
     );
     let report = audit(&first, &cluster, &token);
-    let receipts = report["receipts"]
-        .as_u64()
-        .expect("audit reports a receipt count");
+    assert_eq!(shapes::audit_clean(&report), Some(true), "{report}");
+    let receipts = shapes::audit_receipts(&report).expect("audit reports a receipt count");
     assert_eq!(
         receipts, CAP,
         "exactly N slots claimed and their receipts stored: {report}"
     );
     let used = usage(&first, &cluster, &token);
     println!("usage: {used}");
+    assert_eq!(shapes::usage_used(&used, 0), Some(CAP), "{used}");
     // Never more forwarded than claimed; everything claimed was forwarded except what was
     // in flight on the killed proxy (at most its concurrent clients).
     assert!(hits <= CAP, "{hits} forwarded, cap {CAP}");

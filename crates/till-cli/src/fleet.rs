@@ -29,15 +29,16 @@ pub fn shutdown() {
     }
 }
 
-/// Opens the FoundationDB ledger. `cluster_file` `None` uses the client's default
-/// (`$FDB_CLUSTER_FILE`, then `/etc/foundationdb/fdb.cluster`).
+/// Opens the FoundationDB ledger in `keyspace`. `cluster_file` `None` uses the client's
+/// default (`$FDB_CLUSTER_FILE`, then `/etc/foundationdb/fdb.cluster`).
 pub async fn open_fdb_ledger(
     signer: Arc<ReceiptSigner>,
     cluster_file: Option<PathBuf>,
+    keyspace: &str,
     proxy_id: &str,
 ) -> Result<Arc<dyn Ledger>> {
     ensure_booted()?;
-    let mut config = FdbConfig::new(signer, proxy_id);
+    let mut config = FdbConfig::new(signer, proxy_id).with_keyspace(keyspace);
     if let Some(p) = cluster_file {
         config = config.with_cluster_file(p);
     }

@@ -25,6 +25,10 @@ pub const ENV_PROXY_ID: &str = "TILL_PROXY_ID";
 pub const ENV_CONFIG: &str = "TILL_CONFIG";
 /// Env: which ledger (`embedded` or `fdb[:CLUSTER_FILE]`).
 pub const ENV_LEDGER: &str = "TILL_LEDGER";
+/// Env: the FoundationDB key space (`[ledger] keyspace`).
+pub const ENV_FDB_KEYSPACE: &str = "TILL_FDB_KEYSPACE";
+/// Default FoundationDB key space.
+pub const DEFAULT_FDB_KEYSPACE: &str = "till";
 /// `limits.max_body_bytes` from the environment.
 pub const ENV_MAX_BODY_BYTES: &str = "TILL_MAX_BODY_BYTES";
 /// `limits.max_header_bytes` from the environment.
@@ -98,6 +102,8 @@ pub struct Overrides {
     pub proxy_id: Option<String>,
     /// `--ledger`.
     pub ledger: Option<String>,
+    /// `--keyspace` (FoundationDB).
+    pub keyspace: Option<String>,
 }
 
 /// `till.toml` as written. Every table and key is optional.
@@ -108,8 +114,8 @@ pub struct RawConfig {
     pub listen: Option<String>,
     /// This proxy's id in receipts.
     pub proxy_id: Option<String>,
-    /// `embedded` (default) or `fdb[:CLUSTER_FILE]`.
-    pub ledger: Option<String>,
+    /// `embedded` (default) or `fdb[:CLUSTER_FILE]`, or the `[ledger]` table.
+    pub ledger: Option<RawLedger>,
     /// Limits and timeouts.
     #[serde(default)]
     pub limits: RawLimits,
@@ -314,13 +320,7 @@ impl Config {
         {
             return Err(invalid("proxy_id", "1-64 of A-Z a-z 0-9 - _ .".to_string()));
         }
-        let ledger_text = flags
-            .ledger
-            .clone()
-            .or_else(|| env.var(ENV_LEDGER))
-            .or(raw.ledger)
-            .unwrap_or_else(|| "embedded".to_string());
-        let ledger = LedgerChoice::parse(&ledger_text).map_err(|e| invalid("ledger", e))?;
+        let ledger = validate_ledger(raw.ledger, flags, env)?;
         let limits = validate_limits(raw.limits, env)?;
         let upstreams = match raw.upstreams {
             Some(table) => {
@@ -344,6 +344,28 @@ impl Config {
     }
 }
 
+/// `ledger` in till.toml: the short string form or the `[ledger]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawLedger {
+    /// `ledger = "embedded" | "fdb" | "fdb:CLUSTER_FILE"`.
+    Short(String),
+    /// `[ledger] backend = "...", cluster_file = "...", keyspace = "..."`.
+    Table(RawLedgerTable),
+}
+
+/// The `[ledger]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLedgerTable {
+    /// `embedded` (default) or `fdb`.
+    pub backend: Option<String>,
+    /// FoundationDB cluster file (`fdb` only).
+    pub cluster_file: Option<PathBuf>,
+    /// FoundationDB key space (`fdb` only).
+    pub keyspace: Option<String>,
+}
+
 /// Which ledger backend a proxy claims against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -354,6 +376,8 @@ pub enum LedgerChoice {
     Fdb {
         /// Cluster file path.
         cluster_file: Option<PathBuf>,
+        /// Key space: every key under the tuple prefix `(keyspace,)`.
+        keyspace: String,
     },
 }
 
@@ -362,14 +386,93 @@ impl LedgerChoice {
     pub fn parse(text: &str) -> Result<Self, String> {
         match text.split_once(':') {
             None if text == "embedded" => Ok(LedgerChoice::Embedded),
-            None if text == "fdb" => Ok(LedgerChoice::Fdb { cluster_file: None }),
+            None if text == "fdb" => Ok(LedgerChoice::Fdb {
+                cluster_file: None,
+                keyspace: DEFAULT_FDB_KEYSPACE.to_string(),
+            }),
             Some(("fdb", path)) if !path.is_empty() => Ok(LedgerChoice::Fdb {
                 cluster_file: Some(PathBuf::from(path)),
+                keyspace: DEFAULT_FDB_KEYSPACE.to_string(),
             }),
             _ => Err(format!(
                 "`{text}`: expected `embedded`, `fdb` or `fdb:CLUSTER_FILE`"
             )),
         }
+    }
+}
+
+/// Checks a FoundationDB key space name: 1-64 of A-Z a-z 0-9 - _ .
+pub fn validate_keyspace(keyspace: &str) -> Result<(), String> {
+    if keyspace.is_empty()
+        || keyspace.len() > 64
+        || !keyspace
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(format!(
+            "`{keyspace}`: a key space is 1-64 of A-Z a-z 0-9 - _ ."
+        ));
+    }
+    Ok(())
+}
+
+/// The ledger: `--ledger` / `TILL_LEDGER` / the file's `ledger` (string or `[ledger]`
+/// table) choose the backend and cluster file; `--keyspace` / `TILL_FDB_KEYSPACE` /
+/// `[ledger] keyspace` the key space (FoundationDB only; ignored for `embedded`).
+fn validate_ledger(
+    raw: Option<RawLedger>,
+    flags: &Overrides,
+    env: &dyn Env,
+) -> Result<LedgerChoice, ConfigError> {
+    let (file_choice, file_keyspace) = match raw {
+        None => (None, None),
+        Some(RawLedger::Short(text)) => (Some(text), None),
+        Some(RawLedger::Table(t)) => {
+            let backend = t.backend.as_deref().unwrap_or("embedded");
+            let choice = match (backend, &t.cluster_file) {
+                ("embedded", None) => "embedded".to_string(),
+                ("fdb", None) => "fdb".to_string(),
+                ("fdb", Some(path)) if !path.as_os_str().is_empty() => {
+                    format!("fdb:{}", path.display())
+                }
+                ("embedded", Some(_)) => {
+                    return Err(invalid(
+                        "ledger.cluster_file",
+                        "only for backend = \"fdb\"".to_string(),
+                    ))
+                }
+                _ => {
+                    return Err(invalid(
+                        "ledger.backend",
+                        format!("`{backend}`: expected `embedded` or `fdb`"),
+                    ))
+                }
+            };
+            (Some(choice), t.keyspace)
+        }
+    };
+    let text = flags
+        .ledger
+        .clone()
+        .or_else(|| env.var(ENV_LEDGER))
+        .or(file_choice)
+        .unwrap_or_else(|| "embedded".to_string());
+    let choice = LedgerChoice::parse(&text).map_err(|e| invalid("ledger", e))?;
+    let keyspace = flags
+        .keyspace
+        .clone()
+        .or_else(|| env.var(ENV_FDB_KEYSPACE))
+        .or(file_keyspace);
+    match choice {
+        LedgerChoice::Fdb { cluster_file, .. } => {
+            let keyspace = keyspace.unwrap_or_else(|| DEFAULT_FDB_KEYSPACE.to_string());
+            validate_keyspace(&keyspace).map_err(|e| invalid("ledger.keyspace", e))?;
+            Ok(LedgerChoice::Fdb {
+                cluster_file,
+                keyspace,
+            })
+        }
+        other => Ok(other),
     }
 }
 
@@ -697,6 +800,7 @@ mod tests {
             listen: Some("127.0.0.1:3".into()),
             proxy_id: Some("flag".into()),
             ledger: None,
+            keyspace: None,
         };
         let c = Config::validate(raw, &flags, &e).unwrap();
         assert_eq!((c.listen.port(), c.proxy_id.as_str()), (3, "flag"));
@@ -713,7 +817,8 @@ mod tests {
         assert_eq!(
             c.ledger,
             LedgerChoice::Fdb {
-                cluster_file: Some("/etc/fdb.cluster".into())
+                cluster_file: Some("/etc/fdb.cluster".into()),
+                keyspace: DEFAULT_FDB_KEYSPACE.into(),
             }
         );
         let raw = Config::parse("ledger = \"fdb\"\nupstreams = {}").unwrap();
@@ -726,7 +831,13 @@ mod tests {
             ..Overrides::default()
         };
         let c = Config::validate(raw, &flags, &e).unwrap();
-        assert_eq!(c.ledger, LedgerChoice::Fdb { cluster_file: None });
+        assert_eq!(
+            c.ledger,
+            LedgerChoice::Fdb {
+                cluster_file: None,
+                keyspace: DEFAULT_FDB_KEYSPACE.into(),
+            }
+        );
         for bad in ["postgres", "fdb:", "embedded:x"] {
             let raw = Config::parse("upstreams = {}").unwrap();
             let flags = Overrides {
@@ -735,6 +846,85 @@ mod tests {
             };
             assert!(Config::validate(raw, &flags, &e).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ledger_table_form_and_keyspace() {
+        let fdb = |path: Option<&str>, ks: &str| LedgerChoice::Fdb {
+            cluster_file: path.map(PathBuf::from),
+            keyspace: ks.into(),
+        };
+        let table = "[ledger]\nbackend = \"fdb\"\ncluster_file = \"/etc/fdb.cluster\"\n\
+                     keyspace = \"prod-eu\"\n[upstreams]\n";
+        let c = Config::validate(
+            Config::parse(table).unwrap(),
+            &Overrides::default(),
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.ledger, fdb(Some("/etc/fdb.cluster"), "prod-eu"));
+        // The env beats the file's key space; the flag beats the env.
+        let e = env(&[(ENV_FDB_KEYSPACE, "from-env")]);
+        let c = Config::validate(Config::parse(table).unwrap(), &Overrides::default(), &e).unwrap();
+        assert_eq!(c.ledger, fdb(Some("/etc/fdb.cluster"), "from-env"));
+        let flags = Overrides {
+            keyspace: Some("from-flag".into()),
+            ..Overrides::default()
+        };
+        let c = Config::validate(Config::parse(table).unwrap(), &flags, &e).unwrap();
+        assert_eq!(c.ledger, fdb(Some("/etc/fdb.cluster"), "from-flag"));
+        // `--ledger` replaces the file's backend and cluster file, keeps its key space.
+        let flags = Overrides {
+            ledger: Some("fdb:/other.cluster".into()),
+            ..Overrides::default()
+        };
+        let c = Config::validate(Config::parse(table).unwrap(), &flags, &env(&[])).unwrap();
+        assert_eq!(c.ledger, fdb(Some("/other.cluster"), "prod-eu"));
+        // The short form and a table without a key space get the default key space; the
+        // short form takes the key space from the env or flag.
+        let c = Config::validate(
+            Config::parse("ledger = \"fdb:/x\"\nupstreams = {}").unwrap(),
+            &Overrides::default(),
+            &e,
+        )
+        .unwrap();
+        assert_eq!(c.ledger, fdb(Some("/x"), "from-env"));
+        let c = Config::validate(
+            Config::parse("[ledger]\nbackend = \"fdb\"\n[upstreams]\n").unwrap(),
+            &Overrides::default(),
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.ledger, fdb(None, DEFAULT_FDB_KEYSPACE));
+        // An empty table is the embedded ledger; a key space alone does not change that.
+        let c = Config::validate(
+            Config::parse("[ledger]\nkeyspace = \"k\"\n[upstreams]\n").unwrap(),
+            &Overrides::default(),
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.ledger, LedgerChoice::Embedded);
+        // Refused: unknown keys, unknown backends, a cluster file for embedded, bad names.
+        assert!(Config::parse("[ledger]\nbackend = \"fdb\"\nclusterfile = \"x\"").is_err());
+        for bad in [
+            "[ledger]\nbackend = \"postgres\"\n[upstreams]\n",
+            "[ledger]\nbackend = \"embedded\"\ncluster_file = \"/x\"\n[upstreams]\n",
+            "[ledger]\nbackend = \"fdb\"\nkeyspace = \"\"\n[upstreams]\n",
+            "[ledger]\nbackend = \"fdb\"\nkeyspace = \"a b\"\n[upstreams]\n",
+        ] {
+            let raw = Config::parse(bad).unwrap();
+            assert!(
+                Config::validate(raw, &Overrides::default(), &env(&[])).is_err(),
+                "{bad}"
+            );
+        }
+        let flags = Overrides {
+            ledger: Some("fdb".into()),
+            keyspace: Some("x".repeat(65)),
+            ..Overrides::default()
+        };
+        let raw = Config::parse("upstreams = {}").unwrap();
+        assert!(Config::validate(raw, &flags, &env(&[])).is_err());
     }
 
     #[test]
