@@ -109,6 +109,7 @@ fn serve(dir: &Path, config: &Path, proxy_id: &str) -> Child {
         .arg(config)
         .env("TILL_FLEET_UPSTREAM_SECRET", UPSTREAM_SECRET)
         .env("TILL_PROXY_ID", proxy_id)
+        .env("TILL_ADMIN_LISTEN", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

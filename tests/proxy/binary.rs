@@ -30,6 +30,8 @@ fn till(dir: &std::path::Path) -> Command {
 fn serve(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
     let mut cmd = till(dir);
     cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(extra);
+    // Tests run in parallel: each server's admin plane takes a free port too.
+    cmd.env("TILL_ADMIN_LISTEN", "127.0.0.1:0");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -38,6 +38,9 @@ pub struct CaveatArgs {
     /// Absolute expiry, RFC 3339 (e.g. `2026-12-31T23:59:59Z`).
     #[arg(long, value_name = "RFC3339")]
     pub expires: Option<String>,
+    /// Issue the key even though `--expires` is already in the past.
+    #[arg(long)]
+    pub force: bool,
 }
 
 impl CaveatArgs {
@@ -55,6 +58,19 @@ impl CaveatArgs {
             }
             (None, None) => None,
         };
+        if let Some(e) = expires {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            if e < i64::try_from(now).unwrap_or(i64::MAX) {
+                if !self.force {
+                    bail!(Failure::usage(format!(
+                        "--expires {} is in the past: the key would be dead on arrival \
+                         (pass --force to issue it anyway)",
+                        self.expires.as_deref().unwrap_or_default()
+                    )));
+                }
+                eprintln!("till: warning: this key is already expired");
+            }
+        }
         let list = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
         Ok(Caveats {
             upstream,
@@ -63,6 +79,7 @@ impl CaveatArgs {
             models: list(&self.models),
             expires,
             cap: self.cap,
+            label: None,
         })
     }
 }
@@ -72,6 +89,7 @@ pub fn keygen(dir: &DataDir, as_json: bool) -> Result<ExitCode> {
     let init = dir.init()?;
     let root = dir.root_public()?;
     let receipt = dir.receipt_public()?;
+    let admin = crate::admin::ensure_admin_key(dir)?;
     if init == Init::Existing {
         eprintln!(
             "till: keys already exist in {}; kept them (nothing overwritten)",
@@ -92,6 +110,10 @@ pub fn keygen(dir: &DataDir, as_json: bool) -> Result<ExitCode> {
         println!("root key id:     {}", root.id());
         println!("root public key: {}  (root.pub.jwk)", root.to_hex());
         println!("receipt key id:  {}  (receipt.pub.jwk)", receipt.key_id());
+        println!(
+            "admin key:       {}  (for the admin API of till serve)",
+            admin.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -101,10 +123,12 @@ pub fn mint_cmd(
     dir: &DataDir,
     key_file: Option<PathBuf>,
     upstream: String,
+    label: Option<String>,
     caveats: &CaveatArgs,
 ) -> Result<ExitCode> {
     let root = match key_file {
         Some(path) => {
+            crate::datadir::check_private_mode(&path)?;
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
             RootKey::from_private_jwk(&text)
@@ -112,7 +136,8 @@ pub fn mint_cmd(
         }
         None => dir.root_key()?,
     };
-    let caveats = caveats.to_caveats(Some(upstream))?;
+    let mut caveats = caveats.to_caveats(Some(upstream))?;
+    caveats.label = label;
     let token = mint(&root, caveats).map_err(Failure::usage_from)?;
     println!("{}", token.to_key_string()?);
     Ok(ExitCode::SUCCESS)

@@ -1028,7 +1028,7 @@ pub async fn threshold_alerts_exactly_once(h: Harness) {
         // Refused claims past the cap fire nothing more.
         assert!(claim(
             h.ledger.as_ref(),
-            claim_request(&[root.clone()], None, "more")
+            claim_request(std::slice::from_ref(&root), None, "more")
         )
         .await
         .is_err());
@@ -1052,7 +1052,11 @@ pub async fn alert_outbox_lease_and_settle(h: Harness) {
     bounded("alert_outbox_lease_and_settle", async {
         let ledger = h.ledger.as_ref();
         let root = level(Some(1));
-        let c = claim_ok(ledger, claim_request(&[root.clone()], None, "one")).await;
+        let c = claim_ok(
+            ledger,
+            claim_request(std::slice::from_ref(&root), None, "one"),
+        )
+        .await;
         let ids: Vec<String> = c.alerts.iter().map(|a| a.id.clone()).collect();
         assert_eq!(
             ids.len(),

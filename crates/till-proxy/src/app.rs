@@ -5,10 +5,13 @@
 //! `App::serve` runs it on a listener. A proxied request goes through named phases, in
 //! this order, and stops at the first refusal:
 //!
-//! 1. `request_filter`: absolute-form targets, path normalisation, upstream lookup.
+//! 1. `request_filter`: absolute-form targets, `TRACE`, `Upgrade`, method overrides, path
+//!    normalisation, upstream lookup.
 //! 2. `authenticate`: find the key, verify it (cached by key digest).
-//! 3. `read_body`: `Idempotency-Key` check, body size limit, bounded buffering.
-//! 4. `authorize`: scope caveats (upstream, expiry, method, path, model) — no slot yet.
+//! 3. `authorize_before_body` then `read_body`: `Idempotency-Key` check, every caveat that
+//!    needs no body (upstream, expiry, method, path), the JSON content type when a caveat
+//!    reads the body, then the body: size limit, global in-flight budget, buffering.
+//! 4. `authorize`: all scope caveats again, with the model — no slot yet.
 //! 5. `claim`: ONE ledger transaction; its refusal or failure ends the request here,
 //!    and nothing was forwarded.
 //! 6. `upstream_request`: strip client credentials and hop-by-hop headers, inject the
@@ -34,10 +37,12 @@ use till_ledger::{Claim, ClaimRequest, Ledger, Level, RequestDigest};
 use till_token::{
     key_digest, verify, AuthorizeError, KeyRing, Limits, RequestFacts, VerifiedToken,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::cache::VerifyCache;
 use crate::config::{Config, Upstream};
 use crate::error::{ConfigError, ErrorCode, ProxyError};
+use crate::events::{Event, EventBus};
 use crate::hygiene;
 use crate::metrics::{ClaimOutcome, Metrics};
 use crate::preset::{self, Auth, ModelSource};
@@ -62,6 +67,9 @@ pub struct AppState {
     cache: VerifyCache,
     clients: HashMap<String, reqwest::Client>,
     metrics: Metrics,
+    events: EventBus,
+    /// One permit per request-body byte buffered at once (`max_inflight_body_bytes`).
+    body_budget: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -78,6 +86,11 @@ impl AppState {
     /// The ledger.
     pub fn ledger(&self) -> &Arc<dyn Ledger> {
         &self.ledger
+    }
+
+    /// The event bus (claims and refusals of this proxy; the admin plane adds its own).
+    pub fn events(&self) -> &EventBus {
+        &self.events
     }
 }
 
@@ -107,6 +120,10 @@ impl Config {
             clients.insert(name.clone(), upstream_client(up, &self)?);
         }
         let cache = VerifyCache::new(self.limits.verify_cache_entries);
+        let budget = usize::try_from(self.limits.max_inflight_body_bytes)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        let body_budget = Arc::new(Semaphore::new(budget));
         let state = AppState {
             config: self,
             keys,
@@ -115,6 +132,8 @@ impl Config {
             cache,
             clients,
             metrics: Metrics::default(),
+            events: EventBus::new(),
+            body_budget,
         };
         Ok(App {
             state: Arc::new(state),
@@ -191,6 +210,18 @@ struct RequestLog {
     block: Option<usize>,
     slot: Option<u64>,
     replayed: bool,
+    /// What the event bus gets, filled only when someone subscribes.
+    event: Option<EventFacts>,
+}
+
+/// The facts of a request for its [`Event`] (full hex ids; never a key).
+#[derive(Debug, Default)]
+struct EventFacts {
+    family: Option<String>,
+    block: Option<String>,
+    claim: Option<(u64, Option<u64>, bool)>,
+    path: String,
+    model: Option<String>,
 }
 
 async fn proxy(State(s): State<Arc<AppState>>, req: Request) -> Response {
@@ -202,6 +233,7 @@ async fn proxy(State(s): State<Arc<AppState>>, req: Request) -> Response {
         Err(e) => e.into_response(),
     };
     s.logging(&log, &method, &response, started.elapsed());
+    s.publish(&log, &method, &response);
     response
 }
 
@@ -213,17 +245,38 @@ impl AppState {
         let token = self.authenticate(&parts.headers, parts.uri.query())?;
         log.family = Some(short_hex(token.family_id()));
         log.block = token.blocks().len().checked_sub(1);
+        if self.events.has_subscribers() {
+            log.event = Some(EventFacts {
+                family: Some(hex::encode(token.family_id())),
+                block: token.blocks().last().map(|b| hex::encode(&b.revocation_id)),
+                path: target.path.clone(),
+                ..EventFacts::default()
+            });
+        }
         let idempotency_key = idempotency_key(&parts.headers)?;
-        let body = self.read_body(&parts.headers, body).await?;
-        let model = match upstream.model {
-            ModelSource::None => None,
-            ModelSource::JsonBody => preset::json_model(&body),
-            ModelSource::GeminiPath => preset::gemini_model(&target.path).map(str::to_string),
-        };
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        // Everything that does not need the body is decided before a byte of it is read.
+        self.authorize_before_body(&token, &target, parts.method.as_str(), now)?;
+        let body_caveat = upstream.model == ModelSource::JsonBody && token.scope().models.is_some();
+        if body_caveat && !preset::is_json_content_type(&parts.headers) {
+            return Err(ProxyError::ContentTypeNotJson);
+        }
+        let (body, _budget) = self.read_body(&parts.headers, body).await?;
+        if is_form(&parts.headers)
+            && std::str::from_utf8(&body).is_ok_and(hygiene::has_method_param)
+        {
+            return Err(ProxyError::MethodOverride("_method form field"));
+        }
+        let model = match upstream.model {
+            ModelSource::None => None,
+            ModelSource::JsonBody => {
+                preset::json_model(&body).map_err(|a| ProxyError::AmbiguousBody(a.0))?
+            }
+            ModelSource::GeminiPath => preset::gemini_model(&target.path).map(str::to_string),
+        };
         self.authorize(
             &token,
             &target,
@@ -241,10 +294,31 @@ impl AppState {
         let claim = self.claim(&token, idempotency_key, digest, now).await?;
         log.slot = claim.receipt.body().slots.last().map(|s| s.slot);
         log.replayed = claim.replayed;
+        if let Some(facts) = log.event.as_mut() {
+            facts.claim = Some((claim.receipt.body().seq, claim.remaining, claim.replayed));
+            facts.model = claim.receipt.body().request.model.clone();
+        }
         let till_headers = till_headers(&claim)?;
-        let request = self.upstream_request(upstream, &target, &parts, body)?;
-        let response = self.forward(upstream, request).await?;
-        Ok(response_filter(response, till_headers))
+        let forwarded = match self.upstream_request(upstream, &target, &parts, body) {
+            Ok(request) => self.forward(upstream, request).await,
+            Err(e) => Err(e),
+        };
+        match forwarded {
+            Ok(response) => Ok(response_filter(
+                response,
+                till_headers,
+                upstream.credential.expose(),
+            )),
+            // The claim committed: the client gets its receipt with the error, so it can
+            // prove what it was charged.
+            Err(e) => {
+                let mut resp = e.into_response();
+                for (k, v) in till_headers {
+                    resp.headers_mut().insert(k, v);
+                }
+                Ok(resp)
+            }
+        }
     }
 
     /// Phase 1: the target. The upstream host comes only from config: absolute-form
@@ -261,6 +335,18 @@ impl AppState {
         }
         if parts.method == Method::CONNECT {
             return Err(ProxyError::AbsoluteTarget);
+        }
+        // TRACE would echo the injected credential back to the client.
+        if parts.method == Method::TRACE || parts.method.as_str() == "TRACK" {
+            return Err(ProxyError::MethodNotSupported(parts.method.to_string()));
+        }
+        // No preset needs a protocol switch; refusing it keeps every later request of the
+        // connection under the framing guard.
+        if parts.headers.contains_key(header::UPGRADE) {
+            return Err(ProxyError::UpgradeRefused);
+        }
+        if let Some(what) = hygiene::method_override(&parts.headers, parts.uri.query()) {
+            return Err(ProxyError::MethodOverride(what));
         }
         let target =
             route::parse(parts.uri.path()).map_err(|p| ProxyError::BadPath(p.describe()))?;
@@ -288,9 +374,44 @@ impl AppState {
         Ok(token)
     }
 
+    /// Phase 3 (part): every scope caveat that needs no body — upstream, expiry, method,
+    /// path, a cap of 0 — so a dead or out-of-scope key is refused before its body is read.
+    /// The model (and the Datalog checks) follow in [`AppState::authorize`].
+    fn authorize_before_body(
+        &self,
+        token: &VerifiedToken,
+        target: &Target,
+        method: &str,
+        now: u64,
+    ) -> Result<(), ProxyError> {
+        let facts = RequestFacts {
+            upstream: &target.upstream,
+            method,
+            path: &target.path,
+            model: None,
+            now: i64::try_from(now).unwrap_or(i64::MAX),
+        };
+        for b in token.blocks() {
+            let without_model = till_token::Caveats {
+                models: None,
+                ..b.caveats.clone()
+            };
+            till_token::check_block(b.index, &without_model, &facts, 1)
+                .map_err(ProxyError::Refused)?;
+        }
+        Ok(())
+    }
+
     /// Phase 3: the body, bounded by `max_body_bytes` before any claim: `Content-Length`
-    /// is checked first, and bytes are counted while buffering (chunked bodies).
-    async fn read_body(&self, headers: &HeaderMap, mut body: Body) -> Result<Bytes, ProxyError> {
+    /// is checked first, and bytes are counted while buffering (chunked bodies). Every
+    /// buffered byte also takes a permit of the global `max_inflight_body_bytes` budget,
+    /// held (the returned permit) until the request was forwarded; an exhausted budget is
+    /// `503 body_budget_exceeded` right away (nothing claimed, safe to retry).
+    async fn read_body(
+        &self,
+        headers: &HeaderMap,
+        mut body: Body,
+    ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ProxyError> {
         let max = self.config.limits.max_body_bytes;
         if let Some(len) = headers.get(header::CONTENT_LENGTH) {
             let len = len
@@ -303,6 +424,7 @@ impl AppState {
             }
         }
         let mut buf: Vec<u8> = Vec::new();
+        let mut permit: Option<OwnedSemaphorePermit> = None;
         loop {
             let frame = tokio::time::timeout(self.config.limits.idle_timeout, body.frame()).await;
             match frame {
@@ -314,12 +436,25 @@ impl AppState {
                         if (buf.len() + data.len()) as u64 > max {
                             return Err(ProxyError::BodyTooLarge { max });
                         }
+                        if !data.is_empty() {
+                            let n = u32::try_from(data.len())
+                                .map_err(|_| ProxyError::BodyTooLarge { max })?;
+                            let more = self
+                                .body_budget
+                                .clone()
+                                .try_acquire_many_owned(n)
+                                .map_err(|_| ProxyError::BodyBudgetExceeded)?;
+                            match permit.as_mut() {
+                                Some(p) => p.merge(more),
+                                None => permit = Some(more),
+                            }
+                        }
                         buf.extend_from_slice(&data);
                     }
                 }
             }
         }
-        Ok(Bytes::from(buf))
+        Ok((Bytes::from(buf), permit))
     }
 
     /// Phase 4: scope caveats with no counts (the ledger enforces caps in the claim).
@@ -370,6 +505,7 @@ impl AppState {
             request,
             now,
             not_after,
+            meta: Some(Arc::new(block_meta(token))),
         };
         // The ledger has its own timeout; this one bounds a backend that ignores it.
         let limit = self.config.limits.ledger_claim_timeout + Duration::from_millis(500);
@@ -414,7 +550,10 @@ impl AppState {
         };
         let mut query = hygiene::forward_query(parts.uri.query(), query_param);
         if let Some(param) = query_param {
-            let pair = format!("{param}={}", form_encode(upstream.credential.expose()));
+            let pair = format!(
+                "{param}={}",
+                hygiene::form_encode(upstream.credential.expose())
+            );
             query = Some(match query {
                 Some(q) => format!("{q}&{pair}"),
                 None => pair,
@@ -477,6 +616,50 @@ impl AppState {
         }
     }
 
+    /// Phase 9 (part): the event of this request, for subscribers of the bus. A request
+    /// whose claim committed is a `claim` event whatever the upstream answered (the slot
+    /// is spent); any other refusal is a `refusal` event with its code.
+    fn publish(&self, log: &RequestLog, method: &Method, response: &Response) {
+        if !self.events.has_subscribers() {
+            return;
+        }
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let facts = log.event.as_ref();
+        let event = match facts.and_then(|f| f.claim.map(|c| (f, c))) {
+            Some((f, (seq, remaining, replayed))) => Event::Claim {
+                at,
+                family: f.family.clone().unwrap_or_default(),
+                block: f.block.clone().unwrap_or_default(),
+                block_index: log.block.unwrap_or(0),
+                seq,
+                remaining,
+                replayed,
+                upstream: log.upstream.clone().unwrap_or_default(),
+                method: method.to_string(),
+                path: f.path.clone(),
+                model: f.model.clone(),
+                proxy: self.config.proxy_id.clone(),
+            },
+            None => {
+                let Some(code) = response.extensions().get::<ErrorCode>() else {
+                    return;
+                };
+                Event::Refusal {
+                    at,
+                    family: facts.and_then(|f| f.family.clone()),
+                    status: response.status().as_u16(),
+                    code: code.0.to_string(),
+                    upstream: log.upstream.clone(),
+                    method: method.to_string(),
+                }
+            }
+        };
+        self.events.publish(event);
+    }
+
     /// Phase 9: one log line and the metrics.
     fn logging(&self, log: &RequestLog, method: &Method, response: &Response, latency: Duration) {
         let status = response.status();
@@ -537,13 +720,18 @@ fn till_headers(claim: &Claim) -> Result<Vec<(HeaderName, HeaderValue)>, ProxyEr
     Ok(out)
 }
 
-/// Phase 8: status and headers from the upstream, hop-by-hop out, `Till-*` in; the body
-/// is streamed chunk by chunk (dropping it — the client went away — drops the upstream
-/// connection).
-fn response_filter(upstream: reqwest::Response, till: Vec<(HeaderName, HeaderValue)>) -> Response {
+/// Phase 8: status and headers from the upstream, hop-by-hop out, the real credential
+/// scrubbed from every header, `Till-*` in; the body is streamed chunk by chunk (dropping
+/// it — the client went away — drops the upstream connection).
+fn response_filter(
+    upstream: reqwest::Response,
+    till: Vec<(HeaderName, HeaderValue)>,
+    credential: &str,
+) -> Response {
     let status =
         StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = hygiene::response_headers(upstream.headers());
+    hygiene::scrub_secret(&mut headers, credential);
     for (k, v) in till {
         headers.insert(k, v);
     }
@@ -553,16 +741,39 @@ fn response_filter(upstream: reqwest::Response, till: Vec<(HeaderName, HeaderVal
     resp
 }
 
-fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for &b in s.as_bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// The caveats of each block, for the ledger's family records and alert labels.
+fn block_meta(token: &VerifiedToken) -> Vec<till_ledger::BlockMeta> {
+    token
+        .blocks()
+        .iter()
+        .map(|b| {
+            let c = &b.caveats;
+            till_ledger::BlockMeta {
+                label: c.label.clone(),
+                upstream: c.upstream.clone(),
+                methods: c.methods.clone().unwrap_or_default(),
+                paths: c.paths.clone().unwrap_or_default(),
+                models: c.models.clone().unwrap_or_default(),
+                expires: c.expires.and_then(|e| u64::try_from(e).ok()),
+                cap: c.cap,
+            }
+        })
+        .collect()
+}
+
+/// True when the request's `Content-Type` is `application/x-www-form-urlencoded`.
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
 }
 
 fn short_hex(bytes: &[u8]) -> String {

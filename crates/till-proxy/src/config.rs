@@ -13,6 +13,9 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
+use crate::admin_config::{
+    validate_admin, validate_alerts, AdminSettings, AlertSettings, RawAdmin, RawAlerts,
+};
 use crate::error::ConfigError;
 use crate::preset::{Auth, ModelSource, Preset, ENV_PRESETS};
 use crate::secret::Secret;
@@ -31,6 +34,8 @@ pub const ENV_FDB_KEYSPACE: &str = "TILL_FDB_KEYSPACE";
 pub const DEFAULT_FDB_KEYSPACE: &str = "till";
 /// `limits.max_body_bytes` from the environment.
 pub const ENV_MAX_BODY_BYTES: &str = "TILL_MAX_BODY_BYTES";
+/// `limits.max_inflight_body_bytes` from the environment.
+pub const ENV_MAX_INFLIGHT_BODY_BYTES: &str = "TILL_MAX_INFLIGHT_BODY_BYTES";
 /// `limits.max_header_bytes` from the environment.
 pub const ENV_MAX_HEADER_BYTES: &str = "TILL_MAX_HEADER_BYTES";
 /// `limits.header_read_timeout` from the environment.
@@ -50,6 +55,16 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_PROXY_ID: &str = "till-1";
 /// Default largest request body (bodies are buffered up to this before the claim).
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+/// Default budget for all request bodies being buffered at once, across connections;
+/// beyond it a request gets `503 body_budget_exceeded` (nothing charged).
+pub const DEFAULT_MAX_INFLIGHT_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// Streams one HTTP/2 connection may have open at once.
+pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// HTTP/2 streams a client may reset before Till accepted them (rapid reset,
+/// CVE-2023-44487); beyond it the connection gets `GOAWAY ENHANCE_YOUR_CALM`.
+pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// HTTP/2 streams Till may reset because of client errors before it closes the connection.
+pub const HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 /// Default largest request head (request line + headers). A Till key may be 8 KiB
 /// decoded (about 11 KiB in a header).
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
@@ -67,6 +82,15 @@ pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default longest wait for the ledger's answer to a claim before 503.
 pub const DEFAULT_LEDGER_CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Environment: the admin plane's listen address (`none` disables it).
+pub const ENV_ADMIN_LISTEN: &str = "TILL_ADMIN_LISTEN";
+/// Default admin listen address (loopback only).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+/// Environment: the alert webhook's Standard Webhooks secret, when `[alerts]` names no
+/// other source.
+pub const ENV_ALERT_WEBHOOK_SECRET: &str = "TILL_ALERT_WEBHOOK_SECRET";
+/// Upstream name reserved for admin keys (`spec/admin.md`): never a proxied upstream.
+pub const ADMIN_UPSTREAM: &str = "till-admin";
 /// Default number of verified keys kept in the verification cache.
 pub const DEFAULT_VERIFY_CACHE_ENTRIES: usize = 10_000;
 
@@ -104,6 +128,8 @@ pub struct Overrides {
     pub ledger: Option<String>,
     /// `--keyspace` (FoundationDB).
     pub keyspace: Option<String>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<String>,
 }
 
 /// `till.toml` as written. Every table and key is optional.
@@ -121,6 +147,12 @@ pub struct RawConfig {
     pub limits: RawLimits,
     /// Upstreams by name. Absent: every preset whose credential variable is set.
     pub upstreams: Option<BTreeMap<String, RawUpstream>>,
+    /// The admin plane.
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// Usage alerts.
+    #[serde(default)]
+    pub alerts: RawAlerts,
 }
 
 /// `[limits]` as written. Durations are humantime strings (`"10s"`, `"2m"`).
@@ -129,6 +161,8 @@ pub struct RawConfig {
 pub struct RawLimits {
     /// Largest request body in bytes.
     pub max_body_bytes: Option<u64>,
+    /// Budget for all request bodies buffered at once, in bytes.
+    pub max_inflight_body_bytes: Option<u64>,
     /// Largest request head in bytes.
     pub max_header_bytes: Option<usize>,
     /// Time to receive a request head.
@@ -183,6 +217,8 @@ pub struct RawAuth {
 pub struct ProxyLimits {
     /// Largest request body.
     pub max_body_bytes: u64,
+    /// Budget for all request bodies buffered at once (at least `max_body_bytes`).
+    pub max_inflight_body_bytes: u64,
     /// Largest request head.
     pub max_header_bytes: usize,
     /// Time to receive a request head.
@@ -203,6 +239,7 @@ impl Default for ProxyLimits {
     fn default() -> Self {
         ProxyLimits {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_inflight_body_bytes: DEFAULT_MAX_INFLIGHT_BODY_BYTES,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -248,6 +285,10 @@ pub struct Config {
     pub limits: ProxyLimits,
     /// Enabled upstreams by name.
     pub upstreams: BTreeMap<String, Upstream>,
+    /// The admin plane.
+    pub admin: AdminSettings,
+    /// Usage alerts.
+    pub alerts: AlertSettings,
     /// The file it was read from, if any.
     pub file: Option<PathBuf>,
 }
@@ -322,10 +363,18 @@ impl Config {
         }
         let ledger = validate_ledger(raw.ledger, flags, env)?;
         let limits = validate_limits(raw.limits, env)?;
+        let admin = validate_admin(raw.admin, flags.admin_listen.clone(), env)?;
+        let alerts = validate_alerts(raw.alerts, env)?;
         let upstreams = match raw.upstreams {
             Some(table) => {
                 let mut out = BTreeMap::new();
                 for (name, up) in table {
+                    if name == ADMIN_UPSTREAM {
+                        return Err(invalid(
+                            "upstreams",
+                            format!("`{ADMIN_UPSTREAM}` is reserved for admin keys"),
+                        ));
+                    }
                     let u = validate_upstream(&name, up, env)?;
                     out.insert(name, u);
                 }
@@ -339,6 +388,8 @@ impl Config {
             ledger,
             limits,
             upstreams,
+            admin,
+            alerts,
             file: None,
         })
     }
@@ -382,7 +433,7 @@ pub enum LedgerChoice {
 }
 
 impl LedgerChoice {
-    /// Parses `embedded`, `fdb` or `fdb:CLUSTER_FILE`.
+    /// Parses `embedded`, `fdb` or `fdb:CLUSTER_FILE` (default key space).
     pub fn parse(text: &str) -> Result<Self, String> {
         match text.split_once(':') {
             None if text == "embedded" => Ok(LedgerChoice::Embedded),
@@ -521,6 +572,18 @@ fn validate_limits(raw: RawLimits, env: &dyn Env) -> Result<ProxyLimits, ConfigE
         raw.max_body_bytes,
         d.max_body_bytes,
     )?;
+    let max_inflight_body_bytes = number(
+        "limits.max_inflight_body_bytes",
+        ENV_MAX_INFLIGHT_BODY_BYTES,
+        raw.max_inflight_body_bytes,
+        d.max_inflight_body_bytes.max(max_body_bytes),
+    )?;
+    if max_inflight_body_bytes < max_body_bytes {
+        return Err(invalid(
+            "limits.max_inflight_body_bytes",
+            format!("must be at least limits.max_body_bytes ({max_body_bytes})"),
+        ));
+    }
     let max_header_bytes = number(
         "limits.max_header_bytes",
         ENV_MAX_HEADER_BYTES,
@@ -537,6 +600,7 @@ fn validate_limits(raw: RawLimits, env: &dyn Env) -> Result<ProxyLimits, ConfigE
     let verify_cache_entries = raw.verify_cache_entries.unwrap_or(d.verify_cache_entries);
     Ok(ProxyLimits {
         max_body_bytes,
+        max_inflight_body_bytes,
         max_header_bytes,
         header_read_timeout: duration(
             "limits.header_read_timeout",

@@ -52,10 +52,12 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin_config;
 pub mod app;
 mod cache;
 pub mod config;
 mod error;
+pub mod events;
 mod framing;
 pub mod hygiene;
 mod metrics;
