@@ -100,11 +100,11 @@ impl CaveatFields {
                 Some(at)
             }
             (None, Some(s)) => {
-                let t = time::OffsetDateTime::parse(
-                    s,
-                    &time::format_description::well_known::Rfc3339,
-                )
-                .map_err(|e| AdminError::BadRequest(format!("expires `{s}` is not RFC 3339: {e}")))?;
+                let t =
+                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                        .map_err(|e| {
+                            AdminError::BadRequest(format!("expires `{s}` is not RFC 3339: {e}"))
+                        })?;
                 Some(t.unix_timestamp())
             }
             (None, None) => None,
@@ -312,8 +312,8 @@ pub(crate) async fn do_revoke(
 ) -> Result<serde_json::Value, AdminError> {
     let id = match (&req.key, &req.revocation_id) {
         (Some(key), None) => {
-            let report =
-                inspect(key.trim(), Some(&state.keys), &state.limits).map_err(AdminError::BadKey)?;
+            let report = inspect(key.trim(), Some(&state.keys), &state.limits)
+                .map_err(AdminError::BadKey)?;
             if let SignatureStatus::Invalid { message, .. } = report.signature {
                 return Err(AdminError::BadRequest(format!(
                     "the key does not verify against this server's root keys: {message}"
@@ -442,7 +442,9 @@ pub struct FamilyFilter {
 impl FamilyFilter {
     /// Whether `f` passes.
     pub fn keeps(&self, f: &FamilyView) -> bool {
-        self.label.as_ref().is_none_or(|l| f.label.as_ref() == Some(l))
+        self.label
+            .as_ref()
+            .is_none_or(|l| f.label.as_ref() == Some(l))
             && self
                 .upstream
                 .as_ref()
@@ -453,7 +455,8 @@ impl FamilyFilter {
 
 /// At or above 80 % of the root cap.
 pub fn near_limit(f: &FamilyView) -> bool {
-    f.cap.is_some_and(|c| f.used.saturating_mul(5) >= c.saturating_mul(4))
+    f.cap
+        .is_some_and(|c| f.used.saturating_mul(5) >= c.saturating_mul(4))
 }
 
 pub(crate) async fn families(

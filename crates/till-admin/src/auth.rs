@@ -9,7 +9,8 @@
 use http::{HeaderMap, Method};
 use till_ledger::Level;
 use till_token::{
-    mint, verify, AuthorizeError, CaveatKind, Caveats, RequestFacts, RootKey, TokenError, VerifiedToken,
+    mint, verify, AuthorizeError, CaveatKind, Caveats, RequestFacts, RootKey, TokenError,
+    VerifiedToken,
 };
 
 use crate::error::AdminError;
@@ -35,7 +36,10 @@ pub fn mint_admin_key(root: &RootKey, expires: Option<i64>) -> Result<String, To
 }
 
 /// Mints a read-only admin key (methods GET and HEAD only).
-pub fn mint_read_only_admin_key(root: &RootKey, expires: Option<i64>) -> Result<String, TokenError> {
+pub fn mint_read_only_admin_key(
+    root: &RootKey,
+    expires: Option<i64>,
+) -> Result<String, TokenError> {
     let key = mint_admin_key(root, expires)?;
     let (narrow, _) = till_token::attenuate_str(
         &key,
@@ -153,9 +157,15 @@ mod tests {
     #[test]
     fn bearer_then_cookie() {
         let mut h = HeaderMap::new();
-        h.insert(http::header::COOKIE, "a=1; till_admin=till_c".parse().unwrap());
+        h.insert(
+            http::header::COOKIE,
+            "a=1; till_admin=till_c".parse().unwrap(),
+        );
         assert_eq!(presented_key(&h).as_deref(), Some("till_c"));
-        h.insert(http::header::AUTHORIZATION, "Bearer till_b".parse().unwrap());
+        h.insert(
+            http::header::AUTHORIZATION,
+            "Bearer till_b".parse().unwrap(),
+        );
         assert_eq!(presented_key(&h).as_deref(), Some("till_b"));
         h.insert(http::header::AUTHORIZATION, "Basic xyz".parse().unwrap());
         assert_eq!(presented_key(&h), None);

@@ -12,8 +12,8 @@ use futures::StreamExt as _;
 use serde::Deserialize;
 use serde_json::json;
 use till_ledger::{
-    AlertOutcome, AlertRecord, BoxFuture, Claim, ClaimRequest, FamilyDetail, FamilyView,
-    KeyBlocks, Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal, Revoked,
+    AlertOutcome, AlertRecord, BoxFuture, Claim, ClaimRequest, FamilyDetail, FamilyView, KeyBlocks,
+    Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal, Revoked,
 };
 
 /// File in the data dir where `till serve` announces its admin API.
@@ -89,7 +89,11 @@ impl RemoteLedger {
                 LedgerError::Unavailable(format!(
                     "the admin API at {} did not answer ({})",
                     self.base,
-                    if e.is_connect() { "connection refused" } else { "request failed" }
+                    if e.is_connect() {
+                        "connection refused"
+                    } else {
+                        "request failed"
+                    }
                 ))
             })?;
         let status = resp.status();
@@ -98,13 +102,15 @@ impl RemoteLedger {
             .await
             .map_err(|e| LedgerError::Unavailable(format!("admin API answer cut short: {e}")))?;
         if status.is_success() {
-            return serde_json::from_slice(&body)
-                .map(Some)
-                .map_err(|e| LedgerError::Unavailable(format!("admin API answer is not JSON: {e}")));
+            return serde_json::from_slice(&body).map(Some).map_err(|e| {
+                LedgerError::Unavailable(format!("admin API answer is not JSON: {e}"))
+            });
         }
         let detail = serde_json::from_slice::<ErrorBody>(&body).ok();
         if status == reqwest::StatusCode::NOT_FOUND
-            && detail.as_ref().is_some_and(|d| d.error.code == "family_not_found")
+            && detail
+                .as_ref()
+                .is_some_and(|d| d.error.code == "family_not_found")
         {
             return Ok(None);
         }
@@ -113,12 +119,15 @@ impl RemoteLedger {
             .unwrap_or_else(|| format!("HTTP {}", status.as_u16()));
         Err(match status.as_u16() {
             400 => LedgerError::InvalidRequest(what),
-            _ => LedgerError::Unavailable(format!("the admin API at {} refused: {what}", self.base)),
+            _ => {
+                LedgerError::Unavailable(format!("the admin API at {} refused: {what}", self.base))
+            }
         })
     }
 
     async fn get(&self, path: &str) -> Result<Option<serde_json::Value>, LedgerError> {
-        self.call(self.http.get(format!("{}{path}", self.base))).await
+        self.call(self.http.get(format!("{}{path}", self.base)))
+            .await
     }
 
     async fn post(
@@ -141,7 +150,8 @@ fn field<T: serde::de::DeserializeOwned>(
     v: Option<serde_json::Value>,
     name: &str,
 ) -> Result<T, LedgerError> {
-    let v = v.ok_or_else(|| LedgerError::Unavailable("unexpected 404 from the admin API".into()))?;
+    let v =
+        v.ok_or_else(|| LedgerError::Unavailable("unexpected 404 from the admin API".into()))?;
     serde_json::from_value(v.get(name).cloned().unwrap_or_default())
         .map_err(|e| LedgerError::Unavailable(format!("admin API answer: `{name}`: {e}")))
 }
@@ -175,7 +185,10 @@ impl Ledger for RemoteLedger {
     }
 
     fn usage(&self, levels: &[Level]) -> BoxFuture<'_, Result<Vec<LevelUsage>, LedgerError>> {
-        let ids: Vec<String> = levels.iter().map(|l| hex::encode(&l.revocation_id)).collect();
+        let ids: Vec<String> = levels
+            .iter()
+            .map(|l| hex::encode(&l.revocation_id))
+            .collect();
         Box::pin(async move {
             #[derive(Deserialize)]
             struct Row {

@@ -99,9 +99,7 @@ impl AdminError {
             AdminError::KeyMissing
             | AdminError::Key(_)
             | AdminError::Expired
-            | AdminError::KeyRevoked => {
-                StatusCode::UNAUTHORIZED
-            }
+            | AdminError::KeyRevoked => StatusCode::UNAUTHORIZED,
             AdminError::NotAdminKey | AdminError::Forbidden { .. } | AdminError::Csrf => {
                 StatusCode::FORBIDDEN
             }
@@ -147,8 +145,10 @@ impl IntoResponse for AdminError {
         });
         let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
         }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(

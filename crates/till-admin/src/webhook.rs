@@ -33,7 +33,8 @@ pub const MAX_BACKOFF_SECS: u64 = 300;
 
 /// Backoff before attempt `attempts + 1`: 2, 4, 8, ... seconds, at most 5 minutes.
 pub fn backoff_secs(attempts: u32) -> u64 {
-    2u64.saturating_pow(attempts.clamp(1, 16)).min(MAX_BACKOFF_SECS)
+    2u64.saturating_pow(attempts.clamp(1, 16))
+        .min(MAX_BACKOFF_SECS)
 }
 
 /// The `webhook-signature` value for `body` (Standard Webhooks, `v1`).

@@ -55,7 +55,10 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
 
 /// The admin key to use: `$TILL_ADMIN_KEY`, else the data dir's `admin.key`.
 pub fn admin_key(dir: &DataDir) -> Result<String> {
-    if let Some(k) = std::env::var(ENV_ADMIN_KEY).ok().filter(|k| !k.trim().is_empty()) {
+    if let Some(k) = std::env::var(ENV_ADMIN_KEY)
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+    {
         return Ok(k.trim().to_string());
     }
     let path = dir.path().join(ADMIN_KEY);
@@ -224,8 +227,14 @@ pub fn human_line(kind: &str, data: &str) -> String {
             v["method"].as_str().unwrap_or("-"),
             v["upstream"].as_str().unwrap_or("-"),
             v["path"].as_str().unwrap_or(""),
-            v["remaining"].as_u64().map_or("unlimited".into(), |n| n.to_string()),
-            if v["replayed"] == true { "  (replay)" } else { "" }
+            v["remaining"]
+                .as_u64()
+                .map_or("unlimited".into(), |n| n.to_string()),
+            if v["replayed"] == true {
+                "  (replay)"
+            } else {
+                ""
+            }
         ),
         "refusal" => format!(
             "refusal    family {}  {} {}  {}",

@@ -254,9 +254,16 @@ fn describe_alerts(config: &Config) -> String {
     format!(
         "thresholds [{}], rate ceiling {}, revocations {}, webhook {}",
         thresholds.join(", "),
-        p.rate_per_minute.map_or("none".into(), |r| format!("{r}/min")),
+        p.rate_per_minute
+            .map_or("none".into(), |r| format!("{r}/min")),
         if p.revocations { "on" } else { "off" },
-        config.alerts.webhook.as_ref().map_or("none (recorded and logged only)".to_string(), |w| w.url.clone())
+        config
+            .alerts
+            .webhook
+            .as_ref()
+            .map_or("none (recorded and logged only)".to_string(), |w| w
+                .url
+                .clone())
     )
 }
 
