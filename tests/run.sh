@@ -30,6 +30,24 @@ say "fuzz targets over their committed corpus (stable toolchain; cargo fuzz for 
 CARGO_TARGET_DIR="$PWD/target" cargo test --locked --manifest-path fuzz/Cargo.toml
 CARGO_TARGET_DIR="$PWD/target" cargo check --locked --manifest-path fuzz/Cargo.toml --features libfuzzer --bins
 
+say "admin API against its OpenAPI description (schemathesis driving a live till serve)"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r spec/interop/requirements-admin.txt
+cargo build --locked -p till-cli
+ST_TMP="$(mktemp -d)"
+printf '[upstreams.openai]\nbase_url = "http://127.0.0.1:9"\ncredential_env = "TILL_ST_SECRET"\n' > "$ST_TMP/till.toml"
+TILL_ST_SECRET=sk-schemathesis target/debug/till --dir "$ST_TMP/data" serve --config "$ST_TMP/till.toml" \
+  --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 > "$ST_TMP/serve.log" 2>&1 &
+ST_PID=$!
+trap 'kill "$ST_PID" 2>/dev/null || true' EXIT
+for _ in $(seq 1 150); do [ -f "$ST_TMP/data/admin.json" ] && break; sleep 0.2; done
+ADMIN_URL="$("$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["url"])' "$ST_TMP/data/admin.json")"
+"$VENV/bin/schemathesis" run spec/admin-openapi.yaml --url "$ADMIN_URL" \
+  -H "Authorization: Bearer $(cat "$ST_TMP/data/admin.key")" \
+  --checks not_a_server_error,response_schema_conformance,status_code_conformance \
+  --max-examples 30 --exclude-path /admin/v1/events --seed 1
+kill "$ST_PID" 2>/dev/null || true
+trap - EXIT
+
 say "receipt test vectors verified by a stock JOSE library (Python)"
 "$VENV/bin/python" spec/interop/verify_receipt.py spec/vectors/receipts.json
 

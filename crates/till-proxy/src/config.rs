@@ -865,6 +865,7 @@ mod tests {
             proxy_id: Some("flag".into()),
             ledger: None,
             keyspace: None,
+            admin_listen: None,
         };
         let c = Config::validate(raw, &flags, &e).unwrap();
         assert_eq!((c.listen.port(), c.proxy_id.as_str()), (3, "flag"));
