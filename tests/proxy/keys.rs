@@ -255,6 +255,7 @@ async fn out_of_scope_requests_get_403_and_claim_nothing() {
         (
             http.post(url("/v1/chat/completions"))
                 .bearer_auth(&key)
+                .header("content-type", "application/json")
                 .body(r#"{"model":"gpt-4o"}"#),
             403,
             "model_not_allowed",
@@ -262,6 +263,7 @@ async fn out_of_scope_requests_get_403_and_claim_nothing() {
         (
             http.post(url("/v1/chat/completions"))
                 .bearer_auth(&key)
+                .header("content-type", "application/json")
                 .body("{}"),
             403,
             "model_required",
@@ -289,6 +291,7 @@ async fn out_of_scope_requests_get_403_and_claim_nothing() {
     let r = http
         .post(url("/v1/chat/completions"))
         .bearer_auth(&key)
+        .header("content-type", "application/json")
         .body(body)
         .send()
         .await

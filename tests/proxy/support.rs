@@ -212,7 +212,7 @@ impl Till {
         let flags = Overrides {
             listen: Some("127.0.0.1:0".into()),
             proxy_id: Some("test-proxy".into()),
-            ledger: None,
+            ..Overrides::default()
         };
         let config = Config::validate(raw, &flags, &env).unwrap();
         let dir = tempfile::tempdir().unwrap();

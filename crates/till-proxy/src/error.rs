@@ -74,6 +74,23 @@ pub enum ProxyError {
     /// No upstream of that name is configured.
     #[error("no upstream named `{0}` is configured")]
     UnknownUpstream(String),
+    /// An `Upgrade` request on a proxied route (no preset needs one).
+    #[error("protocol upgrades (Upgrade header) are not proxied")]
+    UpgradeRefused,
+    /// `TRACE`/`TRACK`: would echo the injected credential back.
+    #[error("method {0} is not supported")]
+    MethodNotSupported(String),
+    /// `X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override` or a `_method`
+    /// query (or form body) parameter: the upstream may act on another method than the
+    /// one the key's scope was checked against.
+    #[error("method override ({0}) is not allowed: send the real HTTP method")]
+    MethodOverride(&'static str),
+    /// A caveat reads the body, but it is not JSON (`application/json` or `+json`).
+    #[error("this key's scope is read from a JSON body: send `Content-Type: application/json`")]
+    ContentTypeNotJson,
+    /// The JSON body names a field a caveat reads more than once (`model`, `MODEL`).
+    #[error("the JSON body has more than one `{0}` field (in any letter case)")]
+    AmbiguousBody(&'static str),
     /// No key presented.
     #[error("no Till key: send it where your SDK sends its API key (Authorization: Bearer, x-api-key, x-goog-api-key or ?key=)")]
     KeyMissing,
@@ -101,6 +118,9 @@ pub enum ProxyError {
     /// The client's body could not be read (connection reset, bad chunk framing).
     #[error("could not read the request body")]
     BodyRead,
+    /// Bodies in flight already use `limits.max_inflight_body_bytes`.
+    #[error("too many request bodies in flight; nothing was forwarded or charged, retry later")]
+    BodyBudgetExceeded,
     /// The ledger could not decide (unavailable, timed out, signing failed).
     #[error("activation ledger unavailable; nothing was forwarded or charged, retry later")]
     LedgerUnavailable,
@@ -126,7 +146,12 @@ impl ProxyError {
             | ProxyError::BadPath(_)
             | ProxyError::BadFraming
             | ProxyError::BadIdempotencyKey
+            | ProxyError::UpgradeRefused
+            | ProxyError::MethodOverride(_)
+            | ProxyError::AmbiguousBody(_)
             | ProxyError::BodyRead => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotSupported(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::ContentTypeNotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::UnknownUpstream(_) => StatusCode::NOT_FOUND,
             ProxyError::KeyMissing | ProxyError::Key(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Refused(r) if r.code == "key_expired" => StatusCode::UNAUTHORIZED,
@@ -140,7 +165,9 @@ impl ProxyError {
             },
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::LedgerUnavailable | ProxyError::Internal => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::LedgerUnavailable
+            | ProxyError::BodyBudgetExceeded
+            | ProxyError::Internal => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamFailed(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -155,6 +182,11 @@ impl ProxyError {
             ProxyError::BadPath(_) => "bad_path",
             ProxyError::BadFraming => "bad_framing",
             ProxyError::UnknownUpstream(_) => "upstream_unknown",
+            ProxyError::UpgradeRefused => "upgrade_not_allowed",
+            ProxyError::MethodNotSupported(_) => "method_not_supported",
+            ProxyError::MethodOverride(_) => "method_override_not_allowed",
+            ProxyError::ContentTypeNotJson => "content_type_not_json",
+            ProxyError::AmbiguousBody(_) => "body_ambiguous",
             ProxyError::KeyMissing => "key_missing",
             ProxyError::Key(e) => e.code(),
             ProxyError::Refused(r) => r.code,
@@ -163,6 +195,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BodyTimeout => "body_timeout",
             ProxyError::BodyRead => "body_unreadable",
+            ProxyError::BodyBudgetExceeded => "body_budget_exceeded",
             ProxyError::LedgerUnavailable => "ledger_unavailable",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
@@ -191,14 +224,24 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
             | ProxyError::UpstreamFailed(_) => Origin::Upstream,
-            ProxyError::LedgerUnavailable | ProxyError::Internal => Origin::Internal,
+            ProxyError::LedgerUnavailable
+            | ProxyError::BodyBudgetExceeded
+            | ProxyError::Internal => Origin::Internal,
             _ => Origin::Client,
         }
     }
 
-    /// Whether retrying the same request may succeed (503 only: nothing was charged).
+    /// Whether retrying the same request may succeed without a second charge: only the
+    /// 503s that are refused before any claim (`ledger_unavailable`,
+    /// `body_budget_exceeded`). Sent as `x-should-retry` (which the OpenAI and Anthropic
+    /// SDKs obey) on every error, with `Retry-After` when true. Everything else is
+    /// permanent for this request, or happened after a committed claim (502/504,
+    /// `internal_error`), where a retry would be charged again.
     pub fn retryable(&self) -> bool {
-        matches!(self, ProxyError::LedgerUnavailable | ProxyError::Internal)
+        matches!(
+            self,
+            ProxyError::LedgerUnavailable | ProxyError::BodyBudgetExceeded
+        )
     }
 
     /// The JSON body `{"error":{"type","code","message"}}`.
@@ -212,6 +255,12 @@ impl ProxyError {
 /// Seconds a client should wait before retrying a 503.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
+/// Response header the OpenAI and Anthropic SDKs obey over their own retry rules.
+pub const HEADER_SHOULD_RETRY: &str = "x-should-retry";
+
+/// `Allow` of a `405 method_not_supported`.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
@@ -219,7 +268,17 @@ impl IntoResponse for ProxyError {
         if self.retryable() {
             h.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
-        if matches!(self, ProxyError::BadFraming | ProxyError::AbsoluteTarget) {
+        h.insert(
+            HEADER_SHOULD_RETRY,
+            HeaderValue::from_static(if self.retryable() { "true" } else { "false" }),
+        );
+        if matches!(self, ProxyError::MethodNotSupported(_)) {
+            h.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+        }
+        if matches!(
+            self,
+            ProxyError::BadFraming | ProxyError::AbsoluteTarget | ProxyError::UpgradeRefused
+        ) {
             // Never reuse a connection whose framing we distrust.
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -261,6 +320,44 @@ mod tests {
         assert_eq!(ProxyError::LedgerUnavailable.status(), 503);
         assert_eq!(ProxyError::UpstreamTimeout("x".into()).status(), 504);
         assert_eq!(ProxyError::BodyTooLarge { max: 1 }.status(), 413);
+    }
+
+    /// Issue 10 item 12: `x-should-retry` on every error, `true` only where a retry
+    /// cannot be charged twice.
+    #[test]
+    fn x_should_retry_is_deliberate_on_every_error() {
+        let cases = [
+            (ProxyError::LedgerUnavailable, "true"),
+            (ProxyError::BodyBudgetExceeded, "true"),
+            (
+                ProxyError::LedgerRefused(till_ledger::Refusal::IdempotencyConflict),
+                "false",
+            ),
+            (
+                ProxyError::LedgerRefused(till_ledger::Refusal::CapReached { block: 0, cap: 1 }),
+                "false",
+            ),
+            (ProxyError::KeyMissing, "false"),
+            (ProxyError::BadFraming, "false"),
+            (ProxyError::UpstreamUnreachable("x".into()), "false"),
+            (ProxyError::UpstreamTimeout("x".into()), "false"),
+            (ProxyError::Internal, "false"),
+            (ProxyError::ContentTypeNotJson, "false"),
+        ];
+        for (e, want) in cases {
+            let code = e.code();
+            let retry_after = e.retryable();
+            let resp = e.into_response();
+            assert_eq!(resp.headers()[HEADER_SHOULD_RETRY], want, "{code}");
+            assert_eq!(
+                resp.headers().contains_key(header::RETRY_AFTER),
+                retry_after,
+                "{code}"
+            );
+        }
+        assert_eq!(ProxyError::BodyBudgetExceeded.status(), 503);
+        assert_eq!(ProxyError::ContentTypeNotJson.status(), 415);
+        assert_eq!(ProxyError::MethodNotSupported("TRACE".into()).status(), 405);
     }
 
     #[test]

@@ -197,6 +197,116 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// Headers that ask an upstream to act as if another method had been sent (Google APIs,
+/// Rails, Laravel, Spring's `HiddenHttpMethodFilter` and many gateways honour them).
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The method-override header or parameter the request carries, if any: one of
+/// [`METHOD_OVERRIDE_HEADERS`], or a `_method` query parameter (any letter case, decoded).
+pub fn method_override(headers: &HeaderMap, query: Option<&str>) -> Option<&'static str> {
+    if let Some(h) = METHOD_OVERRIDE_HEADERS
+        .iter()
+        .find(|h| headers.contains_key(**h))
+    {
+        return Some(h);
+    }
+    query
+        .is_some_and(has_method_param)
+        .then_some("_method parameter")
+}
+
+/// True when a query string or `application/x-www-form-urlencoded` body has a `_method`
+/// parameter (name decoded, any letter case).
+pub fn has_method_param(form: &str) -> bool {
+    query_pairs(form).any(|(k, _)| k.trim().eq_ignore_ascii_case("_method"))
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved bytes (query values Till writes).
+pub fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Replaces every occurrence of `secret` in the response headers — raw, percent-encoded
+/// (upper- or lower-case hex) or form-encoded — with `[redacted]`, so an upstream that
+/// echoes the request (a redirect keeping a `?key=` query, a debug header) never hands
+/// the real credential to the client. A header that cannot be rewritten is dropped.
+pub fn scrub_secret(headers: &mut HeaderMap, secret: &str) {
+    if secret.is_empty() {
+        return;
+    }
+    let upper = form_encode(secret);
+    let mut lower = String::with_capacity(upper.len());
+    let mut hex_left = 0;
+    for c in upper.chars() {
+        if c == '%' {
+            hex_left = 2;
+            lower.push(c);
+        } else if hex_left > 0 {
+            hex_left -= 1;
+            lower.push(c.to_ascii_lowercase());
+        } else {
+            lower.push(c);
+        }
+    }
+    let plus = upper.replace("%20", "+");
+    let mut forms = vec![secret.to_string(), upper, lower, plus];
+    forms.sort();
+    forms.dedup();
+    // Longest first, so a form containing another is replaced whole.
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    let names: Vec<HeaderName> = headers.keys().cloned().collect();
+    for name in names {
+        let values: Vec<http::HeaderValue> = headers.get_all(&name).iter().cloned().collect();
+        if !values
+            .iter()
+            .any(|v| forms.iter().any(|f| contains(v.as_bytes(), f.as_bytes())))
+        {
+            continue;
+        }
+        headers.remove(&name);
+        for v in values {
+            let mut bytes = v.as_bytes().to_vec();
+            for f in &forms {
+                bytes = replace_all(&bytes, f.as_bytes(), b"[redacted]");
+            }
+            if let Ok(v) = http::HeaderValue::from_bytes(&bytes) {
+                headers.append(name.clone(), v);
+            }
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(hay.len());
+    let mut i = 0;
+    while i < hay.len() {
+        if hay[i..].starts_with(needle) {
+            out.extend_from_slice(with);
+            i += needle.len();
+        } else {
+            out.push(hay[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
@@ -336,6 +446,50 @@ mod tests {
         assert_eq!(forward_query(Some("k%65y=till_x"), None), None);
         assert_eq!(forward_query(Some("key=till_x"), None), None);
         assert_eq!(forward_query(None, None), None);
+    }
+
+    /// Issue 10 item 4.
+    #[test]
+    fn method_overrides_are_found_in_headers_and_parameters() {
+        for h in METHOD_OVERRIDE_HEADERS {
+            assert_eq!(
+                method_override(&headers(&[(h, "DELETE")]), None),
+                Some(h),
+                "{h}"
+            );
+        }
+        assert!(method_override(&HeaderMap::new(), Some("a=1&_method=DELETE")).is_some());
+        assert!(method_override(&HeaderMap::new(), Some("_METHOD=put")).is_some());
+        assert!(method_override(&HeaderMap::new(), Some("%5Fmethod=put")).is_some());
+        assert!(method_override(&HeaderMap::new(), Some("_method")).is_some());
+        assert_eq!(
+            method_override(&HeaderMap::new(), Some("method=x&a_method=1")),
+            None
+        );
+        assert_eq!(method_override(&headers(&[("x-method", "1")]), None), None);
+        assert!(has_method_param("model=gpt-4o&_method=DELETE"));
+    }
+
+    /// Issue 10 item 6.
+    #[test]
+    fn the_real_credential_is_scrubbed_from_response_headers() {
+        let secret = "sk real/secret+42";
+        let mut h = headers(&[
+            (
+                "location",
+                "https://up/next?page=2&key=sk%20real%2Fsecret%2B42",
+            ),
+            ("x-echo", "sk real/secret+42"),
+            ("x-lower", "key=sk%20real%2fsecret%2b42"),
+            ("x-form", "key=sk+real%2Fsecret%2B42"),
+            ("content-type", "application/json"),
+        ]);
+        scrub_secret(&mut h, secret);
+        assert_eq!(h["location"], "https://up/next?page=2&key=[redacted]");
+        assert_eq!(h["x-echo"], "[redacted]");
+        assert_eq!(h["x-lower"], "key=[redacted]");
+        assert_eq!(h["x-form"], "key=[redacted]");
+        assert_eq!(h["content-type"], "application/json");
     }
 
     #[test]

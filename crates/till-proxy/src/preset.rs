@@ -157,35 +157,153 @@ pub fn gemini_model(path: &str) -> Option<&str> {
     None
 }
 
+/// A body whose fields cannot be read the same way by every JSON parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AmbiguousField(pub &'static str);
+
 /// The top-level `model` string of a JSON body, if the body is a JSON object with one.
-pub fn json_model(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Model {
-        model: Option<String>,
+///
+/// Refused as ambiguous (parsers disagree on which one wins; Go's `encoding/json` takes
+/// the last case-insensitive match): a top-level key equal to `model` in any letter case
+/// more than once (`model` + `MODEL`, or `model` twice), or any other top-level key twice.
+/// A body that is not a JSON object, or whose `model` is not a string, has no model.
+pub fn json_model(body: &[u8]) -> Result<Option<String>, AmbiguousField> {
+    match serde_json::from_slice::<ModelProbe>(body) {
+        Ok(ModelProbe::Model(m)) => Ok(m),
+        Ok(ModelProbe::Ambiguous(field)) => Err(AmbiguousField(field)),
+        Err(_) => Ok(None),
     }
-    serde_json::from_slice::<Model>(body)
-        .ok()
-        .and_then(|m| m.model)
+}
+
+enum ModelProbe {
+    Model(Option<String>),
+    Ambiguous(&'static str),
+}
+
+impl<'de> serde::Deserialize<'de> for ModelProbe {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ModelProbeVisitor)
+    }
+}
+
+struct ModelProbeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ModelProbeVisitor {
+    type Value = ModelProbe;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ModelProbe, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        let mut model_keys = 0usize;
+        let mut duplicate = false;
+        let mut model = None;
+        // Keys come unescaped (`"mod\u0065l"` is `model`).
+        while let Some(key) = map.next_key::<String>()? {
+            if key.to_lowercase() == "model" {
+                model_keys += 1;
+            }
+            if key == "model" {
+                let v = map.next_value::<serde_json::Value>()?;
+                model = v.as_str().map(str::to_string);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+            if !seen.insert(key) {
+                duplicate = true;
+            }
+        }
+        Ok(if model_keys > 1 {
+            ModelProbe::Ambiguous("model")
+        } else if duplicate {
+            ModelProbe::Ambiguous("top-level")
+        } else {
+            ModelProbe::Model(model)
+        })
+    }
+}
+
+/// True when the request's one `Content-Type` is JSON: `application/json` or
+/// `application/<anything>+json`, parameters allowed. Upstreams that parse forms or
+/// anything else could read another model than Till did.
+pub fn is_json_content_type(headers: &http::HeaderMap) -> bool {
+    let mut values = headers.get_all(http::header::CONTENT_TYPE).iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let Ok(v) = v.to_str() else {
+        return false;
+    };
+    let media = v
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    media == "application/json"
+        || media
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.len() > "+json".len() && sub.ends_with("+json"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Issue 10 item 2: duplicate and case-variant `model` keys are refused, not guessed.
     #[test]
-    fn ambiguous_or_odd_model_bodies_yield_no_model() {
-        // Duplicate keys: parsers disagree on which wins, so Till sees no model and a
-        // model-limited key refuses (`model_required`) instead of guessing.
+    fn case_variant_and_duplicate_model_keys_are_ambiguous() {
+        let amb = Err(AmbiguousField("model"));
         assert_eq!(
             json_model(br#"{"model":"gpt-4o-mini","model":"gpt-4"}"#),
-            None
+            amb
         );
-        assert_eq!(json_model(br#"{"model":5}"#), None);
-        assert_eq!(json_model(b"not json"), None);
         assert_eq!(
-            json_model(br#"{"model":"a","messages":[]}"#).as_deref(),
-            Some("a")
+            json_model(br#"{"model":"gpt-4o-mini","MODEL":"gpt-4o"}"#),
+            amb
         );
+        assert_eq!(json_model(br#"{"Model":"a","mOdEl":"b"}"#), amb);
+        assert_eq!(json_model(br#"{"model":"a","mod\u0065l":"b"}"#), amb);
+        assert_eq!(json_model(br#"{"model":"a","MODEL":{"x":1}}"#), amb);
+        assert_eq!(
+            json_model(br#"{"model":"a","n":1,"n":2}"#),
+            Err(AmbiguousField("top-level"))
+        );
+        // Nested objects are not read by any caveat.
+        assert_eq!(
+            json_model(br#"{"model":"a","m":{"model":"b","MODEL":"c"}}"#),
+            Ok(Some("a".into()))
+        );
+        assert_eq!(json_model(br#"{"model":5}"#), Ok(None));
+        assert_eq!(json_model(br#"{"MODEL":"x"}"#), Ok(None));
+        assert_eq!(json_model(b"not json"), Ok(None));
+        assert_eq!(
+            json_model(br#"{"model":"a","messages":[]}"#),
+            Ok(Some("a".into()))
+        );
+    }
+
+    /// Issue 10 item 3.
+    #[test]
+    fn only_json_content_types_count_as_json() {
+        let h = |vals: &[&str]| {
+            let mut m = http::HeaderMap::new();
+            for v in vals {
+                m.append(http::header::CONTENT_TYPE, v.parse().unwrap());
+            }
+            is_json_content_type(&m)
+        };
+        assert!(h(&["application/json"]));
+        assert!(h(&["Application/JSON; charset=utf-8"]));
+        assert!(h(&["application/merge-patch+json"]));
+        assert!(!h(&["application/x-www-form-urlencoded"]));
+        assert!(!h(&["text/plain"]));
+        assert!(!h(&["multipart/form-data; boundary=x"]));
+        assert!(!h(&["application/+json"]));
+        assert!(!h(&[]));
+        assert!(!h(&["application/json", "application/json"]));
     }
 
     #[test]
@@ -209,13 +327,13 @@ mod tests {
     #[test]
     fn json_model_reads_only_a_top_level_string() {
         assert_eq!(
-            json_model(br#"{"model":"gpt-4o","messages":[]}"#).as_deref(),
-            Some("gpt-4o")
+            json_model(br#"{"model":"gpt-4o","messages":[]}"#),
+            Ok(Some("gpt-4o".into()))
         );
-        assert_eq!(json_model(br#"{"messages":[{"model":"x"}]}"#), None);
-        assert_eq!(json_model(br#"{"model":7}"#), None);
-        assert_eq!(json_model(b"not json"), None);
-        assert_eq!(json_model(b""), None);
+        assert_eq!(json_model(br#"{"messages":[{"model":"x"}]}"#), Ok(None));
+        assert_eq!(json_model(br#"{"model":7}"#), Ok(None));
+        assert_eq!(json_model(b"not json"), Ok(None));
+        assert_eq!(json_model(b""), Ok(None));
     }
 
     #[test]
