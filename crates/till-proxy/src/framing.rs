@@ -5,9 +5,12 @@
 //! chunked, per RFC 9112 §6.3), so the service never sees both headers. Till refuses such
 //! requests outright (400 `bad_framing`, connection closed): it follows the request
 //! stream alongside hyper — heads, `Content-Length` bodies, chunked bodies — and raises a
-//! per-connection flag when a head carries both. Once it loses track (malformed input,
-//! an upgrade, a head larger than the limit) it stops looking: hyper refuses malformed
-//! input on its own, and the flag, once raised, stays raised.
+//! per-connection flag when a head carries both. It keeps following after a request with
+//! `Upgrade` (Till refuses every upgrade, so the connection stays HTTP/1 and the next
+//! request is checked too). Once it loses track (malformed input, a head larger than the
+//! limit) it stops looking: hyper refuses malformed input on its own and closes the
+//! connection, and the flag, once raised, stays raised. An HTTP/2 connection preface
+//! stops it too: HTTP/2 frames its own messages and has no `Transfer-Encoding`.
 
 /// Follows the bytes of one connection's request stream.
 #[derive(Debug)]
@@ -148,9 +151,11 @@ impl FramingScanner {
     }
 
     fn end_of_head(&mut self) -> State {
+        if self.head.starts_with(b"PRI * HTTP/2.0") {
+            return State::Stopped;
+        }
         let mut content_length: Option<Option<u64>> = None;
         let mut transfer_encoding = false;
-        let mut upgrade = false;
         // Skip the request line.
         for line in self.head.split(|b| *b == b'\n').skip(1) {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -167,15 +172,11 @@ impl FramingScanner {
                     content_length = Some(v);
                 }
                 b"transfer-encoding" => transfer_encoding = true,
-                b"upgrade" => upgrade = true,
                 _ => {}
             }
         }
         if content_length.is_some() && transfer_encoding {
             self.flagged = true;
-            return State::Stopped;
-        }
-        if upgrade {
             return State::Stopped;
         }
         match (transfer_encoding, content_length) {
@@ -233,6 +234,29 @@ mod tests {
         assert!(!s.flagged());
         s.feed(smuggle);
         assert!(s.flagged());
+    }
+
+    /// Issue 10 item 1: an `Upgrade` request does not switch the guard off.
+    #[test]
+    fn keeps_following_after_an_upgrade_request() {
+        let s = scan(&[
+            b"GET /up/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            b"POST /up/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ]);
+        assert!(s.flagged());
+        // Also with a body on the upgrade request.
+        let s = scan(&[
+            b"POST /up/ws HTTP/1.1\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc",
+            b"POST /up/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        ]);
+        assert!(s.flagged());
+    }
+
+    #[test]
+    fn stops_at_an_http2_preface() {
+        let mut s = scan(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]);
+        s.feed(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00transfer-encoding: chunked\r\ncontent-length: 1\r\n\r\n");
+        assert!(!s.flagged());
     }
 
     #[test]

@@ -1,9 +1,14 @@
 //! Serving connections: hyper's HTTP/1 server with a header read timeout, a head size
-//! limit (431), the framing guard, a write-stall timeout, and graceful shutdown.
+//! limit (431), the framing guard, a write-stall timeout, and graceful shutdown; and
+//! HTTP/2 cleartext with prior knowledge (`curl --http2-prior-knowledge`, gRPC-style
+//! clients) with the same header, body and write limits, a cap on concurrent streams and
+//! rapid-reset protection.
 //!
-//! `axum::serve` has no header read timeout, so connections are served by hand: each one
-//! is wrapped in [`GuardedIo`], served by `hyper::server::conn::http1`, and told to shut
-//! down gracefully when the shutdown future completes.
+//! `axum::serve` has no header read timeout, so connections are served by hand: the first
+//! bytes are peeked (within `header_read_timeout`) to tell the HTTP/2 preface from an
+//! HTTP/1 request; each connection is wrapped in [`GuardedIo`], served by
+//! `hyper::server::conn::http1` or `http2`, and told to shut down gracefully when the
+//! shutdown future completes. `Upgrade: h2c` is not supported (Till refuses upgrades).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,14 +21,17 @@ use std::time::Duration;
 
 use axum::response::IntoResponse as _;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 use tower::ServiceExt as _;
 
 use crate::app::App;
-use crate::config::{ProxyLimits, MIN_MAX_HEADER_BYTES};
+use crate::config::{
+    ProxyLimits, HTTP2_MAX_CONCURRENT_STREAMS, HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS,
+    HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS, MIN_MAX_HEADER_BYTES,
+};
 use crate::error::ProxyError;
 use crate::framing::FramingScanner;
 
@@ -75,12 +83,63 @@ impl App {
     }
 }
 
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Peeks at the first bytes: `Some(true)` for the HTTP/2 preface, `Some(false)` for
+/// anything else, `None` when the client sent nothing useful in time or closed.
+async fn sniff_http2(stream: &TcpStream, timeout: Duration) -> Option<bool> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if !H2_PREFACE.starts_with(&buf[..n]) {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // Part of the preface so far: wait for the rest (peek would return at once).
+        tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(5)))
+            .await
+            .ok()?;
+    }
+}
+
+/// Runs a hyper connection until it ends, or shuts it down gracefully on `stop`.
+macro_rules! drive {
+    ($conn:expr, $stop:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            }
+            _ = $stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }};
+}
+
 async fn serve_connection(
     stream: TcpStream,
     router: axum::Router,
     limits: ProxyLimits,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let Some(http2) = sniff_http2(&stream, limits.header_read_timeout).await else {
+        return;
+    };
     let flag = Arc::new(AtomicBool::new(false));
     let io = GuardedIo::new(
         stream,
@@ -98,24 +157,26 @@ async fn serve_connection(
             router.oneshot(req).await
         }
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(MIN_MAX_HEADER_BYTES))
-        .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        }
-        _ = stop.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
+    if http2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS)
+            // A peer that stops answering pings is gone: close and cancel its upstreams.
+            .keep_alive_interval(limits.idle_timeout)
+            .keep_alive_timeout(limits.header_read_timeout);
+        drive!(builder.serve_connection(TokioIo::new(io), service), stop);
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(MIN_MAX_HEADER_BYTES))
+            .keep_alive(true);
+        drive!(builder.serve_connection(TokioIo::new(io), service), stop);
     }
 }
 
