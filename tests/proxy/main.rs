@@ -5,6 +5,7 @@
 
 mod support;
 
+mod adversarial;
 mod binary;
 mod failures;
 mod hygiene;
