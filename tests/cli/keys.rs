@@ -175,3 +175,117 @@ fn inspect_with_other_root_key_fails_and_without_key_is_unchecked() {
         .json();
     assert_eq!(j["signature"]["status"], "verified");
 }
+
+/// Runs `till` expecting exit 1 within 20 s (a `serve` that wrongly starts is killed and
+/// fails the test); returns stderr.
+fn serve_bounded(t: &Till, args: &[&str]) -> String {
+    use std::process::Stdio;
+    let mut child = t
+        .cmd()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("till {args:?} kept running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "till {args:?}: {err}");
+    err
+}
+
+/// Issue 10 item 9: a deleted private key is never silently re-created, by `keygen` or by
+/// `serve`; the public halves stay as they were.
+#[test]
+fn deleted_private_key_is_never_recreated() {
+    for (private, public) in [
+        ("root.key.jwk", "root.pub.jwk"),
+        ("receipt.key.jwk", "receipt.pub.jwk"),
+    ] {
+        let t = Till::new();
+        t.run(&["keygen"]).ok();
+        let before = std::fs::read_to_string(t.data_dir().join(public)).unwrap();
+        std::fs::remove_file(t.data_dir().join(private)).unwrap();
+        for args in [&["keygen"][..], &["serve", "--listen", "127.0.0.1:0"][..]] {
+            let err = serve_bounded(&t, args);
+            assert!(err.contains(private), "{args:?}: {err}");
+            assert!(
+                err.contains("refusing to create a new key"),
+                "{args:?}: {err}"
+            );
+            assert!(!t.data_dir().join(private).exists(), "{args:?}");
+            let after = std::fs::read_to_string(t.data_dir().join(public)).unwrap();
+            assert_eq!(before, after, "{args:?}: {public} must not change");
+        }
+    }
+    // The ledger alone is state too.
+    let t = Till::new();
+    std::fs::create_dir_all(t.data_dir()).unwrap();
+    std::fs::write(t.data_dir().join("ledger.redb"), b"x").unwrap();
+    let err = t.run(&["keygen"]).fails_with(1);
+    assert!(err.contains("ledger.redb"), "{err}");
+    // A lost public half is re-derived from its private key (no new key).
+    let t = Till::new();
+    let first = t.run(&["keygen", "--json"]).json();
+    std::fs::remove_file(t.data_dir().join("root.pub.jwk")).unwrap();
+    let again = t.run(&["keygen", "--json"]).json();
+    assert_eq!(again["root_public_key"], first["root_public_key"]);
+}
+
+/// Issue 10 item 9: a private key readable by group or others is refused, like ssh.
+#[cfg(unix)]
+#[test]
+fn group_readable_private_key_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let t = Till::new();
+    t.run(&["keygen"]).ok();
+    let path = t.data_dir().join("root.key.jwk");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = t
+        .run(&["mint", "--upstream", "openai", "--cap", "1"])
+        .fails_with(1);
+    assert!(err.contains("root.key.jwk"), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+    let err = serve_bounded(&t, &["serve", "--listen", "127.0.0.1:0"]);
+    assert!(err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    t.run(&["mint", "--upstream", "openai", "--cap", "1"]).ok();
+}
+
+/// Issue 10 (minor): minting a key that is already expired needs `--force`.
+#[test]
+fn minting_an_expired_key_needs_force() {
+    let t = Till::new();
+    t.run(&["keygen"]).ok();
+    let past = [
+        "mint",
+        "--upstream",
+        "openai",
+        "--expires",
+        "2001-01-01T00:00:00Z",
+    ];
+    let err = t.run(&past).fails_with(2);
+    assert!(err.contains("in the past"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    let mut forced = past.to_vec();
+    forced.push("--force");
+    let run = t.run(&forced);
+    assert!(run.ok().starts_with("till_"));
+    assert!(run.stderr().contains("expired"));
+    t.run(&[
+        "mint",
+        "--upstream",
+        "openai",
+        "--expires",
+        "2999-01-01T00:00:00Z",
+    ])
+    .ok();
+}

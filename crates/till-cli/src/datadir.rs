@@ -9,6 +9,12 @@
 //!
 //! Resolution: `--dir`, else `$TILL_DATA_DIR`, else `$XDG_DATA_HOME/till`, else
 //! `$HOME/.local/share/till`.
+//!
+//! Fail closed, never silently reset: keys are created only in a data dir that holds no
+//! Till state. A missing private key next to its public half, the other key pair or the
+//! ledger (`ledger*`) is an error that names the files: a new root key
+//! would orphan every issued key (`key_unknown_root`), a new receipt key every receipt
+//! chain. A private key file readable by group or others is refused, like ssh does.
 
 use std::fs;
 use std::io::Write as _;
@@ -78,11 +84,33 @@ impl DataDir {
         self.path.join(LEDGER)
     }
 
-    /// Creates the directory and both key pairs if they do not exist yet. Never overwrites.
+    /// Creates the directory and both key pairs when the directory holds nothing yet.
+    /// Never overwrites, and never creates a key in a data dir that has any state (see the
+    /// module docs); a missing public half is re-derived from its private key.
     pub fn init(&self) -> Result<Init> {
         create_private_dir(&self.path)?;
         let root_exists = self.path.join(ROOT_KEY).exists();
         let receipt_exists = self.path.join(RECEIPT_KEY).exists();
+        if !(root_exists && receipt_exists) {
+            self.refuse_partial_state(root_exists, receipt_exists)?;
+        }
+        if root_exists {
+            check_private_mode(&self.path.join(ROOT_KEY))?;
+            if !self.path.join(ROOT_PUB).exists() {
+                let root = self.root_key()?;
+                write_public(&self.path.join(ROOT_PUB), root.public().to_jwk().as_bytes())?;
+            }
+        }
+        if receipt_exists {
+            check_private_mode(&self.path.join(RECEIPT_KEY))?;
+            if !self.path.join(RECEIPT_PUB).exists() {
+                let signer = self.receipt_signer()?;
+                write_public(
+                    &self.path.join(RECEIPT_PUB),
+                    signer.public_key().to_jwk().as_bytes(),
+                )?;
+            }
+        }
         if !root_exists {
             let root = RootKey::generate();
             write_secret(&self.path.join(ROOT_KEY), root.to_private_jwk().as_bytes())?;
@@ -106,9 +134,39 @@ impl DataDir {
         })
     }
 
+    /// Refuses to create keys unless the data dir holds no Till state: no key file of
+    /// either pair and no ledger (other files, such as a `till.toml`, do not count).
+    fn refuse_partial_state(&self, root_exists: bool, receipt_exists: bool) -> Result<()> {
+        let mut present: Vec<String> = fs::read_dir(&self.path)
+            .with_context(|| format!("reading {}", self.path.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| is_state(name))
+            .collect();
+        present.sort();
+        if present.is_empty() {
+            return Ok(());
+        }
+        let missing: Vec<&str> = [(ROOT_KEY, root_exists), (RECEIPT_KEY, receipt_exists)]
+            .iter()
+            .filter(|(_, exists)| !exists)
+            .map(|(name, _)| *name)
+            .collect();
+        bail!(
+            "{dir} has state ({present}) but {missing} is missing: refusing to create a new key \
+             (a new root key would invalidate every issued key; a new receipt key would break \
+             every receipt chain). Restore {missing} from a backup, or point --dir / \
+             TILL_DATA_DIR at an empty directory to start a new, separate installation",
+            dir = self.path.display(),
+            present = present.join(", "),
+            missing = missing.join(" and "),
+        )
+    }
+
     /// The private root key.
     pub fn root_key(&self) -> Result<RootKey> {
         let path = self.path.join(ROOT_KEY);
+        check_private_mode(&path)?;
         let text = read_key_file(&path, "till keygen")?;
         RootKey::from_private_jwk(&text).with_context(|| format!("reading {}", path.display()))
     }
@@ -126,6 +184,7 @@ impl DataDir {
     /// The private receipt-signing key.
     pub fn receipt_signer(&self) -> Result<ReceiptSigner> {
         let path = self.path.join(RECEIPT_KEY);
+        check_private_mode(&path)?;
         let text = read_key_file(&path, "till keygen")?;
         ReceiptSigner::from_private_jwk(&text)
             .with_context(|| format!("reading {}", path.display()))
@@ -160,6 +219,38 @@ fn read_key_file(path: &Path, hint: &str) -> Result<String> {
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// Files that are Till state: either key pair, and the ledger with its companions.
+fn is_state(name: &str) -> bool {
+    [ROOT_KEY, ROOT_PUB, RECEIPT_KEY, RECEIPT_PUB].contains(&name) || name.starts_with("ledger")
+}
+
+/// Refuses a private key file that group or others may read or write (ssh's rule).
+/// A missing file passes (reading it then says how to create it).
+pub fn check_private_mode(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let meta = match fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "private key {} is accessible by group or others (mode {mode:04o}): \
+                 refusing to use it. Run `chmod 600 {}` (and consider the key leaked if \
+                 others could read it)",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 fn create_private_dir(path: &Path) -> Result<()> {
