@@ -71,6 +71,7 @@ pub fn sample_tokens() -> Vec<String> {
             models: Some(vec!["m".into()]),
             methods: Some(vec!["POST".into()]),
             expires: Some(4_000_000_000),
+            label: None,
         },
     );
     let Ok(minted) = minted else {
