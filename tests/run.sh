@@ -35,7 +35,7 @@ say "admin API against its OpenAPI description (schemathesis driving a live till
 cargo build --locked -p till-cli
 ST_TMP="$(mktemp -d)"
 printf '[upstreams.openai]\nbase_url = "http://127.0.0.1:9"\ncredential_env = "TILL_ST_SECRET"\n' > "$ST_TMP/till.toml"
-TILL_ST_SECRET=sk-schemathesis target/debug/till --dir "$ST_TMP/data" serve --config "$ST_TMP/till.toml" \
+TILL_ST_SECRET=sk-schemathesis "${CARGO_TARGET_DIR:-target}/debug/till" --dir "$ST_TMP/data" serve --config "$ST_TMP/till.toml" \
   --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 > "$ST_TMP/serve.log" 2>&1 &
 ST_PID=$!
 trap 'kill "$ST_PID" 2>/dev/null || true' EXIT
