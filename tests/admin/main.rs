@@ -552,6 +552,21 @@ fn alerts_delivered_exactly_once_across_kill9() {
         }
     }
 
+    // The proxy's metrics count what the deliverer did.
+    let metrics = rt.block_on(async {
+        http()
+            .get(format!("{}/_till/metrics", server.proxy))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    for want in ["till_alerts_fired_total 2", "till_alerts_delivered_total 2"] {
+        assert!(metrics.contains(want), "missing {want}: {metrics}");
+    }
+
     // Receiver down; claims cross both thresholds of a new key; kill -9; restart.
     hook.lock().unwrap().answer_ok = false;
     let key2 = ok(&dir, &["mint", "--upstream", "openai", "--cap", "2"]);

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod alerts;
 mod shapes;
 
 const ENV_CLUSTER_FILE: &str = "TILL_FDB_CLUSTER_FILE";

@@ -158,11 +158,11 @@ async fn health_readiness_and_metrics() {
         .await
         .unwrap();
     assert!(
-        text.contains("till_requests_total{status=\"200\",code=\"ok\"} 1"),
+        text.contains("till_requests_total{upstream=\"up\",status=\"200\",code=\"ok\"} 1"),
         "{text}"
     );
     assert!(
-        text.contains("till_requests_total{status=\"403\",code=\"activation_limit_reached\"} 1"),
+        text.contains("till_requests_total{upstream=\"up\",status=\"403\",code=\"activation_limit_reached\"} 1"),
         "{text}"
     );
     assert!(
@@ -173,4 +173,15 @@ async fn health_readiness_and_metrics() {
         text.contains("till_request_duration_seconds_count 2"),
         "{text}"
     );
+    // Upstream latency per upstream, claim latency, and the verify cache (1 miss, 1 hit).
+    for want in [
+        "till_upstream_duration_seconds_count{upstream=\"up\"} 1",
+        "till_ledger_claim_duration_seconds_count 2",
+        "till_verify_cache_lookups_total{outcome=\"miss\"} 1",
+        "till_verify_cache_lookups_total{outcome=\"hit\"} 1",
+        "till_alerts_fired_total 0",
+        "till_event_subscribers 0",
+    ] {
+        assert!(text.contains(want), "missing {want}: {text}");
+    }
 }

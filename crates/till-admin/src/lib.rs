@@ -39,11 +39,11 @@
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod dashboard;
 mod error;
 pub mod sse;
 pub mod webhook;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::routing::{get, post};
@@ -51,6 +51,7 @@ use axum::Router;
 use till_ledger::{AlertRecord, Ledger};
 use till_proxy::admin_config::AlertSettings;
 use till_proxy::events::{Event, EventBus};
+use till_proxy::metrics::AlertCounters;
 use till_receipt::ReceiptKeySet;
 use till_token::{KeyRing, Limits, RootKey};
 use tokio::sync::{watch, Notify};
@@ -60,31 +61,30 @@ pub use error::AdminError;
 /// The OpenAPI 3.1 description of the admin API.
 pub const OPENAPI: &str = include_str!("../../../spec/admin-openapi.yaml");
 
-/// Alert counters (no per-family labels: that is what the API is for).
+/// Alert counters, exported by the proxy's `/_till/metrics` (no per-family labels: that
+/// is what the API is for).
 #[derive(Debug, Default)]
 pub struct AdminMetrics {
-    fired: AtomicU64,
-    delivered: AtomicU64,
-    failed: AtomicU64,
+    counters: AlertCounters,
 }
 
 impl AdminMetrics {
     fn fired(&self) {
-        self.fired.fetch_add(1, Ordering::Relaxed);
+        self.counters.fired.inc();
     }
     fn delivered(&self) {
-        self.delivered.fetch_add(1, Ordering::Relaxed);
+        self.counters.delivered.inc();
     }
     fn failed(&self) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.counters.failed.inc();
     }
 
     /// `(fired, delivered, failed delivery attempts)`.
     pub fn snapshot(&self) -> (u64, u64, u64) {
         (
-            self.fired.load(Ordering::Relaxed),
-            self.delivered.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
+            self.counters.fired.get(),
+            self.counters.delivered.get(),
+            self.counters.failed.get(),
         )
     }
 }
@@ -144,6 +144,8 @@ pub struct AdminConfig {
     pub events: EventBus,
     /// Alert settings (policy and webhook).
     pub alerts: AlertSettings,
+    /// Where alert counters go (the proxy's metrics: `App::state().metrics().alerts()`).
+    pub alert_counters: AlertCounters,
 }
 
 /// The admin plane: state, router, deliverer. Cheap to clone.
@@ -168,7 +170,9 @@ impl AdminPlane {
             alerts: config.alerts,
             shutdown,
             wake: Notify::new(),
-            metrics: AdminMetrics::default(),
+            metrics: AdminMetrics {
+                counters: config.alert_counters,
+            },
         };
         Self {
             state: Arc::new(state),
@@ -207,7 +211,7 @@ impl AdminPlane {
     }
 }
 
-/// The admin router: `/admin/v1/*`.
+/// The admin router: `/admin/v1/*` and the dashboard (`/`).
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/admin/v1/openapi.yaml", get(api::openapi))
@@ -223,6 +227,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/admin/v1/families/{id}/audit", get(api::audit))
         .route("/admin/v1/alerts", get(api::alerts))
         .route("/admin/v1/events", get(sse::events))
+        .merge(dashboard::routes(Arc::clone(&state)))
         .fallback(api::not_found)
         .with_state(state)
 }

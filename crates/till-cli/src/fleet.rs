@@ -36,9 +36,11 @@ pub async fn open_fdb_ledger(
     cluster_file: Option<PathBuf>,
     keyspace: &str,
     proxy_id: &str,
+    alerts: till_ledger::AlertPolicy,
 ) -> Result<Arc<dyn Ledger>> {
     ensure_booted()?;
     let mut config = FdbConfig::new(signer, proxy_id).with_keyspace(keyspace);
+    config.alerts = alerts;
     if let Some(p) = cluster_file {
         config = config.with_cluster_file(p);
     }

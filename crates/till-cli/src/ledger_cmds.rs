@@ -152,7 +152,14 @@ async fn open_fdb(
     cluster_file: Option<PathBuf>,
     keyspace: &str,
 ) -> Result<Arc<dyn Ledger>> {
-    crate::fleet::open_fdb_ledger(signer, cluster_file, keyspace, "till-cli").await
+    crate::fleet::open_fdb_ledger(
+        signer,
+        cluster_file,
+        keyspace,
+        "till-cli",
+        till_ledger::AlertPolicy::default(),
+    )
+    .await
 }
 
 #[cfg(not(feature = "fdb"))]

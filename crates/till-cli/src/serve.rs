@@ -112,7 +112,16 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
             LedgerChoice::Fdb {
                 cluster_file,
                 keyspace,
-            } => open_fdb(Arc::clone(&signer), cluster_file.clone(), keyspace, &config.proxy_id).await?,
+            } => {
+                open_fdb(
+                    Arc::clone(&signer),
+                    cluster_file.clone(),
+                    keyspace,
+                    &config.proxy_id,
+                    config.alerts.policy.clone(),
+                )
+                .await?
+            }
             _ => Arc::new(EmbeddedLedger::open(data.ledger_path(), ledger_config)?),
         };
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -174,6 +183,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
                     receipt_keys,
                     events: app.state().events().clone(),
                     alerts,
+                    alert_counters: app.state().metrics().alerts().clone(),
                 });
                 let admin_addr = admin_listener.local_addr()?;
                 let url = format!("http://{admin_addr}");
@@ -225,8 +235,9 @@ async fn open_fdb(
     cluster_file: Option<PathBuf>,
     keyspace: &str,
     proxy_id: &str,
+    alerts: till_ledger::AlertPolicy,
 ) -> Result<Arc<dyn Ledger>> {
-    crate::fleet::open_fdb_ledger(signer, cluster_file, keyspace, proxy_id).await
+    crate::fleet::open_fdb_ledger(signer, cluster_file, keyspace, proxy_id, alerts).await
 }
 
 #[cfg(not(feature = "fdb"))]
@@ -235,6 +246,7 @@ async fn open_fdb(
     _cluster_file: Option<PathBuf>,
     _keyspace: &str,
     _proxy_id: &str,
+    _alerts: till_ledger::AlertPolicy,
 ) -> Result<Arc<dyn Ledger>> {
     anyhow::bail!(Failure::usage(
         "this till was built without FoundationDB support: rebuild with `--features fdb`"

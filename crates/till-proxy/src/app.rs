@@ -196,8 +196,8 @@ async fn ready(State(s): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        s.metrics.render(s.events.subscribers()),
     )
         .into_response()
 }
@@ -222,6 +222,8 @@ struct EventFacts {
     claim: Option<(u64, Option<u64>, bool)>,
     path: String,
     model: Option<String>,
+    /// Alerts the claim fired (committed with it).
+    alerts: Vec<till_ledger::AlertRecord>,
 }
 
 async fn proxy(State(s): State<Arc<AppState>>, req: Request) -> Response {
@@ -290,6 +292,16 @@ impl AppState {
             path: target.path.clone(),
             body_sha256: hex::encode(Sha256::digest(&body)),
             model,
+            // What the upstream will see besides path and body, so that one idempotency
+            // key cannot buy two different upstream requests.
+            query: hygiene::forward_query(
+                parts.uri.query(),
+                match &upstream.auth {
+                    Auth::Query { param } => Some(param.as_str()),
+                    Auth::Header { .. } => None,
+                },
+            ),
+            content_type: content_type_digest(&parts.headers),
         };
         let claim = self.claim(&token, idempotency_key, digest, now).await?;
         log.slot = claim.receipt.body().slots.last().map(|s| s.slot);
@@ -297,6 +309,7 @@ impl AppState {
         if let Some(facts) = log.event.as_mut() {
             facts.claim = Some((claim.receipt.body().seq, claim.remaining, claim.replayed));
             facts.model = claim.receipt.body().request.model.clone();
+            facts.alerts.clone_from(&claim.alerts);
         }
         let till_headers = till_headers(&claim)?;
         let forwarded = match self.upstream_request(upstream, &target, &parts, body) {
@@ -367,8 +380,10 @@ impl AppState {
         let (_, key) = hygiene::find_key(headers, query).ok_or(ProxyError::KeyMissing)?;
         let digest = key_digest(&key);
         if let Some(t) = self.cache.get(&digest) {
+            self.metrics.cache_lookup(true);
             return Ok(t);
         }
+        self.metrics.cache_lookup(false);
         let token = verify(&key, &self.keys, &self.token_limits).map_err(ProxyError::Key)?;
         self.cache.insert(digest, token.clone());
         Ok(token)
@@ -509,27 +524,32 @@ impl AppState {
         };
         // The ledger has its own timeout; this one bounds a backend that ignores it.
         let limit = self.config.limits.ledger_claim_timeout + Duration::from_millis(500);
+        let started = Instant::now();
         let outcome = tokio::time::timeout(limit, self.ledger.claim(req)).await;
+        let took = started.elapsed();
         match outcome {
             Ok(Ok(Ok(claim))) => {
-                self.metrics.claim(if claim.replayed {
-                    ClaimOutcome::Replayed
-                } else {
-                    ClaimOutcome::Claimed
-                });
+                self.metrics.claim(
+                    if claim.replayed {
+                        ClaimOutcome::Replayed
+                    } else {
+                        ClaimOutcome::Claimed
+                    },
+                    took,
+                );
                 Ok(claim)
             }
             Ok(Ok(Err(refusal))) => {
-                self.metrics.claim(ClaimOutcome::Refused);
+                self.metrics.claim(ClaimOutcome::Refused, took);
                 Err(ProxyError::LedgerRefused(refusal))
             }
             Ok(Err(e)) => {
-                self.metrics.claim(ClaimOutcome::Error);
+                self.metrics.claim(ClaimOutcome::Error, took);
                 tracing::warn!(error = %e, "ledger claim failed; refusing with 503");
                 Err(ProxyError::LedgerUnavailable)
             }
             Err(_) => {
-                self.metrics.claim(ClaimOutcome::Error);
+                self.metrics.claim(ClaimOutcome::Error, took);
                 tracing::warn!("ledger claim timed out; refusing with 503");
                 Err(ProxyError::LedgerUnavailable)
             }
@@ -601,7 +621,10 @@ impl AppState {
             .get(&upstream.name)
             .ok_or(ProxyError::Internal)?;
         let limit = self.config.limits.upstream_response_timeout;
-        match tokio::time::timeout(limit, client.execute(req)).await {
+        let started = Instant::now();
+        let sent = tokio::time::timeout(limit, client.execute(req)).await;
+        self.metrics.upstream(&upstream.name, started.elapsed());
+        match sent {
             Err(_) => Err(ProxyError::UpstreamTimeout(upstream.name.clone())),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_timeout() => Err(ProxyError::UpstreamTimeout(upstream.name.clone())),
@@ -658,6 +681,11 @@ impl AppState {
             }
         };
         self.events.publish(event);
+        for alert in facts.map(|f| f.alerts.as_slice()).unwrap_or_default() {
+            self.events.publish(Event::Alert {
+                alert: serde_json::to_value(alert).unwrap_or_default(),
+            });
+        }
     }
 
     /// Phase 9: one log line and the metrics.
@@ -668,7 +696,12 @@ impl AppState {
             .get::<ErrorCode>()
             .map(|c| c.0)
             .unwrap_or("ok");
-        self.metrics.request(status.as_u16(), code, latency);
+        self.metrics.request(
+            log.upstream.as_deref().unwrap_or("-"),
+            status.as_u16(),
+            code,
+            latency,
+        );
         let latency_ms = latency.as_secs_f64() * 1000.0;
         tracing::info!(
             target: "till::request",
@@ -774,6 +807,47 @@ fn is_form(headers: &HeaderMap) -> bool {
                 .trim()
                 .eq_ignore_ascii_case("application/x-www-form-urlencoded")
         })
+}
+
+/// The request's `Content-Type` for the request digest: every value in order (joined
+/// by `, `), each with its media type and parameter names in lower case and without
+/// optional whitespace; bytes outside visible ASCII (and `%`) percent-encoded so that
+/// distinct values stay distinct. `None` when the request has no `Content-Type`.
+fn content_type_digest(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<String> = headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .map(|v| {
+            let text = percent_escape(v.as_bytes());
+            let mut pieces = text.split(';').map(str::trim);
+            let mut out = pieces.next().unwrap_or_default().to_ascii_lowercase();
+            for param in pieces {
+                out.push(';');
+                match param.split_once('=') {
+                    Some((name, value)) => {
+                        out.push_str(&name.trim().to_ascii_lowercase());
+                        out.push('=');
+                        out.push_str(value.trim());
+                    }
+                    None => out.push_str(param),
+                }
+            }
+            out
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+fn percent_escape(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn short_hex(bytes: &[u8]) -> String {

@@ -60,7 +60,7 @@ mod error;
 pub mod events;
 mod framing;
 pub mod hygiene;
-mod metrics;
+pub mod metrics;
 pub mod preset;
 pub mod route;
 mod secret;
