@@ -45,6 +45,8 @@ async fn claim_n(t: &Till, levels: &[Level], n: u32) {
                 path: format!("/v1/x/{i}"),
                 body_sha256: "00".repeat(32),
                 model: None,
+                query: None,
+                content_type: None,
             },
             now: 1_800_000_000,
             not_after: None,

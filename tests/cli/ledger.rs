@@ -48,6 +48,8 @@ async fn claim(ledger: &EmbeddedLedger, levels: &[Level], n: u32) -> Result<Stri
             path: format!("/v1/chat/completions/{n}"),
             body_sha256: "00".repeat(32),
             model: None,
+            query: None,
+            content_type: None,
         },
         now: 1_800_000_000,
         not_after: None,

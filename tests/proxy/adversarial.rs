@@ -367,6 +367,65 @@ async fn permanent_refusals_say_x_should_retry_false() {
     assert_eq!(r.headers()["x-should-retry"], "false");
 }
 
+/// Item 8: the idempotency fingerprint covers the query as forwarded and the content
+/// type: reusing one `Idempotency-Key` with `?page=0` then `?page=1` (or with another
+/// content type) is a 409 conflict, never a second upstream request for one charge. An
+/// identical retry is still a replay, and the receipt names the query and content type.
+#[tokio::test]
+async fn idempotency_fingerprint_covers_query_and_content_type() {
+    let upstream = Upstream::start().await;
+    let till = Till::start(&up_config(&upstream)).await;
+    let key = till.mint_up(Some(5));
+    let http = client();
+    let send = |query: &'static str, content_type: &'static str| {
+        http.post(format!("{}/up/v1/items?{query}", till.url))
+            .bearer_auth(&key)
+            .header("idempotency-key", "idem-page")
+            .header("content-type", content_type)
+            .body("{}")
+            .send()
+    };
+    let r = send("page=0", "application/json").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let receipt = Receipt::parse(r.headers()["till-receipt"].to_str().unwrap()).unwrap();
+    assert_eq!(receipt.body().request.query.as_deref(), Some("page=0"));
+    assert_eq!(
+        receipt.body().request.content_type.as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(upstream.hits(), 1);
+
+    // Another query under the same key: refused, not forwarded, not charged.
+    let r = send("page=1", "application/json").await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    assert_eq!(error_code(r).await, "idempotency_key_conflict");
+    // Another content type (same query, same body): refused too.
+    let r = send("page=0", "text/plain").await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    assert_eq!(error_code(r).await, "idempotency_key_conflict");
+    assert_eq!(upstream.hits(), 1);
+    assert_eq!(till.usage(&key).await, vec![1]);
+
+    // The identical request is a replay of the original receipt (uncharged); a
+    // content type differing only in letter case and optional whitespace is the same.
+    let r = send("page=0", "Application/JSON").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["till-replayed"], "true");
+    assert_eq!(
+        r.headers()["till-receipt"].to_str().unwrap(),
+        receipt.compact()
+    );
+    assert_eq!(till.usage(&key).await, vec![1]);
+    // The forwarded query is what the fingerprint saw.
+    assert!(
+        upstream.seen()[0].uri.ends_with("/v1/items?page=0"),
+        "{:?}",
+        upstream.seen()[0].uri
+    );
+}
+
 /// Item 13: a 504 after a committed claim still carries the receipt and the remaining
 /// count, so the client can prove what it was charged.
 #[tokio::test]

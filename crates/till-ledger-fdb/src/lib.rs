@@ -59,6 +59,8 @@
 //!         path: "/v1/chat/completions".into(),
 //!         body_sha256: "00".repeat(32),
 //!         model: None,
+//!         query: None,
+//!         content_type: None,
 //!     },
 //!     now: 1_750_000_000,
 //!     not_after: None,

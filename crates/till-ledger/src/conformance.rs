@@ -114,6 +114,8 @@ pub fn digest(tag: &str) -> RequestDigest {
         path: format!("/v1/{tag}"),
         body_sha256: "0f".repeat(32),
         model: Some("gpt-4o-mini".into()),
+        query: None,
+        content_type: None,
     }
 }
 

@@ -44,6 +44,8 @@
 //!             path: "/v1/chat/completions".into(),
 //!             body_sha256: "00".repeat(32),
 //!             model: Some("gpt-4o".into()),
+//!             query: None,
+//!             content_type: None,
 //!         },
 //!         now: 1_750_000_000,
 //!         not_after: None,

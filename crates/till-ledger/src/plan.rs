@@ -158,7 +158,9 @@ pub fn validate(req: &ClaimRequest) -> Result<(), LedgerError> {
     Ok(())
 }
 
-/// The request's fingerprint for idempotency: lower-case hex SHA-256 of its JSON form.
+/// The request's fingerprint for idempotency: lower-case hex SHA-256 of its JSON form,
+/// so it covers every member of the digest: method, upstream, path, query, body hash,
+/// model and content type.
 pub fn request_fingerprint(request: &RequestDigest) -> String {
     let json = serde_json::to_vec(request).unwrap_or_default();
     hex::encode(Sha256::digest(&json))
@@ -331,6 +333,8 @@ mod tests {
             path: path.into(),
             body_sha256: "00".repeat(32),
             model: None,
+            query: None,
+            content_type: None,
         }
     }
 
@@ -591,7 +595,11 @@ mod tests {
 
     #[test]
     fn fingerprint_covers_every_field() {
-        let base = digest("/p");
+        let base = RequestDigest {
+            query: Some("page=0".into()),
+            content_type: Some("application/json".into()),
+            ..digest("/p")
+        };
         let variants = [
             RequestDigest {
                 method: "GET".into(),
@@ -611,6 +619,14 @@ mod tests {
             },
             RequestDigest {
                 model: Some("m".into()),
+                ..base.clone()
+            },
+            RequestDigest {
+                query: Some("page=1".into()),
+                ..base.clone()
+            },
+            RequestDigest {
+                content_type: Some("text/plain".into()),
                 ..base.clone()
             },
         ];

@@ -81,6 +81,8 @@ fn request(i: usize) -> ClaimRequest {
             path: format!("/v1/{i}"),
             body_sha256: "cd".repeat(32),
             model: None,
+            query: None,
+            content_type: None,
         },
         now: 1_750_000_000,
         not_after: None,

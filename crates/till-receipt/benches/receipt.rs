@@ -40,6 +40,8 @@ fn body(signer: &ReceiptSigner, seq: u64, prev: Option<String>) -> ReceiptBody {
             path: "/v1/chat/completions".into(),
             body_sha256: "ef".repeat(32),
             model: Some("gpt-4o-mini".into()),
+            query: None,
+            content_type: None,
         },
         iat: 1_767_225_600 + seq,
         proxy: "proxy-a".into(),

@@ -15,13 +15,21 @@ pub struct RequestDigest {
     pub method: String,
     /// Upstream name from config (e.g. `openai`).
     pub upstream: String,
-    /// Normalised request path (no query string).
+    /// Normalised request path (no query string; see `query`).
     pub path: String,
     /// Lower-case hex SHA-256 of the request body as received.
     pub body_sha256: String,
     /// The JSON body's `model` field when the upstream is an LLM API and one was sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The query string as forwarded (without Till's key and without the upstream's
+    /// credential parameter); absent when none is forwarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// The request's `Content-Type`, normalised (media type and parameter names in lower
+    /// case, no optional whitespace); absent when the request has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
 }
 
 /// The slot taken at one level (block) of the presented token.
@@ -88,6 +96,8 @@ mod tests {
                 path: "/v1/chat/completions".into(),
                 body_sha256: "00".into(),
                 model: None,
+                query: None,
+                content_type: None,
             },
             iat: 1,
             proxy: "p".into(),

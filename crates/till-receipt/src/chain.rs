@@ -242,6 +242,8 @@ mod tests {
                 path: "/user".into(),
                 body_sha256: String::new(),
                 model: None,
+                query: None,
+                content_type: None,
             },
             iat: 1_700_000_000 + seq,
             proxy: "p1".into(),

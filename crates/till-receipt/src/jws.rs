@@ -282,6 +282,8 @@ mod tests {
                 path: "/v1/chat/completions".into(),
                 body_sha256: "00".repeat(32),
                 model: Some("gpt-4o-mini".into()),
+                query: None,
+                content_type: None,
             },
             iat: 1_700_000_000,
             proxy: "proxy-1".into(),

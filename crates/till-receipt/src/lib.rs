@@ -51,6 +51,8 @@
 //!         path: "/v1/chat/completions".into(),
 //!         body_sha256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into(),
 //!         model: Some("gpt-4o-mini".into()),
+//!         query: None,
+//!         content_type: None,
 //!     },
 //!     iat: 1_700_000_000,
 //!     proxy: "proxy-1".into(),

@@ -37,14 +37,18 @@ fn request() -> impl Strategy<Value = RequestDigest> {
         any::<String>(),
         "[0-9a-f]{64}",
         any::<Option<String>>(),
+        any::<Option<String>>(),
+        any::<Option<String>>(),
     )
         .prop_map(
-            |(method, upstream, path, body_sha256, model)| RequestDigest {
+            |(method, upstream, path, body_sha256, model, query, content_type)| RequestDigest {
                 method,
                 upstream,
                 path,
                 body_sha256,
                 model,
+                query,
+                content_type,
             },
         )
 }

@@ -97,6 +97,8 @@ fn chain(signer: &ReceiptSigner) -> Vec<Receipt> {
                 path: "/v1/models".into(),
                 body_sha256: sha256_hex(b""),
                 model: None,
+                query: None,
+                content_type: None,
             },
         ),
         (
@@ -107,6 +109,8 @@ fn chain(signer: &ReceiptSigner) -> Vec<Receipt> {
                 path: "/v1/chat/completions".into(),
                 body_sha256: sha256_hex(chat),
                 model: Some("gpt-4o-mini".into()),
+                query: None,
+                content_type: None,
             },
         ),
         (
@@ -117,6 +121,8 @@ fn chain(signer: &ReceiptSigner) -> Vec<Receipt> {
                 path: "/v1/chat/completions".into(),
                 body_sha256: sha256_hex(chat),
                 model: Some("gpt-4o-mini".into()),
+                query: None,
+                content_type: None,
             },
         ),
     ];
