@@ -9,9 +9,12 @@ Checks, with joserfc (not Till's code) doing the JWS/EdDSA verification:
   * the public JWK's kid is "r-" + hex(SHA-256(x)[:8]);
   * every receipt verifies under the public JWK, its protected header is exactly
     {"alg":"EdDSA","kid":<kid>,"typ":"till-receipt+jwt"}, its payload is the listed body,
-    and its hash is SHA-256 of the compact string;
+    and its hash is SHA-256 of the JWS signing input (header "." payload, format v2);
   * the chain: one family, seq 1..n, prev = previous receipt's hash (None for seq 1),
     slots[0] is the family's level with slot == seq;
+  * the link is canonical: the signature's last character with its unused bits set is
+    the same signature to a lenient decoder, and it changes the compact string's hash
+    but not the link (whether joserfc accepts that string is reported, not required);
   * tampering fails: a changed payload under the original signature, a flipped signature
     character, and a different key are all rejected;
   * every invalid vector marked jose_must_reject is rejected.
@@ -44,6 +47,17 @@ def b64url_decode(text: str) -> bytes:
 
 def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def set_unused_bits(text: str) -> str:
+    """The same base64url text with the unused low bits of its last character set
+    (a 64-byte signature is 86 characters: the last carries 2 data bits, 4 unused)."""
+    unused = (6 * len(text)) % 8
+    index = B64URL_ALPHABET.index(text[-1])
+    return text[:-1] + B64URL_ALPHABET[index | ((1 << unused) - 1)]
 
 
 def canonical(obj) -> bytes:
@@ -105,9 +119,10 @@ def check_valid(path: str, t: Tally) -> None:
         t.check(obj.headers() == json.loads(expected_header), f"{label}: header members")
         t.check(json.loads(obj.payload) == body, f"{label}: payload is the listed body")
         t.check(obj.payload == canonical(body), f"{label}: payload is canonical JSON")
-        digest = hashlib.sha256(compact.encode("ascii")).hexdigest()
-        t.check(digest == vector["hash"], f"{label}: hash is SHA-256 of the compact form")
-        t.check(body["v"] == 1, f"{label}: v == 1")
+        signing_input = f"{header_b64}.{payload_b64}"
+        digest = hashlib.sha256(signing_input.encode("ascii")).hexdigest()
+        t.check(digest == vector["hash"], f"{label}: hash is SHA-256 of the signing input")
+        t.check(body["v"] == 2, f"{label}: v == 2")
         t.check(body["kid"] == jwk["kid"], f"{label}: body kid is the key's")
 
         # Chain.
@@ -130,6 +145,30 @@ def check_valid(path: str, t: Tally) -> None:
         flipped = f"{header_b64}.{payload_b64}.{b64url_encode(bytes(sig))}"
         t.check(not verifies(flipped, key), f"{label}: flipped signature bit is rejected")
         t.check(not verifies(compact, other_key), f"{label}: another key is rejected")
+
+        # A non-canonical encoding of the same signature (unused bits of the last
+        # character set): same bytes to a lenient decoder, a different compact string,
+        # the same link.
+        lax_sig = set_unused_bits(signature_b64)
+        t.check(lax_sig != signature_b64, f"{label}: lax signature string differs")
+        t.check(
+            b64url_decode(lax_sig) == b64url_decode(signature_b64),
+            f"{label}: lax signature decodes to the same bytes",
+        )
+        lax = f"{header_b64}.{payload_b64}.{lax_sig}"
+        lax_input = lax.rsplit(".", 1)[0]
+        t.check(
+            hashlib.sha256(lax.encode("ascii")).hexdigest()
+            != hashlib.sha256(compact.encode("ascii")).hexdigest(),
+            f"{label}: lax string has another compact hash",
+        )
+        t.check(
+            hashlib.sha256(lax_input.encode("ascii")).hexdigest() == vector["hash"],
+            f"{label}: lax string has the same link",
+        )
+        if i == 1:
+            accepted = "accepts" if verifies(lax, key) else "rejects"
+            print(f"note: joserfc {accepted} a signature with non-zero unused bits")
 
 
 def check_invalid(path: str, t: Tally) -> None:

@@ -437,7 +437,7 @@ pub async fn slots_chain_and_remaining(h: Harness) {
             assert!(!c.replayed);
             assert_eq!(c.remaining, Some(3 - k), "child is the tightest cap");
             let b = c.receipt.body();
-            assert_eq!(b.v, 1);
+            assert_eq!(b.v, till_receipt::RECEIPT_VERSION);
             assert_eq!(b.seq, k);
             assert_eq!(b.family, hex::encode(&root.revocation_id));
             assert_eq!(b.prev, prev, "prev names the previous receipt");

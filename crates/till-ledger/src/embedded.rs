@@ -55,7 +55,11 @@ const OUTBOX: TableDefinition<&str, u64> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// On-disk layout version; bumped on any incompatible table change.
-pub const SCHEMA_VERSION: u64 = 1;
+///
+/// 2: a chain head's hash is the receipt's link hash (SHA-256 of its JWS signing input,
+/// receipt format 2) instead of the compact string's; a version-1 file is migrated on
+/// open by recomputing every chain head from its stored receipt.
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// Commands waiting for the writer beyond this many are refused with
 /// [`LedgerError::Unavailable`] ("ledger busy") rather than queued without bound.
@@ -98,6 +102,8 @@ impl EmbeddedConfig {
 
 type ClaimAnswer = Result<Result<Claim, Refusal>, LedgerError>;
 
+// One short-lived command per request; boxing the claim would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     Claim {
         req: ClaimRequest,
@@ -491,6 +497,11 @@ fn open_database(path: &Path) -> Result<Database, LedgerError> {
                     .map_err(|e| open_err(e.to_string()))?;
             }
             Some(SCHEMA_VERSION) => {}
+            Some(1) => {
+                migrate_chain_heads(&txn).map_err(open_err)?;
+                meta.insert("schema_version", SCHEMA_VERSION)
+                    .map_err(|e| open_err(e.to_string()))?;
+            }
             Some(other) => {
                 return Err(open_err(format!(
                     "ledger schema version {other}, this build reads {SCHEMA_VERSION}"
@@ -522,6 +533,38 @@ fn open_database(path: &Path) -> Result<Database, LedgerError> {
     }
     txn.commit().map_err(|e| open_err(e.to_string()))?;
     Ok(db)
+}
+
+/// Schema 1 → 2: every chain head's hash becomes its receipt's link hash (the next
+/// receipt, format 2, names that in `prev`). One read and one write per family, in the
+/// open transaction: either every head is migrated or none is.
+fn migrate_chain_heads(txn: &redb::WriteTransaction) -> Result<(), String> {
+    let receipts = txn.open_table(RECEIPTS).map_err(|e| e.to_string())?;
+    let mut heads = txn.open_table(CHAIN_HEADS).map_err(|e| e.to_string())?;
+    let mut updated: Vec<(Vec<u8>, u64, String)> = Vec::new();
+    for entry in heads.iter().map_err(|e| e.to_string())? {
+        let (family, head) = entry.map_err(|e| e.to_string())?;
+        let family = family.value().to_vec();
+        let (seq, _) = head.value();
+        let stored = receipts
+            .get((family.as_slice(), seq))
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "chain head {} names missing receipt {seq}",
+                    hex::encode(&family)
+                )
+            })?;
+        let receipt = Receipt::parse(stored.value())
+            .map_err(|e| format!("stored receipt {seq} is unreadable: {e}"))?;
+        updated.push((family, seq, receipt.hash_hex()));
+    }
+    for (family, seq, hash) in updated {
+        heads
+            .insert(family.as_slice(), (seq, hash.as_str()))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Read-only tables for the admin read models.

@@ -297,3 +297,66 @@ async fn unsignable_receipt_writes_nothing() {
         .unwrap()
         .unwrap();
 }
+
+/// Issue 10 item 14: a schema-1 file (chain heads naming SHA-256 of the compact receipt)
+/// is migrated on open: every head then names the receipt's link hash (its signing
+/// input's), so the next receipt links correctly and the whole chain audits clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_1_chain_heads_are_migrated_to_the_link_hash() {
+    use redb::{ReadableTable as _, TableDefinition};
+    const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    const CHAIN_HEADS: TableDefinition<&[u8], (u64, &str)> = TableDefinition::new("chain_heads");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let token = levels(&[Some(10)]);
+    let family = token[0].revocation_id.clone();
+    let receipts = {
+        let ledger = open(&path, 1, Duration::from_secs(10));
+        for _ in 0..2 {
+            ledger
+                .claim(claim_request(&token, None, "chat"))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        ledger.receipts(&family, 1, 10).await.unwrap()
+    };
+    // Rewrite the file into the schema-1 layout: version 1, heads by compact hash.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 1)
+                .unwrap();
+            let compact = hex::encode(receipts[1].compact_hash());
+            txn.open_table(CHAIN_HEADS)
+                .unwrap()
+                .insert(family.as_slice(), (2, compact.as_str()))
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let ledger = open(&path, 1, Duration::from_secs(10));
+    let third = ledger
+        .claim(claim_request(&token, None, "chat"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(third.receipt.body().prev, Some(receipts[1].hash_hex()));
+    assert_eq!(chain_len(&ledger, &family).await, 3);
+    drop(ledger);
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(META).unwrap();
+    assert_eq!(
+        meta.get("schema_version").unwrap().unwrap().value(),
+        till_ledger::SCHEMA_VERSION
+    );
+    let heads = txn.open_table(CHAIN_HEADS).unwrap();
+    let head = heads.get(family.as_slice()).unwrap().unwrap();
+    assert_eq!(head.value(), (3, third.receipt.hash_hex().as_str()));
+    assert_eq!(heads.iter().unwrap().count(), 1);
+}

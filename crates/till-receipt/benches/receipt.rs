@@ -17,7 +17,7 @@ fn body(signer: &ReceiptSigner, seq: u64, prev: Option<String>) -> ReceiptBody {
     let root = "ab".repeat(64);
     let child = "cd".repeat(64);
     ReceiptBody {
-        v: 1,
+        v: 2,
         family: root.clone(),
         seq,
         slots: vec![

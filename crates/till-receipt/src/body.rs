@@ -4,8 +4,17 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The receipt format version this crate writes and accepts.
-pub const RECEIPT_VERSION: u32 = 1;
+/// The receipt format version this crate writes.
+///
+/// Version 2 chains over the JWS signing input: `prev` is SHA-256 of the previous
+/// receipt's `BASE64URL(header) "." BASE64URL(payload)`, which the signature fixes, so
+/// no verifier's leniency about the signature's encoding can give one receipt two links.
+/// Version 1 (`prev` = SHA-256 of the previous compact string) is still parsed and
+/// audited, so chains written before the change keep verifying.
+pub const RECEIPT_VERSION: u32 = 2;
+
+/// The oldest receipt format version this crate accepts.
+pub const MIN_RECEIPT_VERSION: u32 = 1;
 
 /// What was asked of the upstream, reduced to a digest that an auditor can recompute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,7 +60,8 @@ pub struct SlotClaim {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiptBody {
-    /// Format version, currently 1 ([`RECEIPT_VERSION`]).
+    /// Format version: [`RECEIPT_VERSION`] for new receipts; [`MIN_RECEIPT_VERSION`]..
+    /// are accepted.
     pub v: u32,
     /// Token family id: lower-case hex revocation id of the authority block.
     pub family: String,
@@ -69,10 +79,29 @@ pub struct ReceiptBody {
     pub kid: String,
     /// Client-supplied `Idempotency-Key`, or the id the ledger generated.
     pub idempotency_key: String,
-    /// Lower-case hex SHA-256 of the previous receipt's compact form in this family;
-    /// `None` for `seq == 1`. Always serialized (as `null` when `None`).
+    /// The link to the family's previous receipt: lower-case hex of its
+    /// [`crate::Receipt::hash`] (SHA-256 of its JWS signing input) in version 2, of its
+    /// [`crate::Receipt::compact_hash`] in version 1; `None` for `seq == 1`. Always
+    /// serialized (as `null` when `None`).
     #[serde(default)]
     pub prev: Option<String>,
+}
+
+impl ReceiptBody {
+    /// The name of the first member this body carries that its version `v` does not
+    /// have (`query` and `content_type` of the request are new in version 2).
+    pub(crate) fn member_newer_than_version(&self) -> Option<&'static str> {
+        if self.v >= 2 {
+            return None;
+        }
+        if self.request.query.is_some() {
+            Some("request.query")
+        } else if self.request.content_type.is_some() {
+            Some("request.content_type")
+        } else {
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -81,7 +110,7 @@ mod tests {
 
     fn body() -> ReceiptBody {
         ReceiptBody {
-            v: 1,
+            v: 2,
             family: "aa".into(),
             seq: 1,
             slots: vec![SlotClaim {
@@ -112,7 +141,7 @@ mod tests {
         let json = serde_json::to_string(&body()).unwrap();
         assert_eq!(
             json,
-            r#"{"v":1,"family":"aa","seq":1,"slots":[{"block":0,"revocation_id":"aa","slot":1,"cap":3}],"request":{"method":"POST","upstream":"openai","path":"/v1/chat/completions","body_sha256":"00"},"iat":1,"proxy":"p","kid":"r-00","idempotency_key":"k","prev":null}"#
+            r#"{"v":2,"family":"aa","seq":1,"slots":[{"block":0,"revocation_id":"aa","slot":1,"cap":3}],"request":{"method":"POST","upstream":"openai","path":"/v1/chat/completions","body_sha256":"00"},"iat":1,"proxy":"p","kid":"r-00","idempotency_key":"k","prev":null}"#
         );
     }
 
@@ -120,7 +149,7 @@ mod tests {
     fn unknown_fields_are_rejected_at_every_level() {
         let json = serde_json::to_string(&body()).unwrap();
         for (from, to) in [
-            (r#"{"v":1"#, r#"{"x":0,"v":1"#),
+            (r#"{"v":2"#, r#"{"x":0,"v":2"#),
             (r#""slot":1"#, r#""slot":1,"x":0"#),
             (r#""method":"POST""#, r#""method":"POST","x":0"#),
         ] {

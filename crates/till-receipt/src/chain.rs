@@ -56,8 +56,10 @@ struct Level {
 /// 2. `family` is the first receipt's ([`ReceiptError::FamilyMismatch`]);
 /// 3. `seq` is the previous `seq + 1`, starting at 1 ([`ReceiptError::Gap`],
 ///    [`ReceiptError::Fork`], [`ReceiptError::Duplicate`], [`ReceiptError::OutOfOrder`]);
-/// 4. `prev` is `None` for seq 1, else the previous receipt's
-///    [`Receipt::hash_hex`] ([`ReceiptError::BrokenLink`]);
+/// 4. `prev` is `None` for seq 1, else the previous receipt's link for this receipt's
+///    version ([`Receipt::link_for_version`]: [`Receipt::hash_hex`], the signing input's
+///    hash, from version 2 on; the compact string's hash in version 1), and the version
+///    never decreases along the chain ([`ReceiptError::BrokenLink`]);
 /// 5. `slots[0]` is the family's level with `slot == seq`
 ///    ([`ReceiptError::AuthoritySlotMismatch`]), `slots[i].block == i`
 ///    ([`ReceiptError::BlockOrder`]), no level twice in one receipt
@@ -86,8 +88,11 @@ pub fn audit_chain(
             return Err(ReceiptError::FamilyMismatch { seq });
         }
         check_position(receipt, previous)?;
-        let expected_prev = previous.map(Receipt::hash_hex);
-        if body.prev != expected_prev {
+        // The link a receipt names depends on its own format version (v1: the compact
+        // string's hash; v2: the signing input's). A chain never goes back to v1.
+        let expected_prev = previous.map(|p| p.link_for_version(body.v));
+        let downgrade = previous.is_some_and(|p| p.body().v > body.v);
+        if body.prev != expected_prev || downgrade {
             return Err(ReceiptError::BrokenLink { seq });
         }
 
@@ -232,7 +237,7 @@ mod tests {
 
     fn body(seq: u64, slots: Vec<SlotClaim>, prev: Option<String>) -> ReceiptBody {
         ReceiptBody {
-            v: 1,
+            v: 2,
             family: ROOT.into(),
             seq,
             slots,
@@ -430,6 +435,86 @@ mod tests {
         assert_eq!(
             audit_chain(&receipts, &keys()),
             Err(ReceiptError::BrokenLink { seq: 2 })
+        );
+    }
+
+    /// Signs a version-1 body (which `sign` no longer writes) with the test key.
+    fn sign_v1(mut b: ReceiptBody) -> Receipt {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        b.v = 1;
+        let header = format!(
+            r#"{{"alg":"EdDSA","kid":"{}","typ":"till-receipt+jwt"}}"#,
+            signer().key_id()
+        );
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&b).unwrap())
+        );
+        let sig = signer().signing.sign(input.as_bytes()).to_bytes();
+        Receipt::parse(&format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))).unwrap()
+    }
+
+    /// Chains written before version 2 keep auditing: v1 receipts link by the compact
+    /// hash, the first v2 receipt after them by the signing input's hash; a v2 receipt
+    /// naming a compact hash, or a v1 receipt after a v2 one, is a broken link.
+    #[test]
+    fn version_1_then_version_2_chain() {
+        let s = signer();
+        let r1 = sign_v1(body(1, vec![claim(0, ROOT, 1, Some(10))], None));
+        let r2 = sign_v1(body(
+            2,
+            vec![claim(0, ROOT, 2, Some(10))],
+            Some(hex::encode(r1.compact_hash())),
+        ));
+        let r3 = s
+            .sign(&body(
+                3,
+                vec![claim(0, ROOT, 3, Some(10))],
+                Some(r2.hash_hex()),
+            ))
+            .unwrap();
+        let report = audit_chain(&[r1.clone(), r2.clone(), r3], &keys()).unwrap();
+        assert_eq!(report.receipts, 3);
+
+        // v1 naming the signing-input hash, v2 naming the compact hash: broken.
+        let bad_v1 = sign_v1(body(
+            2,
+            vec![claim(0, ROOT, 2, Some(10))],
+            Some(r1.hash_hex()),
+        ));
+        assert_eq!(
+            audit_chain(&[r1.clone(), bad_v1], &keys()),
+            Err(ReceiptError::BrokenLink { seq: 2 })
+        );
+        let bad_v2 = s
+            .sign(&body(
+                3,
+                vec![claim(0, ROOT, 3, Some(10))],
+                Some(hex::encode(r2.compact_hash())),
+            ))
+            .unwrap();
+        assert_eq!(
+            audit_chain(&[r1.clone(), r2.clone(), bad_v2], &keys()),
+            Err(ReceiptError::BrokenLink { seq: 3 })
+        );
+        // Back to v1 after v2: broken, whatever it names.
+        let v2 = s
+            .sign(&body(
+                2,
+                vec![claim(0, ROOT, 2, Some(10))],
+                Some(r1.hash_hex()),
+            ))
+            .unwrap();
+        let back = sign_v1(body(
+            3,
+            vec![claim(0, ROOT, 3, Some(10))],
+            Some(hex::encode(v2.compact_hash())),
+        ));
+        assert_eq!(
+            audit_chain(&[r1, v2, back], &keys()),
+            Err(ReceiptError::BrokenLink { seq: 3 })
         );
     }
 

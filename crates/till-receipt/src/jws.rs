@@ -16,7 +16,7 @@ use ed25519_dalek::{Signature, Signer as _};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::body::{ReceiptBody, RECEIPT_VERSION};
+use crate::body::{ReceiptBody, MIN_RECEIPT_VERSION, RECEIPT_VERSION};
 use crate::error::{JwsPart, ReceiptError};
 use crate::key::{ReceiptKeySet, ReceiptSigner};
 
@@ -79,8 +79,8 @@ impl Receipt {
     ///
     /// Strict: the size limit first, then exactly three unpadded base64url parts, the
     /// canonical header (`alg` EdDSA, `typ` till-receipt+jwt, a `kid`), a payload that is
-    /// the canonical serialization of a version-1 [`ReceiptBody`] whose `kid` is the
-    /// header's, and a 64-byte signature. Each failure is its own [`ReceiptError`].
+    /// the canonical serialization of a [`ReceiptBody`] of a supported version (with only
+    /// that version's members) whose `kid` is the header's, and a 64-byte signature. Each failure is its own [`ReceiptError`].
     pub fn parse(compact: &str) -> Result<Self, ReceiptError> {
         if compact.len() > MAX_RECEIPT_LEN {
             return Err(ReceiptError::TooLarge {
@@ -110,8 +110,14 @@ impl Receipt {
         let payload = decode(payload_b64, JwsPart::Payload)?;
         let body: ReceiptBody =
             serde_json::from_slice(&payload).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-        if body.v != RECEIPT_VERSION {
+        if !(MIN_RECEIPT_VERSION..=RECEIPT_VERSION).contains(&body.v) {
             return Err(ReceiptError::UnsupportedVersion { v: body.v });
+        }
+        if let Some(member) = body.member_newer_than_version() {
+            return Err(ReceiptError::Malformed(format!(
+                "`{member}` is not a member of version {}",
+                body.v
+            )));
         }
         let canonical =
             serde_json::to_vec(&body).map_err(|e| ReceiptError::Encode(e.to_string()))?;
@@ -155,14 +161,44 @@ impl Receipt {
         &self.body
     }
 
-    /// SHA-256 of the compact form: what the next receipt's `prev` names.
+    /// The JWS signing input, `BASE64URL(header) "." BASE64URL(payload)`: the bytes the
+    /// signature covers.
+    pub fn signing_input(&self) -> &str {
+        self.compact
+            .get(..self.signing_input_len)
+            .unwrap_or_default()
+    }
+
+    /// The receipt's hash and chain link: SHA-256 of its JWS signing input. What the next
+    /// receipt's `prev` names (version 2).
+    ///
+    /// Canonical whatever verifies the receipt: header and payload are canonical and
+    /// fixed by the signature, while the signature's own encoding is left out (some JOSE
+    /// libraries accept a last base64url character with non-zero unused bits, so one
+    /// receipt has several compact strings they accept, all with this one hash).
     pub fn hash(&self) -> [u8; 32] {
-        Sha256::digest(self.compact.as_bytes()).into()
+        Sha256::digest(self.signing_input().as_bytes()).into()
     }
 
     /// Lower-case hex of [`Receipt::hash`].
     pub fn hash_hex(&self) -> String {
         hex::encode(self.hash())
+    }
+
+    /// SHA-256 of the compact string: the chain link of format version 1, where a
+    /// version-1 receipt's `prev` names this for its predecessor.
+    pub fn compact_hash(&self) -> [u8; 32] {
+        Sha256::digest(self.compact.as_bytes()).into()
+    }
+
+    /// What a receipt of format version `v` following this one must name in `prev`:
+    /// [`Receipt::compact_hash`] for version 1, [`Receipt::hash`] from version 2 on.
+    pub fn link_for_version(&self, v: u32) -> String {
+        if v <= 1 {
+            hex::encode(self.compact_hash())
+        } else {
+            self.hash_hex()
+        }
     }
 
     /// Verifies the signature with the key whose id is in the JWS header.
@@ -175,9 +211,11 @@ impl Receipt {
         let key = keys
             .get(kid)
             .ok_or_else(|| ReceiptError::UnknownKeyId { kid: kid.clone() })?;
-        let signing_input = &self.compact.as_bytes()[..self.signing_input_len];
         key.verifying
-            .verify_strict(signing_input, &Signature::from_bytes(&self.signature))
+            .verify_strict(
+                self.signing_input().as_bytes(),
+                &Signature::from_bytes(&self.signature),
+            )
             .map_err(|_| ReceiptError::BadSignature {
                 kid: kid.clone(),
                 seq: self.body.seq,
@@ -212,7 +250,7 @@ impl ReceiptSigner {
     /// Signs `body` (its `kid` must equal [`ReceiptSigner::key_id`]).
     ///
     /// The result is exactly what [`Receipt::parse`] would return for its compact form:
-    /// `v` must be [`RECEIPT_VERSION`] and the compact form at most [`MAX_RECEIPT_LEN`].
+    /// `v` must be [`RECEIPT_VERSION`] (older versions are parsed, never written) and the compact form at most [`MAX_RECEIPT_LEN`].
     pub fn sign(&self, body: &ReceiptBody) -> Result<Receipt, ReceiptError> {
         if body.kid != self.key_id() {
             return Err(ReceiptError::SignerKeyMismatch {
@@ -267,7 +305,7 @@ mod tests {
 
     fn body(signer: &ReceiptSigner) -> ReceiptBody {
         ReceiptBody {
-            v: 1,
+            v: 2,
             family: "ab".repeat(32),
             seq: 1,
             slots: vec![SlotClaim {
@@ -358,13 +396,80 @@ mod tests {
     }
 
     #[test]
-    fn hash_is_sha256_of_compact() {
+    fn hash_is_sha256_of_the_signing_input() {
         let s = signer();
         let receipt = s.sign(&body(&s)).unwrap();
-        let expected: [u8; 32] = Sha256::digest(receipt.compact().as_bytes()).into();
+        let (input, _) = receipt.compact().rsplit_once('.').unwrap();
+        assert_eq!(receipt.signing_input(), input);
+        let expected: [u8; 32] = Sha256::digest(input.as_bytes()).into();
         assert_eq!(receipt.hash(), expected);
         assert_eq!(receipt.hash_hex(), hex::encode(expected));
         assert_eq!(receipt.hash_hex().len(), 64);
+        assert_eq!(receipt.link_for_version(2), receipt.hash_hex());
+        let compact: [u8; 32] = Sha256::digest(receipt.compact().as_bytes()).into();
+        assert_eq!(receipt.compact_hash(), compact);
+        assert_eq!(receipt.link_for_version(1), hex::encode(compact));
+    }
+
+    /// Issue 10 item 14: a signature whose last base64url character differs only in its
+    /// unused bits decodes to the same 64 bytes under a lenient decoder (as node `jose`
+    /// and `jwcrypto` do), so a lax verifier accepts it. Till's parser refuses it, and the
+    /// chain link — over the signing input — is the same for both strings, so such a
+    /// variant cannot fork or break a chain for anyone.
+    #[test]
+    fn non_canonical_signature_encoding_is_refused_and_cannot_change_the_link() {
+        use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+        let lax = GeneralPurpose::new(
+            &base64::alphabet::URL_SAFE,
+            GeneralPurposeConfig::new()
+                .with_decode_allow_trailing_bits(true)
+                .with_decode_padding_mode(DecodePaddingMode::RequireNone),
+        );
+        let s = signer();
+        let receipt = s.sign(&body(&s)).unwrap();
+        let (input, sig_b64) = receipt.compact().rsplit_once('.').unwrap();
+        // 64 bytes = 86 characters; the last carries 2 data bits and 4 unused ones.
+        assert_eq!(sig_b64.len(), 86);
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let last = sig_b64.as_bytes()[85];
+        let index = ALPHABET.iter().position(|&c| c == last).unwrap();
+        assert_eq!(index & 0x0f, 0, "canonical: unused bits are zero");
+        let mut variants = 0;
+        for unused in 1..16 {
+            let other = char::from(ALPHABET[index | unused]);
+            let mutated = format!("{input}.{}{other}", &sig_b64[..85]);
+            assert_ne!(mutated, receipt.compact());
+            // A lax verifier decodes the same signature and accepts the receipt ...
+            let sig = lax.decode(&mutated[input.len() + 1..]).unwrap();
+            assert_eq!(sig, receipt.signature.to_vec());
+            s.public_key()
+                .verifying
+                .verify_strict(
+                    input.as_bytes(),
+                    &Signature::from_bytes(&<[u8; 64]>::try_from(sig.as_slice()).unwrap()),
+                )
+                .unwrap();
+            // ... and the compact string's hash differs, but the chain link does not:
+            // it is SHA-256 of the signing input, identical in both strings.
+            let (mutated_input, _) = mutated.rsplit_once('.').unwrap();
+            assert_ne!(
+                hex::encode(Sha256::digest(mutated.as_bytes())),
+                hex::encode(receipt.compact_hash())
+            );
+            assert_eq!(
+                hex::encode(Sha256::digest(mutated_input.as_bytes())),
+                receipt.hash_hex()
+            );
+            // Till's own parser refuses the non-canonical encoding.
+            assert_eq!(
+                Receipt::parse(&mutated),
+                Err(ReceiptError::Base64 {
+                    part: JwsPart::Signature
+                })
+            );
+            variants += 1;
+        }
+        assert_eq!(variants, 15);
     }
 
     #[test]
@@ -376,9 +481,11 @@ mod tests {
             s.sign(&b),
             Err(ReceiptError::SignerKeyMismatch { .. })
         ));
-        let mut b = body(&s);
-        b.v = 2;
-        assert_eq!(s.sign(&b), Err(ReceiptError::UnsupportedVersion { v: 2 }));
+        for v in [0, 1, 3] {
+            let mut b = body(&s);
+            b.v = v;
+            assert_eq!(s.sign(&b), Err(ReceiptError::UnsupportedVersion { v }));
+        }
     }
 
     #[test]
@@ -513,14 +620,30 @@ mod tests {
             (
                 join(
                     &header,
-                    &payload.replacen(r#""v":1"#, r#""v":1,"x":1"#, 1),
+                    &payload.replacen(r#""v":2"#, r#""v":2,"x":1"#, 1),
                     &sig,
                 ),
                 ReceiptError::Malformed(String::new()),
             ),
             (
-                join(&header, &payload.replacen(r#""v":1"#, r#""v":2"#, 1), &sig),
-                ReceiptError::UnsupportedVersion { v: 2 },
+                join(&header, &payload.replacen(r#""v":2"#, r#""v":3"#, 1), &sig),
+                ReceiptError::UnsupportedVersion { v: 3 },
+            ),
+            (
+                join(&header, &payload.replacen(r#""v":2"#, r#""v":0"#, 1), &sig),
+                ReceiptError::UnsupportedVersion { v: 0 },
+            ),
+            (
+                join(
+                    &header,
+                    &payload.replacen(r#""v":2"#, r#""v":1"#, 1).replacen(
+                        r#""model":"gpt-4o-mini""#,
+                        r#""model":"gpt-4o-mini","query":"a=1""#,
+                        1,
+                    ),
+                    &sig,
+                ),
+                ReceiptError::Malformed(String::new()),
             ),
             (
                 join(&header, &format!("{payload}\n"), &sig),
@@ -634,6 +757,16 @@ mod tests {
             receipt.verify(&keys()),
             Err(ReceiptError::BadSignature { .. })
         ));
+    }
+
+    #[test]
+    fn version_1_receipts_still_parse_and_verify() {
+        let s = signer();
+        let (header, payload, _) = split(&s.sign(&body(&s)).unwrap());
+        let v1 = payload.replacen(r#""v":2"#, r#""v":1"#, 1);
+        let receipt = Receipt::parse(&sign_raw(&header, &v1)).unwrap();
+        receipt.verify(&keys()).unwrap();
+        assert_eq!(receipt.body().v, 1);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! Every claim the ledger takes produces one [`Receipt`]: a JWS compact serialization
 //! (RFC 7515) with `alg: EdDSA` (RFC 8037, Ed25519) whose payload is a [`ReceiptBody`]
 //! naming the token family, the slot taken at every level of the presented token ("k of
-//! N"), a digest of the forwarded request, and the hash of the family's previous receipt.
+//! N"), a digest of the forwarded request, and the hash of the family's previous receipt
+//! (SHA-256 of its JWS signing input, which its signature fixes).
 //! The format is normative in `spec/receipt.md`, with test vectors in `spec/vectors/`.
 //!
 //! # Design
@@ -12,7 +13,10 @@
 //! Signing and parsing are pure functions over plain data. The header and payload are
 //! canonical (fixed header bytes, serde_json serialization of the body in field order), and
 //! [`Receipt::parse`] re-serializes both and rejects any difference, so a receipt's bytes
-//! and its decoded body are one-to-one and its [`Receipt::hash`] is a stable chain link.
+//! and its decoded body are one-to-one. The chain link [`Receipt::hash`] is over the JWS
+//! signing input (header and payload), not the compact string: the signature fixes those
+//! bytes, so a lenient verifier that accepts another encoding of the signature still
+//! computes the same link.
 //! Parsing never verifies; [`Receipt::verify`] looks the header's key id up in a
 //! [`ReceiptKeySet`] (unknown id: fail closed) and uses `verify_strict`. [`audit_chain`]
 //! checks a whole family: signatures, a gapless fork-free `seq`/`prev` chain, and unique,
@@ -35,13 +39,13 @@
 //! ```
 //! use till_receipt::{
 //!     audit_chain, Receipt, ReceiptBody, ReceiptKeySet, ReceiptSigner, RequestDigest,
-//!     SlotClaim,
+//!     SlotClaim, RECEIPT_VERSION,
 //! };
 //!
 //! let signer = ReceiptSigner::from_seed([7; 32]);
 //! let family = "ab".repeat(32);
 //! let body = ReceiptBody {
-//!     v: 1,
+//!     v: RECEIPT_VERSION,
 //!     family: family.clone(),
 //!     seq: 1,
 //!     slots: vec![SlotClaim { block: 0, revocation_id: family, slot: 1, cap: Some(100) }],
@@ -83,7 +87,7 @@ mod error;
 mod jws;
 mod key;
 
-pub use body::{ReceiptBody, RequestDigest, SlotClaim, RECEIPT_VERSION};
+pub use body::{ReceiptBody, RequestDigest, SlotClaim, MIN_RECEIPT_VERSION, RECEIPT_VERSION};
 pub use chain::{audit_chain, AuditReport, LevelUsage};
 pub use error::{JwkError, JwsPart, ReceiptError};
 pub use jws::{Receipt, JWS_ALG, JWS_TYP, MAX_RECEIPT_LEN};

@@ -67,7 +67,7 @@ fn body() -> impl Strategy<Value = ReceiptBody> {
     )
         .prop_map(
             |(family, seq, slots, request, iat, proxy, idempotency_key, prev)| ReceiptBody {
-                v: 1,
+                v: 2,
                 family,
                 seq,
                 slots,

@@ -140,7 +140,7 @@ fn chain(signer: &ReceiptSigner) -> Vec<Receipt> {
             })
             .collect();
         let body = ReceiptBody {
-            v: 1,
+            v: 2,
             family: root.clone(),
             seq,
             slots,
@@ -175,6 +175,19 @@ fn sign_raw(seed: &[u8; 32], header: &str, payload: &str) -> String {
     let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
     let sig = key.sign(input.as_bytes()).to_bytes();
     format!("{input}.{}", b64(&sig))
+}
+
+/// The same base64url text with the unused low bits of its last character set (for a
+/// 64-byte value: 86 characters, the last carrying 2 data bits and 4 unused ones).
+fn set_unused_bits(b64url: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let (head, last) = b64url.split_at(b64url.len() - 1);
+    let index = ALPHABET
+        .iter()
+        .position(|&c| c == last.as_bytes()[0])
+        .unwrap();
+    assert_eq!(index & 0x0f, 0);
+    format!("{head}{}", char::from(ALPHABET[index | 0x0f]))
 }
 
 fn invalid_cases(signer: &ReceiptSigner, good: &Receipt) -> Vec<InvalidVector> {
@@ -292,15 +305,36 @@ fn invalid_cases(signer: &ReceiptSigner, good: &Receipt) -> Vec<InvalidVector> {
             "unknown_body_field",
             ours(
                 &header,
-                &payload.replacen(r#""v":1"#, r#""v":1,"admin":true"#, 1),
+                &payload.replacen(r#""v":2"#, r#""v":2,"admin":true"#, 1),
             ),
             "malformed",
             false,
         ),
         case(
-            "version_2",
-            ours(&header, &payload.replacen(r#""v":1"#, r#""v":2"#, 1)),
+            "version_3",
+            ours(&header, &payload.replacen(r#""v":2"#, r#""v":3"#, 1)),
             "unsupported_version",
+            false,
+        ),
+        case(
+            "version_1_with_a_version_2_member",
+            ours(
+                &header,
+                &payload.replacen(r#""v":2"#, r#""v":1"#, 1).replacen(
+                    r#""},"iat":"#,
+                    r#"","query":"a=1"},"iat":"#,
+                    1,
+                ),
+            ),
+            "malformed",
+            false,
+        ),
+        case(
+            // The signature's last character with its 4 unused bits set: the same 64 bytes
+            // to a lenient decoder (so lax JOSE libraries accept it), refused by Till.
+            "signature_unused_bits_set",
+            format!("{}.{}.{}", p[0], p[1], set_unused_bits(p[2])),
+            "base64",
             false,
         ),
         case(
