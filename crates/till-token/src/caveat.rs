@@ -122,6 +122,39 @@ impl Caveats {
         Ok(normalized)
     }
 
+    /// Reads an attenuation block that carries **no** declaration back from its printed
+    /// Datalog (spec/token.md §13): what a stock Biscuit library that cannot set a block's
+    /// context writes. The source must be exactly `block_source(index)` of the caveats read
+    /// from it, byte for byte: the parser only recognises the canonical vocabulary, and the
+    /// comparison refuses everything else (whitespace, reordered alternatives or lines, a
+    /// cap naming another block's index, a set instead of alternatives, ...).
+    ///
+    /// A block with no declaration and no check is refused: it would restrict nothing, and
+    /// Till never writes one either.
+    pub fn from_block_source(source: &str, index: usize) -> Result<Self, String> {
+        if source.is_empty() {
+            return Err("it has no checks: an attenuation must restrict something".into());
+        }
+        let mut c = Caveats::default();
+        for line in source.split_inclusive('\n') {
+            let body = line
+                .strip_prefix("check if ")
+                .and_then(|l| l.strip_suffix(";\n"))
+                .ok_or_else(|| {
+                    format!(
+                        "`{}` is not a Till caveat check",
+                        printable(line.trim_end())
+                    )
+                })?;
+            read_check(body, index, &mut c)?;
+        }
+        let c = c.normalize().map_err(|e| e.to_string())?;
+        if c.block_source(index).map_err(|e| e.to_string())? != source {
+            return Err("its Datalog is not the canonical rendering of Till caveats".into());
+        }
+        Ok(c)
+    }
+
     /// The Datalog checks this block carries, one per line, each ending in `;`. `index` is
     /// the block's position in the token (the cap check names it).
     pub fn block_source(&self, index: usize) -> Result<String, TokenError> {
@@ -160,6 +193,74 @@ impl Caveats {
             ));
         }
         Ok(out)
+    }
+}
+
+/// Reads one `check if` body of the canonical vocabulary into `c`. Loose on purpose where
+/// the byte comparison in [`Caveats::from_block_source`] is strict: it only has to find the
+/// values; each caveat may appear once.
+fn read_check(body: &str, index: usize, c: &mut Caveats) -> Result<(), String> {
+    fn once<T>(slot: &mut Option<T>, what: &str, value: T) -> Result<(), String> {
+        if slot.is_some() {
+            return Err(format!("two {what} checks in one block"));
+        }
+        *slot = Some(value);
+        Ok(())
+    }
+    fn arg<'a>(alt: &'a str, predicate: &str) -> Result<&'a str, String> {
+        alt.strip_prefix(predicate)
+            .and_then(|a| a.strip_prefix("(\""))
+            .and_then(|a| a.strip_suffix("\")"))
+            .filter(|v| !v.contains('"'))
+            .ok_or_else(|| format!("`{}` is not a {predicate} alternative", printable(alt)))
+    }
+    fn list(body: &str, predicate: &str) -> Result<Vec<String>, String> {
+        body.split(" or ")
+            .map(|alt| arg(alt, predicate).map(String::from))
+            .collect()
+    }
+    let unknown = || format!("`{}` is not a Till caveat check", printable(body));
+    if body.starts_with("till_upstream(") {
+        once(
+            &mut c.upstream,
+            "upstream",
+            arg(body, "till_upstream")?.to_string(),
+        )
+    } else if body.starts_with("till_method(") {
+        once(&mut c.methods, "method", list(body, "till_method")?)
+    } else if body.starts_with("till_model(") {
+        once(&mut c.models, "model", list(body, "till_model")?)
+    } else if body.starts_with("till_path(") {
+        let prefixes = body
+            .split(" or ")
+            .map(|alt| {
+                // `till_path($p), $p.starts_with("P")` or `till_path($p), $p == "P" || ...`:
+                // the first quoted value is the prefix; the comparison checks the rest.
+                alt.strip_prefix("till_path($p), $p")
+                    .and_then(|a| a.split('"').nth(1))
+                    .map(String::from)
+                    .ok_or_else(unknown)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        once(&mut c.paths, "path", prefixes)
+    } else if let Some(date) = body.strip_prefix("time($t), $t <= ") {
+        let t = OffsetDateTime::parse(date, &Rfc3339)
+            .map_err(|_| format!("`{}` is not an RFC 3339 date", printable(date)))?;
+        once(&mut c.expires, "expiry", t.unix_timestamp())
+    } else if let Some(rest) = body.strip_prefix("till_activation(") {
+        let (block, cap) = rest.split_once(", $n), $n <= ").ok_or_else(unknown)?;
+        if block != index.to_string() {
+            return Err(format!(
+                "its cap check names block {}, not its own index {index}",
+                printable(block)
+            ));
+        }
+        let cap = cap
+            .parse::<u64>()
+            .map_err(|_| format!("cap `{}` is not a number", printable(cap)))?;
+        once(&mut c.cap, "cap", cap)
+    } else {
+        Err(unknown())
     }
 }
 
@@ -357,6 +458,119 @@ mod tests {
             ..Caveats::default()
         };
         assert!(c.normalize().is_err());
+    }
+
+    fn full() -> Caveats {
+        Caveats {
+            upstream: Some("openai".into()),
+            methods: Some(vec!["GET".into(), "POST".into()]),
+            paths: Some(vec!["/v1/chat".into(), "/v1/embeddings/".into()]),
+            models: Some(vec!["gpt-4o".into(), "gpt-4o-mini".into()]),
+            expires: Some(2_000_000_000),
+            cap: Some(10),
+            label: None,
+        }
+    }
+
+    #[test]
+    fn block_source_reads_back() {
+        let c = full();
+        for index in [1, 2, 15] {
+            let src = c.block_source(index).unwrap();
+            assert_eq!(Caveats::from_block_source(&src, index).unwrap(), c);
+        }
+        let cap = Caveats {
+            cap: Some(0),
+            ..Caveats::default()
+        };
+        let src = "check if till_activation(3, $n), $n <= 0;\n";
+        assert_eq!(Caveats::from_block_source(src, 3).unwrap(), cap);
+        // The highest cap and the latest expiry the grammar allows.
+        let max = Caveats {
+            expires: Some(253_402_300_799),
+            cap: Some(i64::MAX as u64),
+            ..Caveats::default()
+        };
+        let src = max.block_source(1).unwrap();
+        assert_eq!(Caveats::from_block_source(&src, 1).unwrap(), max);
+    }
+
+    #[test]
+    fn block_source_near_misses_are_refused() {
+        let src = full().block_source(1).unwrap();
+        let swap = |a: &str, b: &str| src.replace(a, "\u{0}").replace(b, a).replace('\u{0}', b);
+        let refused = [
+            // Whitespace.
+            src.replace("check if till_method", "check if  till_method"),
+            src.replace(";\n", " ;\n"),
+            src.replace(";\n", ";\r\n"),
+            src.trim_end().to_string(),
+            format!("{src}\n"),
+            format!(" {src}"),
+            src.replace(" or ", "  or "),
+            src.replace("$n <= 10", "$n<=10"),
+            // Reordered alternatives, reordered lines, repeated lines.
+            swap("till_method(\"GET\")", "till_method(\"POST\")"),
+            swap("till_model(\"gpt-4o\")", "till_model(\"gpt-4o-mini\")"),
+            {
+                let mut lines: Vec<&str> = src.split_inclusive('\n').collect();
+                lines.swap(0, 1);
+                lines.concat()
+            },
+            format!("{src}check if till_activation(1, $n), $n <= 10;\n"),
+            // A cap naming another block's index (its own is 1).
+            src.replace("till_activation(1,", "till_activation(0,"),
+            src.replace("till_activation(1,", "till_activation(2,"),
+            src.replace("till_activation(1,", "till_activation(01,"),
+            // Unknown predicates, other checks, facts and rules.
+            format!("{src}check if till_rate(\"x\");\n"),
+            format!("{src}check if true;\n"),
+            src.replace("till_method", "till_methods"),
+            format!("{src}user(\"alice\");\n"),
+            format!("{src}till_activation(1, 1) <- till_upstream($u);\n"),
+            src.replace("check if till_upstream", "check all till_upstream"),
+            src.replace("check if till_upstream", "reject if till_upstream"),
+            src.replace(
+                "check if till_upstream(\"openai\")",
+                "check if till_upstream(\"openai\") trusting previous",
+            ),
+            // Other renderings of the same meaning.
+            src.replace(
+                "till_method(\"GET\") or till_method(\"POST\")",
+                "till_method($m), {\"GET\", \"POST\"}.contains($m)",
+            ),
+            src.replace(
+                "$p == \"/v1/chat\" || $p.starts_with(\"/v1/chat/\")",
+                "$p.starts_with(\"/v1/chat\")",
+            ),
+            src.replace("$p == \"/v1/chat\"", "\"/v1/chat\" == $p"),
+            src.replace("$n <= 10", "$n < 11"),
+            src.replace(
+                "$t <= 2033-05-18T03:33:20Z",
+                "$t <= 2033-05-18T05:33:20+02:00",
+            ),
+            // Values outside the grammar or normalisation.
+            src.replace("\"POST\"", "\"post\""),
+            src.replace(
+                "till_method(\"GET\") or ",
+                "till_method(\"GET\") or till_method(\"GET\") or ",
+            ),
+            src.replace("\"openai\"", "\"OpenAI\""),
+            src.replace("$n <= 10", "$n <= -1"),
+            src.replace("$n <= 10", "$n <= 9223372036854775808"),
+            src.replace("/v1/embeddings/", "/v1/../x/"),
+            // No checks at all.
+            String::new(),
+        ];
+        for bad in refused {
+            assert_ne!(bad, src);
+            assert!(
+                Caveats::from_block_source(&bad, 1).is_err(),
+                "accepted:\n{bad}"
+            );
+        }
+        // The same source is not canonical at another index.
+        assert!(Caveats::from_block_source(&src, 2).is_err());
     }
 
     #[test]

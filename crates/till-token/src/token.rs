@@ -491,7 +491,8 @@ fn check_family_upstream<'a>(
     Ok(())
 }
 
-/// Checks that block `index` is exactly the canonical rendering of its declaration.
+/// Checks that block `index` is exactly the canonical rendering of its declaration, or, for
+/// an attenuation block without one, of the caveats read back from its Datalog.
 fn canonical_caveats(
     index: usize,
     context: Option<&str>,
@@ -501,8 +502,21 @@ fn canonical_caveats(
         block: index,
         reason,
     };
-    let context = context.ok_or_else(|| not_canonical("no Till caveat declaration".into()))?;
-    let caveats = Caveats::from_context(context).map_err(not_canonical)?;
+    let source = source.map_err(|e| not_canonical(e.to_string()))?;
+    let caveats = match context {
+        Some(context) => Caveats::from_context(context).map_err(not_canonical)?,
+        // The authority block is minted by Till and always carries its declaration.
+        None if index == 0 => {
+            return Err(not_canonical("no Till caveat declaration".into()));
+        }
+        // An attenuation block written by a Biscuit library that cannot set a context: its
+        // Datalog alone must be the canonical rendering of Till caveats (§13).
+        None => {
+            return Caveats::from_block_source(&source, index).map_err(|reason| {
+                not_canonical(format!("no Till caveat declaration, and {reason}"))
+            })
+        }
+    };
     if index == 0 && caveats.upstream.is_none() {
         return Err(not_canonical(
             "the authority block must name an upstream".into(),
@@ -513,7 +527,6 @@ fn canonical_caveats(
             "only the authority block may carry a label".into(),
         ));
     }
-    let source = source.map_err(|e| not_canonical(e.to_string()))?;
     let expected = caveats.block_source(index)?;
     if source != expected {
         return Err(not_canonical(

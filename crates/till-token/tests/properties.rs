@@ -6,8 +6,8 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use till_token::{
-    inspect, mint, verify, AuthorizeError, Caveats, EffectiveScope, Limits, RequestFacts, Token,
-    VerifiedToken,
+    attenuate_str, inspect, mint, verify, AuthorizeError, Caveats, EffectiveScope, Limits,
+    RequestFacts, Token, VerifiedToken,
 };
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE"];
@@ -286,6 +286,84 @@ proptest! {
             EffectiveScope::of(v.blocks().iter().map(|b| &b.caveats)),
             v.scope().clone()
         );
+    }
+
+    /// An attenuation block without a declaration (what a stock Biscuit library writes,
+    /// spec/token.md §13) reads back from its Datalog as exactly the caveats it renders,
+    /// for every caveat combination; at another index, a cap check is refused.
+    #[test]
+    fn undeclared_block_source_round_trips(c in caveats(), index in 1usize..16, other in 0usize..16) {
+        let c = c.normalize().unwrap();
+        let src = c.block_source(index).unwrap();
+        match Caveats::from_block_source(&src, index) {
+            Ok(read) => prop_assert_eq!(&read, &c),
+            Err(e) => prop_assert!(c.is_empty(), "{c:?} at {index}: {e}"),
+        }
+        if other != index && c.cap.is_some() {
+            prop_assert!(Caveats::from_block_source(&src, other).is_err());
+        }
+    }
+
+    /// The same over random values of every grammar (paths, models, methods, dates, caps).
+    #[test]
+    fn undeclared_block_source_round_trips_any_value(
+        paths in prop::option::of(prop::collection::vec("/[a-zA-Z0-9._~!$&'()*+,;=:@-]{1,10}(/[a-z0-9._~!$&'()*+,;=:@-]{1,6}){0,3}/?", 1..4)),
+        models in prop::option::of(prop::collection::vec("[A-Za-z0-9._:/@+-]{1,24}", 1..4)),
+        methods in prop::option::of(prop::collection::vec("[a-zA-Z]{1,16}", 1..4)),
+        upstream in prop::option::of("[a-z][a-z0-9_-]{0,20}"),
+        expires in prop::option::of(0i64..253_402_300_799),
+        cap in prop::option::of(0u64..=(i64::MAX as u64)),
+        index in 1usize..16,
+    ) {
+        let c = Caveats { upstream, methods, paths, models, expires, cap, label: None };
+        let Ok(c) = c.normalize() else { return Ok(()); };
+        prop_assume!(!c.is_empty());
+        let src = c.block_source(index).unwrap();
+        prop_assert_eq!(Caveats::from_block_source(&src, index).unwrap(), c);
+    }
+
+    /// A key whose attenuation blocks carry no declaration (some or all of them, written
+    /// with Biscuit's own block builder and no context) verifies to the same blocks, scope
+    /// and decisions as the key with declarations, and can be attenuated further.
+    #[test]
+    fn undeclared_blocks_verify_like_declared(
+        (authority, rest) in chain(),
+        declared in prop::collection::vec(any::<bool>(), 5),
+        reqs in prop::collection::vec(request(), 1..8),
+        counts in prop::collection::vec(1u64..8, 6),
+    ) {
+        let limits = Limits::default();
+        let with = build(&authority, &rest);
+        let with = with.last().unwrap();
+        let mut b = det_mint(ROOT_SEED, &authority, &next_keypair(1, 0));
+        for (i, c) in rest.iter().enumerate() {
+            let c = c.clone().normalize().unwrap();
+            let index = i + 1;
+            let context = declared[i].then(|| c.context().unwrap());
+            b = det_raw_append(&b, &c.block_source(index).unwrap(), context, &next_keypair(1, index as u8));
+        }
+        let s = key_string(&b);
+        let without = verify(&s, &ring(), &limits).unwrap();
+        let caveats = |v: &VerifiedToken| v.blocks().iter().map(|b| b.caveats.clone()).collect::<Vec<_>>();
+        prop_assert_eq!(caveats(&without), caveats(with));
+        prop_assert_eq!(without.scope(), with.scope());
+        let i = inspect(&s, None, &limits).unwrap();
+        prop_assert_eq!(&i.blocks, &without.blocks().to_vec());
+        let n = without.blocks().len();
+        for req in &reqs {
+            for c in [None, Some(&counts[..n])] {
+                let a = with.authorize(&req.facts(), c, &limits).map_err(|e| e.to_string());
+                let b = without.authorize(&req.facts(), c, &limits).map_err(|e| e.to_string());
+                prop_assert_eq!(a, b);
+            }
+            let d = without.authorize_datalog_only(&req.facts(), &counts[..n], &limits).is_ok();
+            prop_assert_eq!(d, without.authorize(&req.facts(), Some(&counts[..n]), &limits).is_ok());
+        }
+        if n < 16 {
+            let (more, _) = attenuate_str(&s, Caveats { cap: Some(1), ..Caveats::default() }, &limits).unwrap();
+            let v = verify(&more, &ring(), &limits).unwrap();
+            prop_assert_eq!(v.scope().cap, Some(with.scope().cap.map_or(1, |c| c.min(1))));
+        }
     }
 
     /// Flipping any bits of any byte of a key makes it fail verification.

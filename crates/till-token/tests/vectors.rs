@@ -8,8 +8,10 @@
 
 mod common;
 
+use biscuit_auth::format::schema;
 use biscuit_auth::{Biscuit, UnverifiedBiscuit};
 use common::*;
+use prost::Message as _;
 use serde_json::{json, Value};
 use till_token::{
     inspect, key_digest, mint, verify, AuthorizeError, Caveats, KeyRing, Limits, RequestFacts,
@@ -68,6 +70,8 @@ impl Req {
 struct ValidCase {
     name: &'static str,
     description: &'static str,
+    /// Indices of attenuation blocks written without a declaration (spec/token.md §13).
+    undeclared: &'static [usize],
     chain: Vec<Caveats>,
     requests: Vec<Req>,
 }
@@ -89,6 +93,7 @@ fn valid_cases() -> Vec<ValidCase> {
         ValidCase {
             name: "minimal",
             description: "Authority block naming only the upstream: no other restriction, no cap.",
+            undeclared: &[],
             chain: vec![upstream("openai")],
             requests: vec![
                 req("GET", "/v1/models", None),
@@ -99,6 +104,7 @@ fn valid_cases() -> Vec<ValidCase> {
         ValidCase {
             name: "authority-full",
             description: "Every caveat in the authority block. Lists given unsorted and in lower case are stored sorted, deduplicated, methods upper-cased.",
+            undeclared: &[],
             chain: vec![full_authority()],
             requests: vec![
                 req("POST", "/v1/chat/completions", Some("gpt-4o-mini")),
@@ -120,6 +126,7 @@ fn valid_cases() -> Vec<ValidCase> {
         ValidCase {
             name: "chain-3",
             description: "authority-full, then {cap 5, methods POST}, then {paths /v1/chat/completions, models gpt-4o-mini, expires 1900000000, cap 2}. counts[i] is block i's count after the claim.",
+            undeclared: &[],
             chain: vec![
                 full_authority(),
                 Caveats {
@@ -150,6 +157,7 @@ fn valid_cases() -> Vec<ValidCase> {
         ValidCase {
             name: "symbol-order",
             description: "List values that Biscuit's default symbol table or an earlier block already interned (\"admin\", \"POST\"). Lists are rendered as alternatives, never as Datalog sets, whose printed order would follow symbol indices. The child asks for more than its parent allows: warnings, and the parent still refuses.",
+            undeclared: &[],
             chain: vec![
                 Caveats {
                     upstream: Some("openai".into()),
@@ -173,6 +181,7 @@ fn valid_cases() -> Vec<ValidCase> {
         ValidCase {
             name: "cap-zero",
             description: "Cap 0: every request is refused, already by the scope-only check (counts = 1).",
+            undeclared: &[],
             chain: vec![Caveats {
                 upstream: Some("github".into()),
                 paths: strings(&["/"]),
@@ -184,6 +193,7 @@ fn valid_cases() -> Vec<ValidCase> {
         ValidCase {
             name: "paths-narrowed",
             description: "A prefix ending in / covers what is below it only; the child narrows to /v1/messages (segment-aware) and asks for /v2, which stays refused (warning).",
+            undeclared: &[],
             chain: vec![
                 Caveats {
                     upstream: Some("anthropic".into()),
@@ -211,16 +221,79 @@ fn valid_cases() -> Vec<ValidCase> {
                     .counts(&[101, 1]),
             ],
         },
+        ValidCase {
+            name: "undeclared-blocks",
+            description: "Blocks 1 and 2 carry no declaration, as a Biscuit library that cannot set a block's context writes them (spec/token.md §13): each one's Datalog is exactly the canonical rendering of the caveats read back from it, covering every caveat line. Block 3 is an ordinary Till attenuation on top.",
+            undeclared: &[1, 2],
+            chain: vec![
+                Caveats {
+                    upstream: Some("openai".into()),
+                    paths: strings(&["/v1"]),
+                    cap: Some(10),
+                    ..Caveats::default()
+                },
+                Caveats {
+                    paths: strings(&["/v1/chat"]),
+                    cap: Some(3),
+                    ..Caveats::default()
+                },
+                Caveats {
+                    upstream: Some("openai".into()),
+                    methods: strings(&["POST", "GET"]),
+                    paths: strings(&["/v1/chat/", "/v1/chat/completions"]),
+                    models: strings(&["gpt-4o-mini", "gpt-4o"]),
+                    expires: Some(1_900_000_000),
+                    cap: Some(2),
+                    label: None,
+                },
+                Caveats {
+                    cap: Some(1),
+                    ..Caveats::default()
+                },
+            ],
+            requests: vec![
+                req("POST", "/v1/chat/completions", Some("gpt-4o")),
+                req("POST", "/v1/chat/completions", Some("gpt-4o")).counts(&[5, 3, 2, 1]),
+                req("POST", "/v1/chat/completions", Some("gpt-4o")).counts(&[5, 4, 2, 1]),
+                req("POST", "/v1/chat/completions", Some("gpt-4o")).counts(&[5, 3, 3, 1]),
+                req("POST", "/v1/chat/completions", Some("gpt-4o")).counts(&[5, 3, 2, 2]),
+                req("POST", "/v1/models", Some("gpt-4o")),
+                req("POST", "/v1/chat", Some("gpt-4o")),
+                req("POST", "/v1/chat/x", Some("gpt-4o")),
+                req("DELETE", "/v1/chat/completions", Some("gpt-4o")),
+                req("POST", "/v1/chat/completions", Some("o1")),
+                req("POST", "/v1/chat/completions", Some("gpt-4o")).at(1_900_000_001),
+            ],
+        },
     ]
 }
 
 /// Builds a vector chain deterministically; vector number `v` picks the next-key seeds.
-fn build_chain(v: u8, chain: &[Caveats]) -> Biscuit {
+/// Blocks listed in `undeclared` are appended with their canonical Datalog and no context.
+fn build_chain(v: u8, chain: &[Caveats], undeclared: &[usize]) -> Biscuit {
     let mut b = det_mint(ROOT_SEED, &chain[0], &next_keypair(v, 0));
     for (i, c) in chain.iter().enumerate().skip(1) {
-        b = det_attenuate(&b, c, &next_keypair(v, i as u8));
+        b = if undeclared.contains(&i) {
+            let c = c.clone().normalize().unwrap();
+            det_raw_append(
+                &b,
+                &c.block_source(i).unwrap(),
+                None,
+                &next_keypair(v, i as u8),
+            )
+        } else {
+            det_attenuate(&b, c, &next_keypair(v, i as u8))
+        };
     }
     b
+}
+
+/// The context each block of a key actually carries (`None`: no declaration).
+fn block_contexts(key: &str) -> Vec<Option<String>> {
+    block_payloads(key)
+        .iter()
+        .map(|p| schema::Block::decode(p.as_slice()).unwrap().context)
+        .collect()
 }
 
 fn outcome(r: Result<(), AuthorizeError>) -> Value {
@@ -238,16 +311,17 @@ fn outcome(r: Result<(), AuthorizeError>) -> Value {
 
 fn valid_vector(v: u8, case: &ValidCase) -> Value {
     let limits = Limits::default();
-    let biscuit = build_chain(v, &case.chain);
+    let biscuit = build_chain(v, &case.chain, case.undeclared);
     let key = key_string(&biscuit);
     let verified = verify(&key, &ring(), &limits).unwrap();
+    let contexts = block_contexts(&key);
     let blocks: Vec<Value> = verified
         .blocks()
         .iter()
         .map(|b| {
             json!({
                 "index": b.index,
-                "context": b.caveats.context().unwrap(),
+                "context": contexts[b.index],
                 "datalog": biscuit.print_block_source(b.index).unwrap(),
                 "revocation_id": hex::encode(&b.revocation_id),
             })
@@ -303,7 +377,7 @@ fn invalid_keys() -> Vec<(&'static str, &'static str, String)> {
     let open = upstream("openai");
     let open_ctx = open.clone().normalize().unwrap().context().unwrap();
     let open_src = open.block_source(0).unwrap();
-    let chain3 = key_string(&build_chain(3, &valid_cases()[2].chain));
+    let chain3 = key_string(&build_chain(3, &valid_cases()[2].chain, &[]));
     let nk = |i: u8| next_keypair(100, i);
     let mut out = Vec::new();
 
@@ -491,13 +565,8 @@ fn invalid_keys() -> Vec<(&'static str, &'static str, String)> {
 
     out.push((
         "no-declaration",
-        "A child block with checks but no context.",
-        key_string(&det_raw_append(
-            &parent,
-            &cap5.block_source(1).unwrap(),
-            None,
-            &nk(11),
-        )),
+        "An authority block with canonical checks but no context: the authority block is minted by Till and must carry its declaration (a later block may omit it, §13).",
+        key_string(&det_raw_mint(ROOT_SEED, &open_src, None, &nk(11))),
     ));
 
     out.push((
@@ -567,6 +636,78 @@ fn invalid_keys() -> Vec<(&'static str, &'static str, String)> {
         "An authority block that names no upstream.",
         key_string(&det_mint(ROOT_SEED, &cap5, &nk(18))),
     ));
+
+    // Attenuation blocks without a declaration (§13) whose Datalog is not exactly the
+    // canonical rendering of the caveats it expresses.
+    let undeclared: [(&str, &str, &str); 12] = [
+        (
+            "undeclared-reordered-alternatives",
+            "No declaration; methods not in sorted order.",
+            "check if till_method(\"POST\") or till_method(\"GET\");",
+        ),
+        (
+            "undeclared-reordered-lines",
+            "No declaration; the cap line before the path line.",
+            "check if till_activation(1, $n), $n <= 5; check if till_path($p), $p == \"/v1\" || $p.starts_with(\"/v1/\");",
+        ),
+        (
+            "undeclared-cap-names-other-block",
+            "No declaration; block 1's cap check names block 0's count.",
+            "check if till_activation(0, $n), $n <= 5;",
+        ),
+        (
+            "undeclared-unknown-predicate",
+            "No declaration; a check on a predicate outside Till's vocabulary.",
+            "check if till_rate(5);",
+        ),
+        (
+            "undeclared-fact",
+            "No declaration; a canonical cap check plus a fact faking the block's count.",
+            "check if till_activation(1, $n), $n <= 5; till_activation(1, 0);",
+        ),
+        (
+            "undeclared-rule",
+            "No declaration; a canonical cap check plus a rule.",
+            "check if till_activation(1, $n), $n <= 5; till_activation(1, 0) <- till_upstream($u);",
+        ),
+        (
+            "undeclared-set-rendering",
+            "No declaration; methods as a Datalog set.",
+            "check if till_method($m), {\"GET\", \"POST\"}.contains($m);",
+        ),
+        (
+            "undeclared-equivalent-comparison",
+            "No declaration; `$n < 6` means the same as the canonical `$n <= 5` but is not it.",
+            "check if till_activation(1, $n), $n < 6;",
+        ),
+        (
+            "undeclared-path-form",
+            "No declaration; a plain starts_with for a prefix not ending in / (not segment-aware).",
+            "check if till_path($p), $p.starts_with(\"/v1\");",
+        ),
+        (
+            "undeclared-check-all",
+            "No declaration; `check all` instead of `check if`.",
+            "check all till_activation(1, $n), $n <= 5;",
+        ),
+        (
+            "undeclared-other-upstream",
+            "No declaration; a canonical upstream line naming another upstream than the family's.",
+            "check if till_upstream(\"anthropic\");",
+        ),
+        (
+            "undeclared-empty",
+            "No declaration and no checks: restricts nothing.",
+            "",
+        ),
+    ];
+    for (i, (name, description, source)) in undeclared.into_iter().enumerate() {
+        out.push((
+            name,
+            description,
+            key_string(&det_raw_append(&parent, source, None, &nk(41 + i as u8))),
+        ));
+    }
 
     let mut many = det_mint(
         ROOT_SEED,
@@ -719,7 +860,11 @@ fn committed_vectors_hold() {
         assert_eq!(blocks.len(), verified.blocks().len(), "{name}");
         for (b, info) in blocks.iter().zip(verified.blocks()) {
             let i = b["index"].as_u64().unwrap() as usize;
-            let caveats = Caveats::from_context(b["context"].as_str().unwrap()).unwrap();
+            // A block carries its declaration, or (§13) is read back from its Datalog.
+            let caveats = match b["context"].as_str() {
+                Some(context) => Caveats::from_context(context).unwrap(),
+                None => Caveats::from_block_source(b["datalog"].as_str().unwrap(), i).unwrap(),
+            };
             // The committed Datalog is the rendering of the committed declaration...
             assert_eq!(
                 caveats.block_source(i).unwrap(),
@@ -808,6 +953,18 @@ fn negative_vectors_have_the_documented_codes() {
         ("third-party-block", "key_not_canonical"),
         ("upstream-conflict", "key_not_canonical"),
         ("authority-without-upstream", "key_not_canonical"),
+        ("undeclared-reordered-alternatives", "key_not_canonical"),
+        ("undeclared-reordered-lines", "key_not_canonical"),
+        ("undeclared-cap-names-other-block", "key_not_canonical"),
+        ("undeclared-unknown-predicate", "key_not_canonical"),
+        ("undeclared-fact", "key_not_canonical"),
+        ("undeclared-rule", "key_not_canonical"),
+        ("undeclared-set-rendering", "key_not_canonical"),
+        ("undeclared-equivalent-comparison", "key_not_canonical"),
+        ("undeclared-path-form", "key_not_canonical"),
+        ("undeclared-check-all", "key_not_canonical"),
+        ("undeclared-other-upstream", "key_not_canonical"),
+        ("undeclared-empty", "key_not_canonical"),
         ("too-many-blocks", "key_too_many_blocks"),
         ("too-large", "key_too_large"),
     ];
@@ -829,23 +986,31 @@ fn negative_vectors_have_the_documented_codes() {
     }
 }
 
-/// `mint` and `attenuate` (random next keys) write exactly the vectors' block payloads.
+/// `mint` and `attenuate` (random next keys) write exactly the vectors' block payloads; an
+/// undeclared block (§13) is exactly the block `attenuate` writes, minus its context.
 #[test]
 fn mint_and_attenuate_write_the_vector_blocks() {
     for (i, case) in valid_cases().iter().enumerate() {
-        let vector = key_string(&build_chain(i as u8 + 1, &case.chain));
+        let vector = key_string(&build_chain(i as u8 + 1, &case.chain, case.undeclared));
         let mut token: Token = mint(&root(), case.chain[0].clone()).unwrap();
         for c in &case.chain[1..] {
             token = token.attenuate(c.clone()).unwrap().0;
         }
         let real = token.to_key_string().unwrap();
         assert_ne!(real, vector, "next keys are random");
-        assert_eq!(
-            block_payloads(&real),
-            block_payloads(&vector),
-            "{}",
-            case.name
-        );
+        let real_payloads: Vec<Vec<u8>> = block_payloads(&real)
+            .into_iter()
+            .enumerate()
+            .map(|(b, p)| {
+                if !case.undeclared.contains(&b) {
+                    return p;
+                }
+                let mut block = schema::Block::decode(p.as_slice()).unwrap();
+                assert!(block.context.take().is_some());
+                block.encode_to_vec()
+            })
+            .collect();
+        assert_eq!(real_payloads, block_payloads(&vector), "{}", case.name);
         let again = verify(&real, &ring(), &Limits::default()).unwrap();
         assert_eq!(again.root_key_id(), root().id());
     }
