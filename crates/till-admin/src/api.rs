@@ -180,7 +180,7 @@ struct MintedKey {
     inspect: serde_json::Value,
 }
 
-fn to_meta(c: &Caveats) -> BlockMeta {
+pub(crate) fn to_meta(c: &Caveats) -> BlockMeta {
     BlockMeta {
         label: c.label.clone(),
         upstream: c.upstream.clone(),
@@ -192,7 +192,7 @@ fn to_meta(c: &Caveats) -> BlockMeta {
     }
 }
 
-fn key_blocks(token: &VerifiedToken) -> KeyBlocks {
+pub(crate) fn key_blocks(token: &VerifiedToken) -> KeyBlocks {
     KeyBlocks {
         blocks: token
             .blocks()
@@ -202,7 +202,7 @@ fn key_blocks(token: &VerifiedToken) -> KeyBlocks {
     }
 }
 
-fn verify_key(state: &AdminState, key: &str) -> Result<VerifiedToken, AdminError> {
+pub(crate) fn verify_key(state: &AdminState, key: &str) -> Result<VerifiedToken, AdminError> {
     till_token::verify(key, &state.keys, &state.limits).map_err(AdminError::BadKey)
 }
 
@@ -483,7 +483,7 @@ pub(crate) fn family_id(text: &str) -> Result<Vec<u8>, AdminError> {
         })
 }
 
-fn receipt_json(r: &Receipt) -> serde_json::Value {
+pub(crate) fn receipt_json(r: &Receipt) -> serde_json::Value {
     json!({ "seq": r.body().seq, "receipt": r.compact(), "hash": r.hash_hex(), "body": r.body() })
 }
 
