@@ -305,6 +305,25 @@ fn revoke_usage_audit_watch_while_serving() {
     let audit: Value = serde_json::from_str(&ok(&dir, &["audit", &key, "--json"])).unwrap();
     assert_eq!(audit["clean"], true, "{audit}");
     assert_eq!(audit["report"]["receipts"], 3);
+    // `till receipt list` through the running server: 3 receipts in seq order.
+    let listed = ok(&dir, &["receipt", "list", &key, "--json"]);
+    let seqs: Vec<u64> = listed
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, [1, 2, 3], "{listed}");
+    let page = ok(
+        &dir,
+        &[
+            "receipt", "list", &key, "--after", "1", "--limit", "1", "--json",
+        ],
+    );
+    assert_eq!(page.lines().count(), 1);
+    assert!(page.contains("\"seq\":2"), "{page}");
     // Revoking again is idempotent.
     assert_eq!(run(&dir, &["revoke", &sub1]).0, 0);
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
-use till_ledger::{EmbeddedConfig, EmbeddedLedger, Ledger, LedgerError, Level, LevelUsage};
+use till_ledger::{EmbeddedConfig, Ledger, LedgerError, Level, LevelUsage};
 use till_receipt::{audit_chain, Receipt, ReceiptKeySet};
 use till_token::{inspect, BlockInfo, Limits, SignatureStatus};
 
@@ -97,6 +97,22 @@ pub enum ReceiptCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List a key family's receipts from the ledger (or the running server), in seq order.
+    List {
+        /// Any key of the family, or `-`.
+        token: String,
+        /// Only receipts with seq greater than this.
+        #[arg(long, default_value_t = 0, value_name = "SEQ")]
+        after: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        limit: usize,
+        /// One JSON object per line (`seq`, `hash`, `receipt`, `body`).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        ledger: LedgerArgs,
+    },
 }
 
 /// Opens the ledger named by `args` (inside a Tokio runtime: the FoundationDB backend
@@ -113,7 +129,7 @@ pub async fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Led
     {
         ("embedded", None) => {
             let config = EmbeddedConfig::new(signer, "till-cli");
-            match EmbeddedLedger::open(dir.ledger_path(), config) {
+            match crate::cli::ledger_check::open_embedded(dir, config, true) {
                 Ok(ledger) => Ok(Arc::new(ledger)),
                 // A running `till serve` holds the file: use its admin API.
                 Err(LedgerError::Locked { .. }) => match crate::admin::read_discovery(dir) {
@@ -308,11 +324,20 @@ fn receipt_keys(dir: &DataDir, files: &[PathBuf]) -> Result<ReceiptKeySet> {
 
 /// `till receipt`.
 pub fn receipt(dir: &DataDir, cmd: ReceiptCommand) -> Result<ExitCode> {
-    let ReceiptCommand::Verify {
-        receipt,
-        public_keys,
-        json,
-    } = cmd;
+    let (receipt, public_keys, json) = match cmd {
+        ReceiptCommand::Verify {
+            receipt,
+            public_keys,
+            json,
+        } => (receipt, public_keys, json),
+        ReceiptCommand::List {
+            token,
+            after,
+            limit,
+            json,
+            ledger,
+        } => return receipt_list(dir, &token, after, limit, json, &ledger),
+    };
     let compact = arg_or_stdin(&receipt)?;
     let keys = receipt_keys(dir, &public_keys)?;
     let receipt = Receipt::parse(&compact).map_err(Failure::invalid)?;
@@ -335,6 +360,51 @@ pub fn receipt(dir: &DataDir, cmd: ReceiptCommand) -> Result<ExitCode> {
         );
         println!("proxy:   {}", b.proxy);
         println!("hash:    {}", receipt.hash_hex());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `till receipt list`.
+fn receipt_list(
+    dir: &DataDir,
+    token: &str,
+    after: u64,
+    limit: usize,
+    json: bool,
+    args: &LedgerArgs,
+) -> Result<ExitCode> {
+    if limit == 0 {
+        bail!(Failure::usage("--limit must be at least 1"));
+    }
+    let blocks = key_blocks(dir, token)?;
+    let rt = runtime()?;
+    let ledger = rt.block_on(open_ledger(dir, args))?;
+    let family = blocks[0].revocation_id.clone();
+    let list = rt.block_on(ledger.receipts(&family, after.saturating_add(1), limit))?;
+    for r in &list {
+        let b = r.body();
+        if json {
+            let line =
+                json!({ "seq": b.seq, "hash": r.hash_hex(), "receipt": r.compact(), "body": b });
+            println!("{line}");
+        } else {
+            let slot = b.slots.last().map_or(0, |s| s.slot);
+            println!(
+                "{:>6}  {}  slot {:>6}  {} {}{}  {}",
+                b.seq,
+                time::OffsetDateTime::from_unix_timestamp(i64::try_from(b.iat).unwrap_or(0))
+                    .ok()
+                    .and_then(|t| t
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .ok())
+                    .unwrap_or_default(),
+                slot,
+                b.request.method,
+                b.request.upstream,
+                b.request.path,
+                b.proxy
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
