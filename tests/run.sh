@@ -48,6 +48,16 @@ ADMIN_URL="$("$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.ar
 kill "$ST_PID" 2>/dev/null || true
 trap - EXIT
 
+say "dashboard in a real browser (headless chromium over WebDriver; screenshots in target/ui-screenshots/)"
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  say "installing chromium chromium-driver (Debian)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/ui/requirements.txt
+TILL_BIN="${CARGO_TARGET_DIR:-target}/debug/till" "$VENV/bin/python" -m pytest tests/ui -q -p no:cacheprovider
+
 say "receipt test vectors verified by a stock JOSE library (Python)"
 "$VENV/bin/python" spec/interop/verify_receipt.py spec/vectors/receipts.json
 
