@@ -61,6 +61,19 @@ TILL_BIN="${CARGO_TARGET_DIR:-target}/debug/till" "$VENV/bin/python" -m pytest t
 say "receipt test vectors verified by a stock JOSE library (Python)"
 "$VENV/bin/python" spec/interop/verify_receipt.py spec/vectors/receipts.json
 
+say "attenuating Till keys from other languages against a live till serve (biscuit-python; biscuit-wasm from Node)"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r spec/interop/requirements-token.txt
+cargo build --locked -p till-cli
+if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+  (cd tests/interop && npm ci --silent --no-audit --no-fund)
+  export TILL_INTEROP_REQUIRE_NODE=1
+else
+  echo
+  echo "SKIPPED: @biscuit-auth/biscuit-wasm interop (needs node and npm)"
+fi
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/interop
+unset TILL_INTEROP_REQUIRE_NODE
+
 if [ -n "${TILL_FDB_CLUSTER_FILE:-}" ]; then
   say "FoundationDB conformance + fleet tests against $TILL_FDB_CLUSTER_FILE"
   cargo test --locked -p till-ledger-fdb

@@ -3,7 +3,9 @@
 //!
 //! A block is *canonical* when its Datalog is exactly what [`Caveats::block_source`]
 //! generates from the JSON declaration in the block's context. Till refuses any other
-//! block, so the readable declaration and the enforced checks can never disagree.
+//! block, so the readable declaration and the enforced checks can never disagree. An
+//! attenuation block without a context is read back from its Datalog instead
+//! ([`Caveats::from_block_source`]) and must render to exactly that Datalog.
 
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;

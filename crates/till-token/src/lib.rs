@@ -2,7 +2,9 @@
 //!
 //! A Till key is a [Biscuit](https://www.biscuitsec.org/) whose every block is a
 //! *canonical caveat block*: a JSON declaration of its caveats in the block context and
-//! exactly the Datalog checks generated from it. The owner [`mint`]s a key with the root
+//! exactly the Datalog checks generated from it (an attenuation block written by a stock
+//! Biscuit library that cannot set a context may omit the declaration when its Datalog
+//! alone is canonical: [`Caveats::from_block_source`]). The owner [`mint`]s a key with the root
 //! key (stateless: a signature); any holder [`Token::attenuate`]s it offline by appending
 //! a block, which can only narrow. A verifier needs only root public keys ([`KeyRing`],
 //! rotation by root key id) to [`verify`] a key and [`VerifiedToken::authorize`] a request.
