@@ -16,7 +16,7 @@ use till_admin::dashboard::{
 };
 use till_ledger::family::{Activity, BlockRecord, BlockView};
 use till_ledger::{BlockMeta, FamilyDetail, FamilyView, Receipt};
-use till_receipt::{ReceiptBody, ReceiptSigner};
+use till_receipt::{ReceiptBody, ReceiptSigner, RECEIPT_VERSION};
 
 const NOW: u64 = 1_790_000_000;
 const FAMILIES: usize = 1_000;
@@ -110,7 +110,7 @@ fn receipts() -> Vec<Receipt> {
         let prev = out.last().map(Receipt::hash_hex);
         // Through JSON, so the bench keeps building if the body gains optional fields.
         let body: ReceiptBody = serde_json::from_value(json!({
-            "v": 1, "family": family, "seq": seq,
+            "v": RECEIPT_VERSION, "family": family, "seq": seq,
             "slots": [
                 { "block": 0, "revocation_id": family, "slot": seq, "cap": RECEIPTS + 5_000 },
                 { "block": 1, "revocation_id": hex_id(100 + seq % 9), "slot": seq / 9 + 1, "cap": 2_000 }
