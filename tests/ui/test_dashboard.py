@@ -23,6 +23,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -192,16 +193,33 @@ def wait_live(driver):
     WebDriverWait(driver, WAIT).until(lambda d: d.find_element(By.ID, "live-status").text == "live")
 
 
-def row_of(driver, label):
-    rows = [r for r in driver.find_elements(By.CSS_SELECTOR, "table.families tbody tr") if label in r.text]
-    assert len(rows) == 1, f"{label} in {[r.text for r in rows]}"
-    return rows[0]
+def wait(driver, condition):
+    """Waits for `condition(driver)`; live updates replace elements under our feet, so a
+    stale element just means "look again"."""
+    return WebDriverWait(driver, WAIT, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+
+
+def text_of(driver, css):
+    """The text of an element, read in one script call (atomic against live swaps)."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;", css)
+
+
+def family_row(driver, label):
+    """The overview row of `label`: its text and its bar's label and class, read atomically."""
+    return driver.execute_script("""
+        const rows = [...document.querySelectorAll('table.families tbody tr')]
+            .filter(tr => tr.innerText.includes(arguments[0]));
+        if (rows.length !== 1) return null;
+        const bar = rows[0].querySelector('svg.bar');
+        return {text: rows[0].innerText, bar: [bar.getAttribute('aria-label'), bar.getAttribute('class')]};
+    """, label)
 
 
 def bar_state(driver, label):
-    row = row_of(driver, label)
-    svg = row.find_element(By.CSS_SELECTOR, "svg.bar")
-    return svg.get_attribute("aria-label"), svg.get_attribute("class")
+    row = family_row(driver, label)
+    assert row is not None, f"no single row for {label}"
+    return tuple(row["bar"])
 
 
 def test_sign_in_and_watch_a_family_fill_up_live(till, browser):
@@ -217,14 +235,13 @@ def test_sign_in_and_watch_a_family_fill_up_live(till, browser):
 
     for _ in range(3):
         assert till.call(key)[0] == 200
-    WebDriverWait(browser, WAIT).until(lambda d: bar_state(d, "ui-live")[0] == "4 of 5 used (80 %)")
-    assert bar_state(browser, "ui-live")[1] == "bar warn"
+    wait(browser, lambda d: bar_state(d, "ui-live") == ("4 of 5 used (80 %)", "bar warn"))
     assert till.call(key)[0] == 200
-    WebDriverWait(browser, WAIT).until(lambda d: bar_state(d, "ui-live")[1] == "bar full")
-    assert "cap reached" in row_of(browser, "ui-live").text
+    wait(browser, lambda d: bar_state(d, "ui-live") == ("5 of 5 used (100 %)", "bar full"))
+    assert "cap reached" in family_row(browser, "ui-live")["text"]
     status, body = till.call(key)
     assert status == 403 and body["error"]["code"] == "activation_limit_reached"
-    WebDriverWait(browser, WAIT).until(lambda d: "refusal" in d.find_element(By.ID, "feed").text)
+    wait(browser, lambda d: "refusal" in text_of(d, "#feed"))
     assert browser.execute_script("return window.__noReload;") == 42
     no_secrets(browser)
     shot(browser, "02-overview")
@@ -237,7 +254,7 @@ def test_sign_in_and_watch_a_family_fill_up_live(till, browser):
 
     # Its family page: tree, chart, receipts, audit.
     browser.get(till.admin + "/")
-    row_of(browser, "ui-live").find_element(By.LINK_TEXT, "ui-live").click()
+    browser.find_element(By.LINK_TEXT, "ui-live").click()
     WebDriverWait(browser, WAIT).until(lambda d: "/families/" in d.current_url)
     assert browser.find_element(By.CSS_SELECTOR, "svg.chart").get_attribute("aria-label").startswith(
         "Activations per minute")
@@ -246,8 +263,8 @@ def test_sign_in_and_watch_a_family_fill_up_live(till, browser):
     assert receipts[0].find_elements(By.TAG_NAME, "td")[0].text == "5"
     assert "/v1/chat/completions" in receipts[0].text and "gpt-4o-mini" in receipts[0].text
     browser.find_element(By.XPATH, "//button[normalize-space()='Run audit']").click()
-    WebDriverWait(browser, WAIT).until(lambda d: "clean" in d.find_element(By.ID, "audit").text)
-    assert "5 receipts, every signature valid" in browser.find_element(By.ID, "audit").text
+    wait(browser, lambda d: "clean" in (text_of(d, "#audit") or ""))
+    assert "5 receipts, every signature valid" in text_of(browser, "#audit")
     no_secrets(browser)
     shot(browser, "03-family")
 
@@ -309,6 +326,15 @@ def test_mint_in_the_form_use_it_then_revoke_it(till, browser):
     browser.find_element(By.LINK_TEXT, "Open its family").click()
     WebDriverWait(browser, WAIT).until(lambda d: "/families/" in d.current_url)
     assert len(browser.find_elements(By.CSS_SELECTOR, "article.block")) == 2
+    receipts = lambda d: len(d.find_elements(By.CSS_SELECTOR, "table.receipts tbody tr"))  # noqa: E731
+    assert receipts(browser) == 2
+    # The family page follows its own events too, without a reload.
+    wait_live(browser)
+    browser.execute_script("window.__noReload = 7;")
+    assert till.call(key)[0] == 200
+    wait(browser, lambda d: receipts(d) == 3)
+    assert browser.execute_script("return window.__noReload;") == 7
+    assert "3 / 3" in text_of(browser, "dl.facts")
     shot(browser, "07-family-tree")
     # Revoke the root: the confirmation names both keys.
     browser.find_elements(By.PARTIAL_LINK_TEXT, "Revoke")[0].click()

@@ -136,7 +136,7 @@ fn audit_section(family: &str, audit: Option<&AuditView>, now: u64) -> Markup {
         section #audit aria-labelledby="audit-h" {
             h2 #audit-h { "Audit" }
             @match audit {
-                None => p.muted { "Not audited yet in this session of the server." },
+                None => p.muted { "Not audited since this server started: run the audit to check every receipt." },
                 Some(a) => {
                     @let clean = a.result.get("clean").and_then(Value::as_bool).unwrap_or(false);
                     @let receipts = a.result.pointer("/report/receipts").and_then(Value::as_u64).unwrap_or(0);
@@ -191,7 +191,7 @@ fn receipts_table(family: &str, used: u64, recent: &[Receipt]) -> Markup {
                     table.receipts {
                         caption.visually-hidden { "The " (latest.len()) " latest receipts, newest first" }
                         thead { tr {
-                            th scope="col" { "Seq" } th scope="col" { "Slot" } th scope="col" { "Time (UTC)" }
+                            th.num scope="col" { "Seq" } th.num scope="col" { "Slot" } th scope="col" { "Time (UTC)" }
                             th scope="col" { "Proxy" } th scope="col" { "Method" } th scope="col" { "Path" } th scope="col" { "Model" }
                         } }
                         tbody {

@@ -241,7 +241,7 @@ pub fn render_overview(
             "none"
         };
         html! {
-            th scope="col" aria-sort=(aria) {
+            th scope="col" aria-sort=(aria) class=[(col == Sort::Remaining).then_some("num")] {
                 a href=(q.sort_href(col)) { (text) @if col == sort { span aria-hidden="true" { @if desc { " ▼" } @else { " ▲" } } } }
             }
         }
