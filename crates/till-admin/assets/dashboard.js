@@ -35,7 +35,9 @@
     if (!regions.length || !window.EventSource || !window.fetch || !window.DOMParser) return;
     var family = regions[0].getAttribute("data-family");
     var feed = document.getElementById("feed");
-    var timer = null, busy = false, again = false;
+    // Re-fetch at most every `gap` ms: 300 ms, or four times what the last refresh took
+    // (a big overview on a busy server backs off by itself).
+    var timer = null, busy = false, again = false, gap = 300, last = 0;
 
     function setStatus(text, on) {
       if (!status) return;
@@ -46,6 +48,7 @@
     function refresh() {
       if (busy) { again = true; return; }
       busy = true;
+      var started = Date.now();
       fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
         .then(function (r) { return r.ok ? r.text() : null; })
         .then(function (text) {
@@ -59,13 +62,15 @@
             var key = active && el.contains(active) ? active.getAttribute("href") : null;
             el.replaceWith(document.importNode(fresh, true));
             if (key) {
-              var again = document.querySelector('[data-live] [href="' + CSS.escape(key) + '"]');
-              if (again) again.focus();
+              var refocus = document.querySelector('[data-live] [href="' + CSS.escape(key) + '"]');
+              if (refocus) refocus.focus();
             }
           });
         })
         .catch(function () { /* the next event retries */ })
         .then(function () {
+          last = Date.now();
+          gap = Math.min(10000, Math.max(300, (last - started) * 4));
           busy = false;
           if (again) { again = false; schedule(); }
         });
@@ -73,7 +78,8 @@
 
     function schedule() {
       if (timer) return;
-      timer = setTimeout(function () { timer = null; refresh(); }, 300);
+      var wait = Math.max(50, last + gap - Date.now());
+      timer = setTimeout(function () { timer = null; refresh(); }, wait);
     }
 
     function note(type, data) {
