@@ -422,10 +422,29 @@ impl<T: KvTxn> Work<T> for AlertsWork<'_> {
 /// write them, so the later commit conflicts (1020), re-reads and finds them leased: an
 /// alert is never leased to two deliverers at once.
 pub(crate) struct LeaseWork<'k> {
-    pub(crate) keys: &'k Keyspace,
-    pub(crate) now: u64,
-    pub(crate) lease: u64,
-    pub(crate) limit: usize,
+    keys: &'k Keyspace,
+    now: u64,
+    lease: u64,
+    limit: usize,
+    /// Written to `(ks, "lease", id)` with every alert this operation leases: after a
+    /// commit whose result is unknown, the retry recognises the alerts its earlier attempt
+    /// leased (the token is there) and returns them, rather than nothing.
+    token: String,
+    /// A commit of this operation failed with a `maybe_committed` error.
+    unknown: bool,
+}
+
+impl<'k> LeaseWork<'k> {
+    pub(crate) fn new(keys: &'k Keyspace, now: u64, lease: u64, limit: usize) -> Self {
+        Self {
+            keys,
+            now,
+            lease,
+            limit,
+            token: format!("{:032x}", rand::random::<u128>()),
+            unknown: false,
+        }
+    }
 }
 
 impl<T: KvTxn> Work<T> for LeaseWork<'_> {
@@ -449,7 +468,13 @@ impl<T: KvTxn> Work<T> for LeaseWork<'_> {
             let txn_ref: &T = txn;
             let records =
                 try_join_all(chunk.iter().map(|id| txn_ref.get_owned(keys.alert(id)))).await?;
-            for (id, bytes) in chunk.iter().zip(records) {
+            // Only after an unknown result: which of these alerts did we lease already?
+            let tokens = if self.unknown {
+                try_join_all(chunk.iter().map(|id| txn_ref.get_owned(keys.lease(id)))).await?
+            } else {
+                vec![None; chunk.len()]
+            };
+            for ((id, bytes), token) in chunk.iter().zip(records).zip(tokens) {
                 if leased.len() >= self.limit {
                     break;
                 }
@@ -460,14 +485,23 @@ impl<T: KvTxn> Work<T> for LeaseWork<'_> {
                     continue;
                 };
                 let mut record = decode_alert(&bytes)?;
-                if alert::lease(&mut record, self.now, self.lease) {
+                if token.as_deref() == Some(self.token.as_bytes()) {
+                    // Leased by an earlier attempt of this operation that committed after
+                    // all: ours, as that attempt would have answered.
+                    leased.push(record);
+                } else if alert::lease(&mut record, self.now, self.lease) {
                     txn.set(&keys.alert(id), &record.to_bytes());
+                    txn.set(&keys.lease(id), self.token.as_bytes());
                     wrote = true;
                     leased.push(record);
                 }
             }
         }
         Ok((leased, wrote))
+    }
+
+    fn maybe_committed(&mut self) {
+        self.unknown = true;
     }
 }
 
@@ -492,6 +526,7 @@ impl<T: KvTxn> Work<T> for SettleWork<'_> {
         txn.set(&key, &record.to_bytes());
         if record.delivery.status != DeliveryStatus::Pending {
             txn.clear(&self.keys.outbox(&self.id));
+            txn.clear(&self.keys.lease(&self.id));
         }
         Ok((Ok(()), true))
     }

@@ -42,14 +42,20 @@ pub struct FdbConfig {
     /// transaction). Default [`AlertPolicy::default()`]. Every proxy of a fleet should use
     /// the same policy.
     pub alerts: AlertPolicy,
+    /// How long an idempotency record answers replays, counted from its claim's `now`.
+    /// A claim whose record is older than this (compared against the new claim's `now`)
+    /// finds no record: it is a fresh claim (charged, new receipt), not a replay. Default
+    /// [`Self::DEFAULT_IDEMPOTENCY_WINDOW`]; whole seconds. Every proxy of a fleet should
+    /// use the same window.
+    pub idempotency_window: Duration,
 }
 
 impl FdbConfig {
     /// Default key space: all keys under the tuple `("till",)`.
     pub const DEFAULT_KEYSPACE: &'static str = "till";
-    /// Default claims per transaction. A claim writes about 3.5 KB (receipt, journal copy,
-    /// idempotency record, counters), so 128 stays well under FoundationDB's recommended
-    /// 1 MB per transaction.
+    /// Default claims per transaction. A claim writes about 2 KB (the receipt once, plus
+    /// small records: idempotency pointer, journal pointer, counters, slots, head; see the
+    /// spec), so 128 stays well under FoundationDB's recommended 1 MB per transaction.
     pub const DEFAULT_MAX_BATCH: usize = 128;
     /// Default number of batching lanes.
     pub const DEFAULT_LANES: usize = 16;
@@ -59,6 +65,8 @@ impl FdbConfig {
     pub const DEFAULT_RETRY_LIMIT: u32 = 100;
     /// Default longest retry backoff.
     pub const DEFAULT_MAX_RETRY_DELAY: Duration = Duration::from_millis(50);
+    /// Default idempotency window: 24 hours.
+    pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
     /// Most claims one transaction may carry (user versions of the journal's versionstamps
     /// are 16 bits; the byte limit bites long before).
     pub const MAX_BATCH_LIMIT: usize = 1024;
@@ -76,6 +84,7 @@ impl FdbConfig {
             retry_limit: Self::DEFAULT_RETRY_LIMIT,
             max_retry_delay: Self::DEFAULT_MAX_RETRY_DELAY,
             alerts: AlertPolicy::default(),
+            idempotency_window: Self::DEFAULT_IDEMPOTENCY_WINDOW,
         }
     }
 

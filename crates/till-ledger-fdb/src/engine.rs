@@ -72,6 +72,16 @@ pub struct EngineStats {
     pub recovered: u64,
     /// Operations that failed (timeout, retry limit, non-retryable error).
     pub failures: u64,
+    /// Wall time claim batches spent reading (µs, all attempts): where a batch waits
+    /// for the store's reads.
+    pub read_micros: u64,
+    /// Wall time claim batches spent planning and signing (µs, all attempts): CPU on the
+    /// lane's critical path.
+    pub plan_micros: u64,
+    /// Wall time spent in commits (µs, every transaction, failed commits included).
+    pub commit_micros: u64,
+    /// Wall time spent in `on_error` backoff before retries (µs).
+    pub backoff_micros: u64,
 }
 
 #[derive(Debug, Default)]
@@ -83,11 +93,20 @@ struct Stats {
     maybe_committed: AtomicU64,
     recovered: AtomicU64,
     failures: AtomicU64,
+    read_micros: AtomicU64,
+    plan_micros: AtomicU64,
+    commit_micros: AtomicU64,
+    backoff_micros: AtomicU64,
 }
 
 impl Stats {
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn add_since(counter: &AtomicU64, start: Instant) {
+        let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        counter.fetch_add(micros, Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> EngineStats {
@@ -100,6 +119,10 @@ impl Stats {
             maybe_committed: get(&self.maybe_committed),
             recovered: get(&self.recovered),
             failures: get(&self.failures),
+            read_micros: get(&self.read_micros),
+            plan_micros: get(&self.plan_micros),
+            commit_micros: get(&self.commit_micros),
+            backoff_micros: get(&self.backoff_micros),
         }
     }
 }
@@ -115,6 +138,8 @@ pub(crate) struct Shared {
     max_batch: usize,
     timeout: Duration,
     retry_limit: u32,
+    /// Idempotency window in seconds (see [`FdbConfig::idempotency_window`]).
+    idem_window: u64,
     options: TxnOptions,
     stats: Stats,
 }
@@ -169,6 +194,7 @@ impl<S: KvStore> KvLedger<S> {
             max_batch: config.batch_size(),
             timeout: config.transaction_timeout,
             retry_limit: config.retry_limit,
+            idem_window: config.idempotency_window.as_secs(),
             options: TxnOptions {
                 timeout: config.transaction_timeout,
                 retry_limit: config.retry_limit,
@@ -213,7 +239,7 @@ impl<S: KvStore> KvLedger<S> {
         };
         self.transact(&mut work).await.map_err(unavailable)?;
         match work.found {
-            None | Some(keys::SCHEMA_VERSION) => Ok(()),
+            None | Some(keys::SCHEMA_VERSION | keys::LEGACY_SCHEMA_VERSION) => Ok(()),
             Some(other) => Err(LedgerError::Open {
                 path: format!("key space {:?}", self.shared.keys.prefix()),
                 reason: format!(
@@ -349,12 +375,7 @@ impl<S: KvStore> Ledger for KvLedger<S> {
             if limit == 0 {
                 return Ok(Vec::new());
             }
-            let mut work = admin::LeaseWork {
-                keys: &self.shared.keys,
-                now,
-                lease: lease_secs,
-                limit,
-            };
+            let mut work = admin::LeaseWork::new(&self.shared.keys, now, lease_secs, limit);
             self.transact(&mut work).await.map_err(unavailable)
         })
     }
@@ -463,7 +484,10 @@ async fn transact<S: KvStore, W: Work<S::Txn>>(
                 Ok(Err(e)) => e,
                 Ok(Ok((output, false))) => return Ok(output),
                 Ok(Ok((output, true))) => {
-                    match tokio::time::timeout_at(deadline, txn.commit()).await {
+                    let started = Instant::now();
+                    let committed = tokio::time::timeout_at(deadline, txn.commit()).await;
+                    Stats::add_since(&stats.commit_micros, started);
+                    match committed {
                         // The commit may or may not land; the caller hears "unavailable".
                         Err(_) => return Err(timed_out()),
                         Ok(Ok(())) => {
@@ -493,7 +517,10 @@ async fn transact<S: KvStore, W: Work<S::Txn>>(
             retries += 1;
             Stats::add(&stats.retries, 1);
             tracing::debug!(code = ?error.code(), retries, "ledger transaction retry");
-            txn = match tokio::time::timeout_at(deadline, txn.on_error(error)).await {
+            let started = Instant::now();
+            let reset = tokio::time::timeout_at(deadline, txn.on_error(error)).await;
+            Stats::add_since(&stats.backoff_micros, started);
+            txn = match reset {
                 Err(_) => return Err(timed_out()),
                 Ok(result) => result?,
             };
@@ -517,12 +544,7 @@ async fn run_lane<S: KvStore>(
 ) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
-        while batch.len() < shared.max_batch {
-            match queue.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
+        drain(&mut queue, &mut batch, shared.max_batch);
         // A caller that stopped waiting before its batch started: skip it, write nothing.
         batch.retain(|p| !p.reply.is_closed());
         if batch.is_empty() {
@@ -556,6 +578,16 @@ async fn run_lane<S: KvStore>(
             // A caller that gave up meanwhile is fine: the slot may be spent, but nothing
             // is forwarded (spec/ledger.md, "What a timeout means").
             let _ = pending.reply.send(answer);
+        }
+    }
+}
+
+/// Moves queued claims into `batch` until it holds `max` or the queue is empty.
+fn drain(queue: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>, max: usize) {
+    while batch.len() < max {
+        match queue.try_recv() {
+            Ok(p) => batch.push(p),
+            Err(_) => break,
         }
     }
 }
@@ -624,6 +656,8 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
     type Output = Vec<ClaimAnswer>;
 
     async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        let stats = &self.shared.stats;
+        let started = Instant::now();
         let keys = &self.shared.keys;
         let mut wanted = BTreeSet::new();
         for p in self.batch.iter() {
@@ -653,7 +687,31 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
             values: wanted.into_iter().zip(read).collect(),
             ..Overlay::default()
         };
-        let mut journal: Vec<String> = Vec::new();
+        // Replays (and retries after an unknown result) read the original receipt by
+        // the record's pointer: a second round trip, only for batches that found a record.
+        let pointed: BTreeSet<Vec<u8>> = self
+            .batch
+            .iter()
+            .filter_map(|p| {
+                let scope = plan::idempotency_scope(&p.req);
+                let bytes = overlay.get(&keys.idempotency(scope, &p.idempotency_key))?;
+                let record = keys::IdemRecord::decode(bytes).ok()?;
+                if record.expired(p.req.now, self.shared.idem_window) {
+                    return None;
+                }
+                match record.receipt {
+                    keys::ReceiptRef::At { family, seq } => Some(keys.receipt(&family, seq)),
+                    keys::ReceiptRef::Inline(_) => None,
+                }
+            })
+            .collect();
+        if !pointed.is_empty() {
+            let read = try_join_all(pointed.iter().map(|k| txn.get(k))).await?;
+            overlay.values.extend(pointed.into_iter().zip(read));
+        }
+        Stats::add_since(&stats.read_micros, started);
+        let started = Instant::now();
+        let mut journal: Vec<Vec<u8>> = Vec::new();
         let mut answers = Vec::with_capacity(self.batch.len());
         self.recovered = 0;
         for p in self.batch.iter_mut() {
@@ -680,11 +738,12 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
         for (key, value) in &overlay.writes {
             txn.set(key, value);
         }
-        for (i, receipt) in journal.iter().enumerate() {
+        for (i, pointer) in journal.iter().enumerate() {
             // `max_batch <= MAX_BATCH_LIMIT < u16::MAX`: one user version per receipt.
             let user_version = u16::try_from(i).unwrap_or(u16::MAX);
-            txn.set_versionstamped_key(&keys.journal_incomplete(user_version), receipt.as_bytes());
+            txn.set_versionstamped_key(&keys.journal_incomplete(user_version), pointer);
         }
+        Stats::add_since(&stats.plan_micros, started);
         Ok((answers, wrote))
     }
 }
@@ -728,25 +787,6 @@ enum Wrote {
     Replay,
 }
 
-/// The stored value under `(ks, "idem", scope, key)`: the shared record plus the ids of
-/// every write that produced it (at most `1 + MAX_REPLAYS`), so a retry can tell its own
-/// earlier write from anyone else's.
-fn encode_idempotency(record: &StoredIdempotency, writers: &[String]) -> Vec<u8> {
-    let value = serde_json::json!({
-        "record": serde_json::to_value(record).unwrap_or_default(),
-        "writers": writers,
-    });
-    serde_json::to_vec(&value).unwrap_or_default()
-}
-
-fn decode_idempotency(bytes: &[u8]) -> Result<(StoredIdempotency, Vec<String>), LedgerError> {
-    let corrupt = |e: serde_json::Error| LedgerError::Corrupt(format!("idempotency record: {e}"));
-    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(corrupt)?;
-    let record = serde_json::from_value(value["record"].take()).map_err(corrupt)?;
-    let writers = serde_json::from_value(value["writers"].take()).map_err(corrupt)?;
-    Ok((record, writers))
-}
-
 /// Most writer ids kept per record (more than `1 + MAX_REPLAYS` writes never happen).
 const MAX_WRITERS: usize = 16;
 
@@ -760,7 +800,7 @@ fn writer_id() -> String {
 fn apply_claim(
     shared: &Shared,
     overlay: &mut Overlay,
-    journal: &mut Vec<String>,
+    journal: &mut Vec<Vec<u8>>,
     p: &mut Pending,
 ) -> (ClaimAnswer, bool, Vec<AlertRecord>) {
     let (answer, recovered) = match plan_and_apply(shared, overlay, journal, p) {
@@ -782,7 +822,7 @@ enum Applied {
 fn plan_and_apply(
     shared: &Shared,
     overlay: &mut Overlay,
-    journal: &mut Vec<String>,
+    journal: &mut Vec<Vec<u8>>,
     p: &mut Pending,
 ) -> Result<(Applied, bool), LedgerError> {
     let keys = &shared.keys;
@@ -790,12 +830,14 @@ fn plan_and_apply(
     let family = req.levels[0].revocation_id.as_slice();
     let scope = plan::idempotency_scope(req);
     let idem_key = keys.idempotency(scope, &p.idempotency_key);
-    let (state, writers) = read_state(keys, overlay, req, &idem_key)?;
+    let (state, record) = read_state(keys, overlay, req, &idem_key, shared.idem_window)?;
 
     // An earlier attempt of this very claim committed after all (its commit result was
-    // unknown): answer as that attempt did, write and charge nothing more.
-    if let Some(stored) = &state.idempotency {
-        if let Some((_, wrote)) = p.wrote.iter().find(|(id, _)| writers.contains(id)) {
+    // unknown): answer as that attempt did, write and charge nothing more. (A record this
+    // claim wrote is never expired for it: the record's time is this claim's `now`, or a
+    // time within the window of it when the write was a replay.)
+    if let (Some(stored), Some(record)) = (&state.idempotency, &record) {
+        if let Some((_, wrote)) = p.wrote.iter().find(|(id, _)| record.writers.contains(id)) {
             let receipt = Receipt::parse(&stored.receipt)
                 .map_err(|e| LedgerError::Corrupt(format!("stored receipt is unreadable: {e}")))?;
             let claim = match wrote {
@@ -826,7 +868,7 @@ fn plan_and_apply(
         Plan::Refuse(refusal) => Ok((Applied::Answer(Ok(Err(refusal))), false)),
         Plan::Replay {
             receipt,
-            record,
+            record: replayed,
             remaining,
         } => {
             let receipt = Receipt::parse(&receipt).map_err(|e| {
@@ -836,11 +878,15 @@ fn plan_and_apply(
             // recognises this write.
             let id = writer_id();
             p.wrote.push((id.clone(), Wrote::Replay));
-            let mut writers = writers;
-            writers.push(id);
-            let excess = writers.len().saturating_sub(MAX_WRITERS);
-            writers.drain(..excess);
-            overlay.set(idem_key, encode_idempotency(&record, &writers));
+            // A replay plan comes from a stored record.
+            let mut record = record.ok_or_else(|| {
+                LedgerError::Corrupt("replay planned without an idempotency record".into())
+            })?;
+            record.replays = replayed.replays;
+            record.writers.push(id);
+            let excess = record.writers.len().saturating_sub(MAX_WRITERS);
+            record.writers.drain(..excess);
+            overlay.set(idem_key, record.encode());
             let claim = Claim {
                 receipt,
                 replayed: true,
@@ -869,10 +915,12 @@ fn plan_and_apply(
                 );
                 overlay.set_blind(
                     keys.slot(&level.revocation_id, count),
-                    keys::encode_slot_owner(family, body.seq),
+                    keys::encode_receipt_ref(family, body.seq),
                 );
             }
-            overlay.set_blind(
+            // The only copy of the receipt; readable in the overlay, so a duplicate of
+            // this claim later in the batch replays it by pointer.
+            overlay.set(
                 keys.receipt(family, body.seq),
                 receipt.compact().as_bytes().to_vec(),
             );
@@ -880,9 +928,18 @@ fn plan_and_apply(
                 keys.head(family),
                 keys::encode_head(body.seq, &receipt.hash_hex()),
             );
-            let record = StoredIdempotency::original(&req.request, receipt.compact());
-            overlay.set(idem_key, encode_idempotency(&record, &[id]));
-            journal.push(receipt.compact().to_owned());
+            let record = keys::IdemRecord {
+                request: plan::request_fingerprint(&req.request),
+                receipt: keys::ReceiptRef::At {
+                    family: family.to_vec(),
+                    seq: body.seq,
+                },
+                replays: 0,
+                at: Some(req.now),
+                writers: vec![id],
+            };
+            overlay.set(idem_key, record.encode());
+            journal.push(keys::encode_receipt_ref(family, body.seq));
             record_activity(keys, overlay, family, req.now / 60, minute_count);
             if let Some(meta) = &req.meta {
                 let key = KeyBlocks {
@@ -939,16 +996,48 @@ fn record_blocks(keys: &Keyspace, overlay: &mut Overlay, key: &KeyBlocks, at: u6
     }
 }
 
+/// The claim's state as the backend-independent planner wants it, and the raw
+/// idempotency record (pointer, writers, time) behind `state.idempotency`. The planner's
+/// record carries the receipt itself, read by the record's pointer. A record past its
+/// window (`window_secs` before `req.now`) is treated as absent: the claim is a fresh one,
+/// and its commit overwrites the record.
 fn read_state(
     keys: &Keyspace,
     overlay: &Overlay,
     req: &ClaimRequest,
     idem_key: &[u8],
-) -> Result<(ClaimState, Vec<String>), LedgerError> {
+    window_secs: u64,
+) -> Result<(ClaimState, Option<keys::IdemRecord>), LedgerError> {
     let corrupt = |e: KvError| LedgerError::Corrupt(e.to_string());
-    let (idempotency, writers) = match overlay.get(idem_key).map(decode_idempotency).transpose()? {
-        Some((record, writers)) => (Some(record), writers),
-        None => (None, Vec::new()),
+    let record = overlay
+        .get(idem_key)
+        .map(keys::IdemRecord::decode)
+        .transpose()
+        .map_err(corrupt)?
+        .filter(|r| !r.expired(req.now, window_secs));
+    let idempotency = match &record {
+        None => None,
+        Some(record) => {
+            let receipt = match &record.receipt {
+                keys::ReceiptRef::Inline(compact) => compact.clone(),
+                keys::ReceiptRef::At { family, seq } => {
+                    let bytes = overlay.get(&keys.receipt(family, *seq)).ok_or_else(|| {
+                        LedgerError::Corrupt(format!(
+                            "idempotency record points at receipt {seq} of family {}, which is missing",
+                            hex::encode(family)
+                        ))
+                    })?;
+                    String::from_utf8(bytes.to_vec()).map_err(|e| {
+                        LedgerError::Corrupt(format!("stored receipt is not UTF-8: {e}"))
+                    })?
+                }
+            };
+            Some(StoredIdempotency {
+                request: record.request.clone(),
+                receipt,
+                replays: record.replays,
+            })
+        }
     };
     let mut revoked = Vec::with_capacity(req.levels.len());
     let mut counts = Vec::with_capacity(req.levels.len());
@@ -983,7 +1072,7 @@ fn read_state(
             chain_head,
             minute_count,
         },
-        writers,
+        record,
     ))
 }
 
@@ -1067,8 +1156,15 @@ impl<T: KvTxn> Work<T> for SchemaWork<'_> {
         let key = self.keys.schema();
         match txn.get(&key).await? {
             Some(bytes) => {
-                self.found = Some(keys::decode_schema(&bytes)?);
-                Ok(((), false))
+                let found = keys::decode_schema(&bytes)?;
+                self.found = Some(found);
+                // Schema 1 records (receipt copies inline) stay readable; new writes use
+                // pointers, so the key space is schema 2 from now on.
+                let upgrade = found == keys::LEGACY_SCHEMA_VERSION;
+                if upgrade {
+                    txn.set(&key, &keys::encode_schema());
+                }
+                Ok(((), upgrade))
             }
             None => {
                 self.found = None;

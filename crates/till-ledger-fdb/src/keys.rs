@@ -10,14 +10,15 @@
 //! | `(ks, "head", family)`              | tuple `(seq, hash_hex)`: the chain head        |
 //! | `(ks, "receipt", family, seq)`      | receipt, compact JWS (UTF-8)                   |
 //! | `(ks, "slot", rid, slot)`           | tuple `(family, seq)`: who took slot `slot`    |
-//! | `(ks, "idem", scope, key)`          | JSON `{record, writers}` (see the spec)        |
-//! | `(ks, "journal", versionstamp)`     | receipt, compact JWS: append-only journal      |
+//! | `(ks, "idem", scope, key)`          | [`IdemRecord`]: fingerprint, pointer, writers  |
+//! | `(ks, "journal", versionstamp)`     | tuple `(family, seq)`: append-only journal     |
 //! | `(ks, "block", rid)`                | JSON `BlockRecord`: a block, written once      |
 //! | `(ks, "fblock", family, rid)`       | empty: index of a family's blocks              |
 //! | `(ks, "family", family)`            | u64 LE: Unix time the family was first recorded|
 //! | `(ks, "activity", family, minute)`  | u64 LE: the family's claims in that minute     |
 //! | `(ks, "alert", id)`                 | JSON `AlertRecord`, written once per id        |
 //! | `(ks, "outbox", id)`                | u64 LE: time fired, while delivery is pending  |
+//! | `(ks, "lease", id)`                 | token of the last lease of the alert (pending) |
 //!
 //! `rid`, `family` and `scope` are raw revocation-id bytes (tuple byte strings); `key` is
 //! the idempotency key (tuple string); `seq` and `slot` are tuple integers (order-preserving,
@@ -27,8 +28,14 @@ use foundationdb_tuple::{pack, unpack, Subspace, Versionstamp};
 
 use crate::error::KvError;
 
-/// The layout version stored under `(ks, "schema")`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The layout version stored under `(ks, "schema")`. Version 2 stores each receipt once:
+/// idempotency records and journal entries point at `(family, seq)`.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The older layout this build still reads (idempotency records and journal entries that
+/// hold a copy of the receipt); opening such a key space upgrades its schema key to
+/// [`SCHEMA_VERSION`] (spec/ledger-fdb.md §1).
+pub const LEGACY_SCHEMA_VERSION: i64 = 1;
 
 /// The ledger's key space: computes every key.
 #[derive(Debug, Clone)]
@@ -189,6 +196,11 @@ impl Keyspace {
         self.root.pack(&("outbox", id))
     }
 
+    /// `(ks, "lease", id)`: the token of the operation that last leased alert `id`.
+    pub fn lease(&self, id: &str) -> Vec<u8> {
+        self.root.pack(&("lease", id))
+    }
+
     /// Every `(ks, "outbox", _)`: `[begin, end)`.
     pub fn outbox_range(&self) -> (Vec<u8>, Vec<u8>) {
         self.root.subspace(&("outbox",)).range()
@@ -244,9 +256,130 @@ pub fn decode_head(bytes: &[u8]) -> Result<(u64, String), KvError> {
     unpack::<(u64, String)>(bytes).map_err(|e| KvError::Decode(format!("chain head: {e:?}")))
 }
 
-/// Encodes a slot-index entry `(family, seq)`.
-pub fn encode_slot_owner(family: &[u8], seq: u64) -> Vec<u8> {
+/// Encodes a pointer to a receipt, `(family, seq)`: the value of a slot-index entry and
+/// of a journal entry.
+pub fn encode_receipt_ref(family: &[u8], seq: u64) -> Vec<u8> {
     pack(&(family, seq))
+}
+
+/// Decodes [`encode_receipt_ref`].
+pub fn decode_receipt_ref(bytes: &[u8]) -> Result<(Vec<u8>, u64), KvError> {
+    unpack::<(Vec<u8>, u64)>(bytes).map_err(|e| KvError::Decode(format!("receipt pointer: {e:?}")))
+}
+
+/// Where an idempotency record's original receipt is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiptRef {
+    /// At `(ks, "receipt", family, seq)` (schema 2).
+    At {
+        /// The family (authority block's revocation id).
+        family: Vec<u8>,
+        /// The receipt's seq.
+        seq: u64,
+    },
+    /// A copy of the receipt itself, compact JWS (records written by schema 1).
+    Inline(String),
+}
+
+/// The value under `(ks, "idem", scope, key)`.
+///
+/// Schema 2 encodes it as the tuple `(2, fingerprint, family, seq, replays, at, (writer,
+/// ...))`: `fingerprint` the 32 raw bytes of the request fingerprint, `at` the claim's
+/// `now` (the start of the record's expiry window), `writer` one 32-hex-digit id per write
+/// of the record (see the spec, §4). About 170 bytes for a 64-byte family id, against the
+/// ~1.3 KB receipt it points at. Records written by schema 1 (JSON `{"record":
+/// {request, receipt, replays}, "writers": [...]}`) decode with the receipt inline and no
+/// `at` (they never expire).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdemRecord {
+    /// The request fingerprint, lower-case hex SHA-256 (`till_ledger::plan::request_fingerprint`).
+    pub request: String,
+    /// The original receipt.
+    pub receipt: ReceiptRef,
+    /// Replays served so far.
+    pub replays: u32,
+    /// The original claim's `now` (`None`: a schema 1 record, which does not expire).
+    pub at: Option<u64>,
+    /// Ids of the writes that produced this value (original claim, then each replay).
+    pub writers: Vec<String>,
+}
+
+/// Tag of a schema 2 idempotency record (first tuple element).
+const IDEM_FORMAT: i64 = 2;
+
+impl IdemRecord {
+    /// Encodes the record (schema 2 tuple; a schema 1 record with its receipt inline keeps
+    /// its JSON form, so rewriting it on a replay loses nothing).
+    pub fn encode(&self) -> Vec<u8> {
+        match &self.receipt {
+            ReceiptRef::At { family, seq } => {
+                let fingerprint =
+                    hex::decode(&self.request).unwrap_or_else(|_| self.request.as_bytes().to_vec());
+                pack(&(
+                    IDEM_FORMAT,
+                    fingerprint,
+                    family.as_slice(),
+                    *seq,
+                    self.replays,
+                    self.at.unwrap_or(0),
+                    &self.writers,
+                ))
+            }
+            ReceiptRef::Inline(receipt) => {
+                let value = serde_json::json!({
+                    "record": {"request": self.request, "receipt": receipt, "replays": self.replays},
+                    "writers": self.writers,
+                });
+                serde_json::to_vec(&value).unwrap_or_default()
+            }
+        }
+    }
+
+    /// Decodes [`IdemRecord::encode`] (either schema).
+    pub fn decode(bytes: &[u8]) -> Result<Self, KvError> {
+        if bytes.first() == Some(&b'{') {
+            return Self::decode_legacy(bytes);
+        }
+        type Packed = (i64, Vec<u8>, Vec<u8>, u64, u32, u64, Vec<String>);
+        let (format, fingerprint, family, seq, replays, at, writers): Packed =
+            unpack(bytes).map_err(|e| KvError::Decode(format!("idempotency record: {e:?}")))?;
+        if format != IDEM_FORMAT {
+            return Err(KvError::Decode(format!(
+                "idempotency record of format {format}"
+            )));
+        }
+        Ok(Self {
+            request: hex::encode(fingerprint),
+            receipt: ReceiptRef::At { family, seq },
+            replays,
+            at: Some(at),
+            writers,
+        })
+    }
+
+    fn decode_legacy(bytes: &[u8]) -> Result<Self, KvError> {
+        let corrupt = |e: serde_json::Error| KvError::Decode(format!("idempotency record: {e}"));
+        let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(corrupt)?;
+        let record = &mut value["record"];
+        let request = serde_json::from_value(record["request"].take()).map_err(corrupt)?;
+        let receipt = serde_json::from_value(record["receipt"].take()).map_err(corrupt)?;
+        let replays = serde_json::from_value(record["replays"].take()).map_err(corrupt)?;
+        let writers = serde_json::from_value(value["writers"].take()).map_err(corrupt)?;
+        Ok(Self {
+            request,
+            receipt: ReceiptRef::Inline(receipt),
+            replays,
+            at: None,
+            writers,
+        })
+    }
+
+    /// Whether the record is past its window at `now` (expired records are treated as
+    /// absent; `window_secs` after `at` the record is still valid, one second later not).
+    pub fn expired(&self, now: u64, window_secs: u64) -> bool {
+        self.at
+            .is_some_and(|at| now.saturating_sub(at) > window_secs)
+    }
 }
 
 /// Decodes the schema version value.
@@ -374,5 +507,49 @@ mod tests {
         );
         assert!(decode_head(b"\xff").is_err());
         assert_eq!(decode_schema(&encode_schema()).unwrap(), SCHEMA_VERSION);
+        assert_eq!(
+            decode_receipt_ref(&encode_receipt_ref(b"fam", 7)).unwrap(),
+            (b"fam".to_vec(), 7)
+        );
+    }
+
+    #[test]
+    fn idempotency_records_round_trip_and_stay_small() {
+        let record = IdemRecord {
+            request: "ab".repeat(32),
+            receipt: ReceiptRef::At {
+                family: vec![9; 64],
+                seq: 1_000_000,
+            },
+            replays: 2,
+            at: Some(1_750_000_000),
+            writers: vec!["0f".repeat(16), "e1".repeat(16)],
+        };
+        let bytes = record.encode();
+        assert_eq!(IdemRecord::decode(&bytes).unwrap(), record);
+        assert!(
+            bytes.len() < 200,
+            "a pointer record is small: {} bytes",
+            bytes.len()
+        );
+        let window = 86_400;
+        assert!(!record.expired(1_750_000_000 + window, window));
+        assert!(record.expired(1_750_000_000 + window + 1, window));
+        assert!(
+            !record.expired(0, window),
+            "a clock behind `at` is not expiry"
+        );
+        // A schema 1 record: receipt inline, no expiry; rewriting it keeps its form.
+        let legacy =
+            br#"{"record":{"request":"ff","receipt":"eyJ.x.y","replays":1},"writers":["w1"]}"#;
+        let old = IdemRecord::decode(legacy).unwrap();
+        assert_eq!(old.receipt, ReceiptRef::Inline("eyJ.x.y".into()));
+        assert_eq!(
+            (old.replays, old.at, old.writers.clone()),
+            (1, None, vec!["w1".to_owned()])
+        );
+        assert!(!old.expired(u64::MAX, 0));
+        assert_eq!(IdemRecord::decode(&old.encode()).unwrap(), old);
+        assert!(IdemRecord::decode(b"\x15\x01").is_err());
     }
 }

@@ -5,8 +5,8 @@
 //! every claim is ONE strictly serializable FoundationDB transaction that checks
 //! revocation, answers idempotent replays, advances every block's counter with
 //! serializable reads (never a blind atomic add on a capped counter), stores the signed
-//! receipt (indexed by family and seq, by slot, and in a versionstamped append-only
-//! journal) and the idempotency record. Same [`till_ledger::Ledger`] contract and the
+//! receipt once (under family and seq; the slot index, a versionstamped append-only
+//! journal and the idempotency record point at it). Same [`till_ledger::Ledger`] contract and the
 //! same conformance suite as the embedded backend. Normative: `spec/ledger-fdb.md`.
 //!
 //! # Design
@@ -28,7 +28,9 @@
 //!
 //! - No FoundationDB directory layer: the key space is a fixed tuple prefix `(keyspace,)`
 //!   chosen in the config (no extra transaction or allocator at startup).
-//! - No retention or compaction of receipts, journal or idempotency records.
+//! - No retention or compaction of receipts and journal yet. Idempotency records stop
+//!   answering after [`FdbConfig::idempotency_window`] (a replay after it is a fresh
+//!   claim) but are not deleted yet.
 //! - No caching of revocations or counters: every claim reads them in its transaction.
 //!
 //! Nothing here logs token material beyond revocation ids, or any key.

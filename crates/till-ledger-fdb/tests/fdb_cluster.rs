@@ -191,6 +191,8 @@ fn fdb_cluster() {
         revocation_seen_by_every_proxy(&cluster).await;
         println!("several proxies hammering one hot token");
         fleet_hot_token(&cluster).await;
+        println!("each receipt stored once; idempotency records expire after the window");
+        receipts_once_and_idempotency_window(&cluster).await;
         println!("unreachable cluster answers unavailable quickly");
         unreachable_cluster_is_unavailable().await;
     });
@@ -319,4 +321,65 @@ async fn unreachable_cluster_is_unavailable() {
         .expect("open hung on an unreachable cluster");
     assert!(opened.is_err(), "open succeeded on an unreachable cluster");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Issue 15, bounded key space, on a real cluster: the idempotency record and the journal
+/// hold `(family, seq)` pointers, not receipt copies; a replay inside the window reads the
+/// receipt by pointer; past the window the same key is a fresh claim.
+async fn receipts_once_and_idempotency_window(cluster: &PathBuf) {
+    use till_ledger_fdb::keys::{decode_receipt_ref, IdemRecord, ReceiptRef};
+    use till_ledger_fdb::{KvStore, KvTxn, TxnOptions};
+    let signer = Arc::new(ReceiptSigner::generate());
+    let ks = format!("till-test-{:016x}", rand::random::<u64>());
+    let mut cfg = config(cluster, &ks, &signer, "p0");
+    cfg.idempotency_window = Duration::from_secs(60);
+    let ledger = FdbLedger::open(cfg).await.unwrap();
+    let levels = vec![level(Some(10))];
+    let at = |now: u64| ClaimRequest {
+        now,
+        ..conformance::claim_request(&levels, Some("k"), "chat")
+    };
+    let t0 = conformance::NOW;
+    let first = ledger.claim(at(t0)).await.unwrap().unwrap();
+    let replay = ledger.claim(at(t0 + 60)).await.unwrap().unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.receipt.compact(), first.receipt.compact());
+    let fresh = ledger.claim(at(t0 + 61)).await.unwrap().unwrap();
+    assert!(
+        !fresh.replayed,
+        "past the window the same key is a fresh claim"
+    );
+    assert_eq!(fresh.receipt.body().seq, 2);
+
+    let keys = ledger.engine().keyspace().clone();
+    let family = levels[0].revocation_id.clone();
+    let opts = TxnOptions {
+        timeout: Duration::from_secs(10),
+        retry_limit: 10,
+        max_retry_delay: Duration::from_millis(50),
+    };
+    let txn = ledger.engine().store().begin(&opts).unwrap();
+    let record = txn
+        .get(&keys.idempotency(&family, "k"))
+        .await
+        .unwrap()
+        .unwrap();
+    let record = IdemRecord::decode(&record).unwrap();
+    assert_eq!(
+        record.receipt,
+        ReceiptRef::At {
+            family: family.clone(),
+            seq: 2
+        }
+    );
+    assert_eq!(record.at, Some(t0 + 61));
+    let (begin, end) = keys.journal_range();
+    let journal: Vec<(Vec<u8>, u64)> = txn
+        .get_range(&begin, &end, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, v)| decode_receipt_ref(v).unwrap())
+        .collect();
+    assert_eq!(journal, vec![(family.clone(), 1), (family.clone(), 2)]);
 }

@@ -652,8 +652,8 @@ async fn revocation_through_one_proxy_is_seen_by_all() {
     );
 }
 
-/// Every stored receipt is also in the versionstamped journal (in commit order) and in
-/// the slot index.
+/// Every stored receipt is pointed at by the versionstamped journal (in commit order) and
+/// by the slot index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn journal_and_slot_index_hold_every_receipt() {
     let f = fixture(|c| c.max_batch = 8);
@@ -674,12 +674,15 @@ async fn journal_and_slot_index_hold_every_receipt() {
     let ks = ledger.keyspace();
     let dump = f.store.dump();
     let (jb, je) = ks.journal_range();
-    let journal: Vec<&Vec<u8>> = dump.range(jb..je).map(|(_, v)| v).collect();
-    let journal: Vec<&str> = journal
-        .iter()
-        .map(|v| std::str::from_utf8(v).unwrap())
+    // The journal points at each receipt (family, seq); it holds no copy.
+    let journal: Vec<(Vec<u8>, u64)> = dump
+        .range(jb..je)
+        .map(|(_, v)| till_ledger_fdb::keys::decode_receipt_ref(v).unwrap())
         .collect();
-    let expected: Vec<&str> = stored.iter().map(Receipt::compact).collect();
+    let expected: Vec<(Vec<u8>, u64)> = stored
+        .iter()
+        .map(|r| (levels[0].revocation_id.clone(), r.body().seq))
+        .collect();
     assert_eq!(
         journal, expected,
         "journal order is commit order, which is seq order here"
@@ -706,7 +709,7 @@ async fn schema_is_written_once_and_checked() {
     let key = f.ledger.keyspace().schema();
     assert_eq!(
         f.store.dump().get(&key).unwrap(),
-        &foundationdb_tuple::pack(&(1i64,))
+        &foundationdb_tuple::pack(&(2i64,))
     );
     // A key space written by another layout version is refused.
     let signer = Arc::new(ReceiptSigner::generate());
@@ -720,12 +723,59 @@ async fn schema_is_written_once_and_checked() {
         max_retry_delay: Duration::from_millis(5),
     };
     let mut txn = other.begin(&opts).unwrap();
-    txn.set(&key, &foundationdb_tuple::pack(&(2i64,)));
+    txn.set(&key, &foundationdb_tuple::pack(&(3i64,)));
     txn.commit().await.map_err(|(_, e)| e).unwrap();
     assert!(matches!(
         ledger.check_schema().await,
         Err(LedgerError::Open { .. })
     ));
+}
+
+fn test_txn_options() -> till_ledger_fdb::TxnOptions {
+    till_ledger_fdb::TxnOptions {
+        timeout: Duration::from_secs(5),
+        retry_limit: 5,
+        max_retry_delay: Duration::from_millis(5),
+    }
+}
+
+/// A schema 1 key space (idempotency records holding a copy of the receipt) is still
+/// read: opening it upgrades the schema key to 2, and its records still replay.
+#[tokio::test]
+async fn schema_1_records_replay_and_the_key_space_is_upgraded() {
+    use till_ledger_fdb::{KvStore, KvTxn};
+    let f = fixture(|_| {});
+    let levels = token(&[Some(5)]);
+    let req = conformance::claim_request(&levels, Some("k"), "chat");
+    let first = claim_ok(&f.ledger, req.clone()).await;
+    // Rewrite the record and the schema key as schema 1 wrote them.
+    let ks = f.ledger.keyspace();
+    let idem = ks.idempotency(&levels[0].revocation_id, "k");
+    let record =
+        till_ledger_fdb::keys::IdemRecord::decode(f.store.dump().get(&idem).unwrap()).unwrap();
+    let legacy = serde_json::json!({
+        "record": {
+            "request": record.request,
+            "receipt": first.receipt.compact(),
+            "replays": 0,
+        },
+        "writers": record.writers,
+    });
+    let mut txn = f.store.begin(&test_txn_options()).unwrap();
+    txn.set(&idem, &serde_json::to_vec(&legacy).unwrap());
+    txn.set(&ks.schema(), &foundationdb_tuple::pack(&(1i64,)));
+    txn.commit().await.map_err(|(_, e)| e).unwrap();
+
+    f.ledger.check_schema().await.unwrap();
+    assert_eq!(
+        f.store.dump().get(&ks.schema()).unwrap(),
+        &foundationdb_tuple::pack(&(2i64,)),
+        "upgraded on open"
+    );
+    let again = claim_ok(&f.ledger, req).await;
+    assert!(again.replayed);
+    assert_eq!(again.receipt.compact(), first.receipt.compact());
+    assert_eq!(used(&f.ledger, &levels).await, vec![1]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -984,4 +1034,253 @@ async fn two_proxies_leasing_at_once_never_take_the_same_alert() {
         .await
         .unwrap()
         .is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Bounded key space: one copy of each receipt, idempotency records expire
+
+/// How many stored values contain `needle`.
+fn copies(store: &MemoryStore, needle: &[u8]) -> usize {
+    store
+        .dump()
+        .values()
+        .filter(|v| v.windows(needle.len()).any(|w| w == needle))
+        .count()
+}
+
+/// A claim and then a replay, each with a commit whose result is unknown but which
+/// landed: both retries find their own write in the record and read the receipt by the
+/// record's pointer. One charge, one replay counted, and the receipt stored exactly once
+/// (the record and the journal hold `(family, seq)`, not a copy).
+#[tokio::test]
+async fn replay_by_pointer_after_an_unknown_result() {
+    let f = fixture(|_| {});
+    let levels = token(&[Some(5), Some(3)]);
+    let req = || conformance::claim_request(&levels, Some("k"), "chat");
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
+    let first = claim_ok(&f.ledger, req()).await;
+    assert!(!first.replayed);
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
+    let replay = claim_ok(&f.ledger, req()).await;
+    assert!(replay.replayed);
+    assert_eq!(replay.receipt.compact(), first.receipt.compact());
+    assert_eq!(
+        f.ledger.stats().recovered,
+        2,
+        "both retries found their own write"
+    );
+    assert_eq!(used(&f.ledger, &levels).await, vec![1, 1]);
+
+    let ks = f.ledger.keyspace();
+    let scope = &levels[1].revocation_id;
+    let record = till_ledger_fdb::keys::IdemRecord::decode(
+        f.store.dump().get(&ks.idempotency(scope, "k")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        record.receipt,
+        till_ledger_fdb::keys::ReceiptRef::At {
+            family: levels[0].revocation_id.clone(),
+            seq: 1
+        }
+    );
+    assert_eq!((record.replays, record.at), (1, Some(conformance::NOW)));
+    assert_eq!(record.writers.len(), 2, "the original write and one replay");
+    assert_eq!(
+        copies(&f.store, first.receipt.compact().as_bytes()),
+        1,
+        "the receipt is stored once"
+    );
+    // A receipt's signature (its last segment) appears nowhere else either.
+    let signature = first.receipt.compact().rsplit('.').next().unwrap();
+    assert_eq!(copies(&f.store, signature.as_bytes()), 1);
+}
+
+/// Claims on a hot token, with and without client keys, replays and concurrent
+/// duplicates: every receipt is stored exactly once, and what one claim adds to the key
+/// space stays small (figures in spec/ledger-fdb.md §1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_receipt_is_stored_once() {
+    let f = fixture(|c| c.max_batch = 16);
+    let ledger = Arc::new(f.ledger);
+    let levels = token(&[None, Some(1_000)]);
+    let before: usize = f.store.dump().iter().map(|(k, v)| k.len() + v.len()).sum();
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let ledger = Arc::clone(&ledger);
+            // 20 distinct client keys, each sent three times at once.
+            let key = format!("key-{}", i % 20);
+            let req = conformance::claim_request(&levels, Some(&key), "chat");
+            tokio::spawn(async move { ledger.claim(req).await.unwrap().unwrap() })
+        })
+        .collect();
+    let mut claims = Vec::new();
+    for t in tasks {
+        claims.push(t.await.unwrap());
+    }
+    assert_eq!(claims.iter().filter(|c| !c.replayed).count(), 20);
+    for i in 0..40 {
+        let req = conformance::claim_request(&levels, None, &format!("x{i}"));
+        claims.push(ledger.claim(req).await.unwrap().unwrap());
+    }
+    let stored = conformance::all_receipts(ledger.as_ref(), &levels[0].revocation_id).await;
+    assert_eq!(stored.len(), 60);
+    for r in &stored {
+        assert_eq!(
+            copies(&f.store, r.compact().as_bytes()),
+            1,
+            "seq {}",
+            r.body().seq
+        );
+    }
+    // Growth per claim: the receipt, plus small records.
+    let dump = f.store.dump();
+    let after: usize = dump.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let receipts: usize = stored.iter().map(|r| r.compact().len()).sum();
+    let per_claim = (after - before) / stored.len();
+    let overhead = (after - before - receipts) / stored.len();
+    println!(
+        "per claim: {per_claim} bytes of keys and values, of which {} receipt and {overhead} the rest",
+        receipts / stored.len()
+    );
+    assert!(
+        overhead < 1_000,
+        "everything but the receipt stays under 1 KB per claim: {overhead}"
+    );
+}
+
+fn at(levels: &[Level], key: &str, tag: &str, now: u64) -> ClaimRequest {
+    ClaimRequest {
+        now,
+        ..conformance::claim_request(levels, Some(key), tag)
+    }
+}
+
+/// An idempotency record answers replays for `idempotency_window` after its claim's
+/// `now`; past it, the same key (and even the same request) is a fresh claim — charged,
+/// with a new receipt — whose record then answers replays in turn.
+#[tokio::test]
+async fn idempotency_records_expire_after_the_window() {
+    let f = fixture(|c| c.idempotency_window = Duration::from_secs(60));
+    let levels = token(&[Some(10)]);
+    let t0 = conformance::NOW;
+    let first = claim_ok(&f.ledger, at(&levels, "k", "chat", t0)).await;
+    let edge = claim_ok(&f.ledger, at(&levels, "k", "chat", t0 + 60)).await;
+    assert!(edge.replayed, "still a replay at the window's last second");
+    assert_eq!(edge.receipt.compact(), first.receipt.compact());
+    // A different request under the key is still a conflict inside the window ...
+    assert_eq!(
+        f.ledger
+            .claim(at(&levels, "k", "other", t0 + 60))
+            .await
+            .unwrap()
+            .unwrap_err(),
+        Refusal::IdempotencyConflict
+    );
+    // ... and past the window the record is absent: a fresh claim.
+    let fresh = claim_ok(&f.ledger, at(&levels, "k", "chat", t0 + 61)).await;
+    assert!(!fresh.replayed, "past the window a replay is a fresh claim");
+    assert_eq!(fresh.receipt.body().seq, 2);
+    assert_eq!(fresh.receipt.body().idempotency_key, "k");
+    assert_eq!(used(&f.ledger, &levels).await, vec![2]);
+    // The new record answers replays (with the new receipt), its count starting afresh.
+    for _ in 0..till_ledger::MAX_REPLAYS {
+        let again = claim_ok(&f.ledger, at(&levels, "k", "chat", t0 + 62)).await;
+        assert!(again.replayed);
+        assert_eq!(again.receipt.compact(), fresh.receipt.compact());
+    }
+    // A clock behind the record's time is not expiry.
+    assert_eq!(
+        f.ledger
+            .claim(at(&levels, "k", "chat", t0))
+            .await
+            .unwrap()
+            .unwrap_err(),
+        Refusal::ReplayLimit
+    );
+    // A different request past the window is a fresh claim too (no conflict).
+    let other = claim_ok(&f.ledger, at(&levels, "k", "other", t0 + 200)).await;
+    assert!(!other.replayed);
+    assert_eq!(used(&f.ledger, &levels).await, vec![3]);
+    let stored = conformance::all_receipts(&f.ledger, &levels[0].revocation_id).await;
+    audit_chain(&stored, &f.keys).unwrap();
+    assert_eq!(
+        FdbConfig::new(Arc::new(ReceiptSigner::generate()), "p").idempotency_window,
+        Duration::from_secs(24 * 60 * 60),
+        "the documented default window"
+    );
+}
+
+/// A fresh claim over an expired record whose commit result is unknown but landed: the
+/// retry finds its own write (the record now holds its id and points at its receipt) and
+/// charges nothing more.
+#[tokio::test]
+async fn unknown_result_of_a_claim_over_an_expired_record_charges_once() {
+    let f = fixture(|c| c.idempotency_window = Duration::from_secs(60));
+    let levels = token(&[Some(10)]);
+    let t0 = conformance::NOW;
+    let first = claim_ok(&f.ledger, at(&levels, "k", "chat", t0)).await;
+    f.store
+        .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
+    let fresh = claim_ok(&f.ledger, at(&levels, "k", "chat", t0 + 3_600)).await;
+    assert!(!fresh.replayed);
+    assert_ne!(fresh.receipt.compact(), first.receipt.compact());
+    assert_eq!(fresh.receipt.body().seq, 2);
+    assert_eq!(f.ledger.stats().recovered, 1);
+    assert_eq!(used(&f.ledger, &levels).await, vec![2]);
+}
+
+/// A lease whose commit result is unknown: whether it landed or not, the call returns
+/// exactly the due alerts, each leased once (attempts 1), and a second deliverer gets
+/// none of them while the lease runs. (Before the lease token, a landed unknown lease
+/// returned nothing: the fleet-under-chaos conformance run failed now and then.)
+#[tokio::test]
+async fn unknown_result_of_a_lease_returns_the_alerts_it_leased() {
+    for applied in [true, false] {
+        let f = fixture(|_| {});
+        let levels = token(&[Some(1)]);
+        let got = claim_ok(
+            &f.ledger,
+            conformance::claim_request(&levels, Some("k"), "chat"),
+        )
+        .await;
+        let expected = alert_ids(&got.alerts);
+        assert_eq!(expected.len(), 2);
+        f.store
+            .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, applied);
+        let leased = f
+            .ledger
+            .lease_alerts(conformance::NOW, 30, 100)
+            .await
+            .unwrap();
+        assert_eq!(alert_ids(&leased), expected, "applied: {applied}");
+        assert!(leased.iter().all(|a| a.delivery.attempts == 1));
+        assert_eq!(f.store.pending_faults(), 0);
+        let again = f
+            .ledger
+            .lease_alerts(conformance::NOW + 1, 30, 100)
+            .await
+            .unwrap();
+        assert!(again.is_empty(), "leased once (applied: {applied})");
+        // Settled alerts leave the outbox and their lease token with it.
+        for id in &expected {
+            f.ledger
+                .settle_alert(
+                    id,
+                    AlertOutcome::Delivered {
+                        at: conformance::NOW + 2,
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        let ks = f.ledger.keyspace();
+        let dump = f.store.dump();
+        for id in &expected {
+            assert!(!dump.contains_key(&ks.outbox(id)));
+            assert!(!dump.contains_key(&ks.lease(id)));
+        }
+    }
 }
