@@ -105,3 +105,87 @@ run "till, 1 hot key" -H "Authorization: Bearer $HOT" "http://127.0.0.1:$TILL_PO
 TILL_KEYS_FILE="$WORK/keys.txt" run "till, $KEYS keys round-robin" -s "$WORK/many.lua" "http://127.0.0.1:$TILL_PORT/bench/v1/x"
 
 awk 'NR == 1 {base = $NF} {name = $0; sub(/ [^ ]+$/, "", name); printf "  %-28s %6.1f%% of direct\n", name, 100 * $NF / base}' "$WORK/rps.txt"
+
+# ---------------------------------------------------------------------------------------
+# (e) Fleet hot key (issue 15): three `till serve --ledger fdb:$TILL_FDB_CLUSTER_FILE`
+# proxies sharing one FoundationDB key space (fresh per run) and one set of root/receipt
+# keys (copied), one hot key, one wrk per proxy in parallel (-t1 -c$CONNECTIONS each).
+# Prints activations/s (receipts in the chain / wall time of the load) and each proxy's
+# req/s, then `till audit` of the hot key against the cluster. Needs a build with
+# `--features fdb` (libfdb_c 7.3; fdb/README.md). Every step is bounded in time.
+FLEET_PORT=${FLEET_PORT:-18090}
+FLEET_PIDS=()
+fleet_cleanup() {
+    local pid
+    for pid in "${FLEET_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${FLEET_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    FLEET_PIDS=()
+}
+fleet_case() {
+    local fleet="$WORK/fleet" keyspace="till-load-$$-$(date +%s)" i dir code hot start elapsed out
+    local -a wrk_pids=()
+    trap 'fleet_cleanup; cleanup' EXIT
+    [[ -s "$TILL_FDB_CLUSTER_FILE" ]] || { echo "TILL_FDB_CLUSTER_FILE=$TILL_FDB_CLUSTER_FILE is not a file" >&2; exit 1; }
+    echo "building till with --features fdb (release)..." >&2
+    (cd "$ROOT" && timeout 1800 cargo build --release -p till-cli --features fdb --bin till -q)
+
+    timeout 30 "$TILL" --dir "$fleet/p1" keygen >/dev/null
+    for i in 1 2 3; do
+        dir="$fleet/p$i"
+        if ((i > 1)); then mkdir -p "$dir" && cp "$fleet/p1"/*.jwk "$dir"/ && chmod 600 "$dir"/*.jwk; fi
+        BENCH_UPSTREAM_SECRET=sk-bench TILL_LOG=warn timeout 900 "$TILL" --dir "$dir" serve \
+            --config "$WORK/till.toml" --listen "127.0.0.1:$((FLEET_PORT + i))" --proxy-id "fleet-$i" \
+            --ledger "fdb:$TILL_FDB_CLUSTER_FILE" --keyspace "$keyspace" \
+            --admin-listen 127.0.0.1:0 >"$dir.out" 2>"$dir.err" &
+        FLEET_PIDS+=($!)
+    done
+    for i in 1 2 3; do
+        for _ in $(seq 1 150); do
+            grep -q "listening on" "$fleet/p$i.out" 2>/dev/null && break
+            sleep 0.1
+        done
+        grep -q "listening on" "$fleet/p$i.out" || { echo "fleet proxy $i did not start:" >&2; cat "$fleet/p$i.err" >&2; exit 1; }
+    done
+
+    hot=$(timeout 30 "$TILL" --dir "$fleet/p1" mint --upstream bench --cap 1000000000000)
+    for i in 1 2 3; do # every proxy answers the hot key before measuring
+        code=$(curl -s -m 10 -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $hot" \
+            "http://127.0.0.1:$((FLEET_PORT + i))/bench/v1/x" || echo none)
+        [[ "$code" == 200 ]] || { echo "fleet proxy $i answered $code" >&2; cat "$fleet/p$i.err" >&2; exit 1; }
+    done
+
+    echo "fleet: 3 proxies on $TILL_FDB_CLUSTER_FILE (key space $keyspace), one hot key; wrk -t1 -c$CONNECTIONS -d$DURATION per proxy"
+    start=$(date +%s.%N)
+    for i in 1 2 3; do
+        timeout 600 wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -H "Authorization: Bearer $hot" \
+            "http://127.0.0.1:$((FLEET_PORT + i))/bench/v1/x" >"$fleet/wrk$i.txt" &
+        wrk_pids+=($!)
+    done
+    for i in "${wrk_pids[@]}"; do wait "$i"; done
+    elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {print b - a}')
+    for i in 1 2 3; do
+        out=$(cat "$fleet/wrk$i.txt")
+        printf '  proxy %d: %12s req/s   p50 %9s   p99 %9s   non-2xx %s\n' "$i" \
+            "$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")" "$(awk '$1 == "50%" {print $2}' <<<"$out")" \
+            "$(awk '$1 == "99%" {print $2}' <<<"$out")" "$(awk '/Non-2xx or 3xx responses:/ {print $5}' <<<"$out" | grep . || echo 0)"
+    done
+    fleet_cleanup
+
+    echo "auditing the hot key's chain on the cluster..." >&2
+    local audit_start audit_secs clean receipts
+    audit_start=$(date +%s.%N)
+    timeout 600 "$TILL" --dir "$fleet/p1" audit --json --ledger "fdb:$TILL_FDB_CLUSTER_FILE" \
+        --keyspace "$keyspace" "$hot" >"$fleet/audit.json" || {
+        echo "till audit FAILED:" >&2; cat "$fleet/audit.json" >&2; exit 1; }
+    audit_secs=$(awk -v a="$audit_start" -v b="$(date +%s.%N)" 'BEGIN {print b - a}')
+    read -r clean receipts < <(python3 -c 'import json, sys; a = json.load(open(sys.argv[1])); print(a["clean"], a["report"]["receipts"])' "$fleet/audit.json")
+    awk -v n="$receipts" -v t="$elapsed" 'BEGIN {printf "  fleet, 1 hot key, 3 proxies: %d activations in %.1f s = %.0f activations/s\n", n, t, n / t}'
+    printf '  till audit: clean=%s, %d receipts, %.1f s\n' "$clean" "$receipts" "$audit_secs"
+    [[ "$clean" == True ]] || { echo "the fleet's audit is NOT clean" >&2; exit 1; }
+}
+echo
+if [[ -z "${TILL_FDB_CLUSTER_FILE:-}" ]]; then
+    echo "SKIPPED: fleet hot-key case (set TILL_FDB_CLUSTER_FILE)"
+else
+    fleet_case
+fi
