@@ -6,6 +6,8 @@
 //! - `receipt.key.jwk`  private receipt-signing key, mode 0600
 //! - `receipt.pub.jwk`  receipt public key (give it to auditors)
 //! - `ledger.redb`      the embedded activation ledger
+//! - `ledger.id`        the id of this data dir's ledger, written when the ledger is
+//!   created (or first bound): an emptied, replaced or foreign `ledger.redb` is refused
 //!
 //! Resolution: `--dir`, else `$TILL_DATA_DIR`, else `$XDG_DATA_HOME/till`, else
 //! `$HOME/.local/share/till`.
@@ -32,6 +34,7 @@ const ROOT_PUB: &str = "root.pub.jwk";
 const RECEIPT_KEY: &str = "receipt.key.jwk";
 const RECEIPT_PUB: &str = "receipt.pub.jwk";
 const LEDGER: &str = "ledger.redb";
+const LEDGER_ID: &str = "ledger.id";
 
 /// A resolved data directory (it may not exist yet).
 #[derive(Debug, Clone)]
@@ -82,6 +85,50 @@ impl DataDir {
     /// Path of the embedded ledger file.
     pub fn ledger_path(&self) -> PathBuf {
         self.path.join(LEDGER)
+    }
+
+    /// The id of this data dir's ledger, if one was recorded.
+    pub fn recorded_ledger_id(&self) -> Result<Option<String>> {
+        let path = self.path.join(LEDGER_ID);
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let id = text.trim();
+                if id.is_empty() {
+                    bail!(
+                        "{} is empty: it should name this data dir's ledger",
+                        path.display()
+                    );
+                }
+                Ok(Some(id.to_owned()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Which embedded ledger this data dir expects: the recorded one, else (first use, or
+    /// a data dir from before ledger ids) any ledger bound to receipt key `kid`, which
+    /// gets a new id if it has none.
+    pub fn ledger_binding(&self, kid: &str) -> Result<till_ledger::LedgerBinding> {
+        Ok(match self.recorded_ledger_id()? {
+            Some(id) => till_ledger::LedgerBinding::Expect(id),
+            None => till_ledger::LedgerBinding::Adopt {
+                new_id: till_ledger::new_ledger_id(kid),
+                kid: kid.to_owned(),
+            },
+        })
+    }
+
+    /// Records the ledger's id in the data dir (once; a different recorded id is an error).
+    pub fn record_ledger_id(&self, id: &str) -> Result<()> {
+        match self.recorded_ledger_id()? {
+            Some(recorded) if recorded == id => Ok(()),
+            Some(recorded) => bail!(
+                "{} names ledger {recorded}, but the ledger is {id}",
+                self.path.join(LEDGER_ID).display()
+            ),
+            None => write_public(&self.path.join(LEDGER_ID), id.as_bytes()),
+        }
     }
 
     /// Creates the directory and both key pairs when the directory holds nothing yet.

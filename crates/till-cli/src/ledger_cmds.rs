@@ -140,8 +140,8 @@ pub async fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Led
                         dir.path().join(till_admin::client::DISCOVERY_FILE).display()
                     ),
                 },
-                Err(e) => Err(anyhow::Error::new(e)
-                    .context(format!("opening {}", dir.ledger_path().display()))),
+                // The error names the file and what is wrong with it.
+                Err(e) => Err(anyhow::Error::new(e)),
             }
         }
         ("fdb", cluster_file) => {

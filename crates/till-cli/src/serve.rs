@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use till_ledger::{EmbeddedConfig, EmbeddedLedger, Ledger};
+use till_ledger::{EmbeddedConfig, Ledger};
 use till_proxy::config::LedgerChoice;
 use till_proxy::config::ENV_CONFIG;
 use till_proxy::preset::ENV_PRESETS;
@@ -122,7 +122,9 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
                 )
                 .await?
             }
-            _ => Arc::new(EmbeddedLedger::open(data.ledger_path(), ledger_config)?),
+            // The data dir's own ledger, after its id and an integrity check (a damaged,
+            // emptied or foreign ledger.redb is refused, never started over).
+            _ => Arc::new(crate::cli::ledger_check::open_embedded(&data, ledger_config, true)?),
         };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

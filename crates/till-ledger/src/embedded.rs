@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, DatabaseError, Durability, ReadableTable, TableDefinition};
+use redb::{
+    Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use till_receipt::{Receipt, ReceiptSigner};
 use tokio::sync::oneshot;
 
@@ -51,8 +53,13 @@ const ACTIVITY: TableDefinition<(&[u8], u64), u64> = TableDefinition::new("activ
 const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
 /// Outbox: alert id → Unix time fired, while its delivery is pending.
 const OUTBOX: TableDefinition<&str, u64> = TableDefinition::new("outbox");
-/// Metadata: `schema_version` → [`SCHEMA_VERSION`].
+/// Metadata: `schema_version` → [`SCHEMA_VERSION`]; `integrity_failed` → Unix time of a
+/// failed integrity check (present until `till ledger repair` clears it).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Text metadata: `ledger_id` → this ledger's id (see [`LedgerBinding`]).
+const META_TEXT: TableDefinition<&str, &str> = TableDefinition::new("meta_text");
+const INTEGRITY_FAILED: &str = "integrity_failed";
+const LEDGER_ID: &str = "ledger_id";
 
 /// On-disk layout version; bumped on any incompatible table change.
 ///
@@ -98,6 +105,62 @@ impl EmbeddedConfig {
             alerts: AlertPolicy::default(),
         }
     }
+}
+
+/// Which ledger a caller expects to open (`spec/ledger.md`, "Ledger id").
+///
+/// A ledger id is `<32 lower-case hex digits>@<receipt key id>`: random, written once when
+/// the ledger is created (or first bound), and put into every receipt it signs. The data
+/// dir remembers it, so an emptied, replaced or foreign ledger file is refused instead of
+/// being taken as a fresh start.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LedgerBinding {
+    /// No check and no new id: the ledger keeps (and uses) whatever id it has, if any.
+    #[default]
+    Unbound,
+    /// The file must exist, be non-empty and carry exactly this id.
+    Expect(String),
+    /// First binding: a missing or empty file is created with `new_id`; a file without an
+    /// id gets `new_id`; a file whose id is bound to receipt key `kid` keeps it; a file
+    /// bound to another receipt key is refused (a foreign ledger).
+    Adopt {
+        /// The id to write when the file has none.
+        new_id: String,
+        /// This data dir's receipt key id.
+        kid: String,
+    },
+}
+
+/// A fresh ledger id bound to receipt key `kid`.
+pub fn new_ledger_id(kid: &str) -> String {
+    format!("{:032x}@{kid}", rand::random::<u128>())
+}
+
+/// What to check when opening (see [`EmbeddedLedger::open_checked`]).
+#[derive(Debug, Clone, Default)]
+pub struct OpenChecks {
+    /// Which ledger is expected.
+    pub binding: LedgerBinding,
+    /// Run redb's full integrity check (every page checksum, the allocator state) and the
+    /// ledger's own consistency checks before accepting the file. Reads the whole file.
+    pub integrity: bool,
+}
+
+/// What [`check_file`] found in a healthy ledger.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LedgerSummary {
+    /// The ledger id, if one was written.
+    pub ledger_id: Option<String>,
+    /// On-disk schema version.
+    pub schema_version: u64,
+    /// Families with at least one receipt.
+    pub families: u64,
+    /// Receipts stored (every one parsed, every chain linked).
+    pub receipts: u64,
+    /// Counters stored.
+    pub counters: u64,
+    /// Revoked ids.
+    pub revoked: u64,
 }
 
 type ClaimAnswer = Result<Result<Claim, Refusal>, LedgerError>;
@@ -153,6 +216,7 @@ enum Answer {
 /// The embedded, single-node ledger (redb). See the module docs and `spec/ledger.md`.
 pub struct EmbeddedLedger {
     path: PathBuf,
+    ledger_id: Option<String>,
     db: Arc<Database>,
     commands: Option<SyncSender<Command>>,
     writer: Option<JoinHandle<()>>,
@@ -175,11 +239,28 @@ impl EmbeddedLedger {
     /// Fails with [`LedgerError::Locked`] when another process (normally a running
     /// `till serve`) has the file open: redb holds an exclusive lock on it.
     pub fn open(path: impl AsRef<Path>, config: EmbeddedConfig) -> Result<Self, LedgerError> {
+        Self::open_checked(path, config, &OpenChecks::default())
+    }
+
+    /// [`EmbeddedLedger::open`] with the checks `till serve` and the CLI use: the ledger
+    /// id ([`LedgerBinding`]) and, with `checks.integrity`, a full integrity check.
+    ///
+    /// Never panics on a damaged file: redb's own assertions are contained and every
+    /// failure is a [`LedgerError::Open`] naming the file and what is wrong with it. A file
+    /// that fails the integrity check is marked (`integrity_failed`), so it keeps being
+    /// refused until `till ledger repair` — even if redb repaired it on the way.
+    pub fn open_checked(
+        path: impl AsRef<Path>,
+        config: EmbeddedConfig,
+        checks: &OpenChecks,
+    ) -> Result<Self, LedgerError> {
         let path = path.as_ref().to_path_buf();
-        let db = Arc::new(open_database(&path)?);
+        let (db, ledger_id) = open_database(&path, checks)?;
+        let db = Arc::new(db);
         let faults = Arc::new(Faults::default());
         let (commands, queue) = mpsc::sync_channel(QUEUE_CAPACITY);
         let writer = Writer {
+            ledger_id: ledger_id.clone(),
             db: Arc::clone(&db),
             kid: config.signer.key_id().to_owned(),
             signer: config.signer,
@@ -197,6 +278,7 @@ impl EmbeddedLedger {
             })?;
         Ok(Self {
             path,
+            ledger_id,
             db,
             commands: Some(commands),
             writer: Some(handle),
@@ -208,6 +290,11 @@ impl EmbeddedLedger {
     /// The ledger file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// This ledger's id (see [`LedgerBinding`]); `None` for a ledger never bound.
+    pub fn ledger_id(&self) -> Option<&str> {
+        self.ledger_id.as_deref()
     }
 
     /// Fault injection for tests of the layers above (proxy: "ledger unavailable → 503,
@@ -253,9 +340,20 @@ impl EmbeddedLedger {
         F: FnOnce(&Database) -> Result<T, LedgerError> + Send + 'static,
     {
         let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|e| LedgerError::Unavailable(format!("read task failed: {e}")))?
+        let path = self.path.display().to_string();
+        tokio::task::spawn_blocking(move || {
+            // A damaged file can trip redb's assertions: an error, never a crash.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&db))).unwrap_or_else(
+                |panic| {
+                    Err(LedgerError::Corrupt(format!(
+                        "reading {path} failed ({}); the file may be damaged: run `till ledger check`",
+                        panic_message(&*panic)
+                    )))
+                },
+            )
+        })
+        .await
+        .map_err(|e| LedgerError::Unavailable(format!("read task failed: {e}")))?
     }
 }
 
@@ -468,71 +566,486 @@ impl Ledger for EmbeddedLedger {
     }
 }
 
-fn open_database(path: &Path) -> Result<Database, LedgerError> {
+/// The text of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".to_owned())
+}
+
+/// Runs `f`, turning a panic (redb asserts on some damaged files) into an error.
+fn contained<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        Err(format!(
+            "{what} failed inside the storage engine ({}): the file is damaged",
+            panic_message(&*panic)
+        ))
+    })
+}
+
+/// Is the file missing or empty (a state redb would silently initialise)?
+fn missing_or_empty(path: &Path) -> Result<bool, String> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err("not a regular file".to_owned()),
+        Ok(m) => Ok(m.len() == 0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn open_database(
+    path: &Path,
+    checks: &OpenChecks,
+) -> Result<(Database, Option<String>), LedgerError> {
     let shown = path.display().to_string();
     let open_err = |reason: String| LedgerError::Open {
         path: shown.clone(),
         reason,
     };
-    let db = match Database::create(path) {
+    let fresh = missing_or_empty(path).map_err(open_err)?;
+    if let (true, LedgerBinding::Expect(id)) = (fresh, &checks.binding) {
+        return Err(open_err(format!(
+            "the file is missing or empty, but this data dir's ledger is {id}: refusing to \
+             start a fresh ledger (it would re-activate revoked and used-up keys and restart \
+             every receipt chain). Restore ledger.redb from a backup"
+        )));
+    }
+    let mut db = match contained("opening", || {
+        Database::create(path).map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => "locked".to_owned(),
+            other => other.to_string(),
+        })
+    }) {
         Ok(db) => db,
-        Err(DatabaseError::DatabaseAlreadyOpen) => {
-            return Err(LedgerError::Locked { path: shown });
+        Err(reason) if reason == "locked" => return Err(LedgerError::Locked { path: shown }),
+        Err(reason) => {
+            return Err(open_err(format!(
+                "{reason}; the file is not a readable ledger (run `till ledger check`)"
+            )))
         }
-        Err(e) => return Err(open_err(e.to_string())),
     };
+    if checks.integrity && !fresh {
+        integrity(&mut db).map_err(open_err)?;
+    }
+    let ledger_id =
+        contained("preparing the ledger", || prepare(&db, &checks.binding)).map_err(open_err)?;
+    Ok((db, ledger_id))
+}
+
+/// redb's full integrity check. A file that fails it is marked `integrity_failed` (redb
+/// may have repaired it in place by going back to its previous commit, which can lose
+/// committed claims): the mark keeps it refused until `till ledger repair`.
+fn integrity(db: &mut Database) -> Result<(), String> {
+    let marked = contained("reading the ledger's metadata", || failed_mark(db))?;
+    if let Some(at) = marked {
+        return Err(format!(
+            "this ledger failed an integrity check (at Unix time {at}) and has not been \
+             repaired: run `till ledger check`, then `till ledger repair` to accept what \
+             remains, or restore ledger.redb from a backup"
+        ));
+    }
+    let verdict = contained("the integrity check", || {
+        db.check_integrity().map_err(|e| e.to_string())
+    });
+    match verdict {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            // Best effort: if the mark cannot be written, the error below still stops us.
+            let _ = contained("marking the ledger", || mark_failed(db));
+            Err(
+                "the ledger failed its integrity check (damaged pages: its newest commit \
+                 could not be trusted); refusing to use it. Run `till ledger check`, then \
+                 `till ledger repair`, or restore ledger.redb from a backup"
+                    .to_owned(),
+            )
+        }
+        Err(e) => Err(format!(
+            "the ledger failed its integrity check and cannot be repaired: {e}. Restore \
+             ledger.redb from a backup"
+        )),
+    }
+}
+
+fn failed_mark(db: &Database) -> Result<Option<u64>, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let at = meta
+        .get(INTEGRITY_FAILED)
+        .map_err(|e| e.to_string())?
+        .map(|v| v.value());
+    Ok(at)
+}
+
+fn mark_failed(db: &Database) -> Result<(), String> {
+    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+    txn.set_durability(Durability::Immediate);
+    txn.open_table(META)
+        .map_err(|e| e.to_string())?
+        .insert(INTEGRITY_FAILED, unix_now())
+        .map_err(|e| e.to_string())?;
+    txn.commit().map_err(|e| e.to_string())
+}
+
+/// Creates every table, checks (or migrates) the schema version, and applies the
+/// ledger-id binding, in one transaction. Returns the ledger id.
+fn prepare(db: &Database, binding: &LedgerBinding) -> Result<Option<String>, String> {
     // Create every table up front so read transactions never meet a missing table, and
     // refuse a file written by an incompatible layout.
-    let mut txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
+    let e = |e: redb::Error| e.to_string();
+    let mut txn = db.begin_write().map_err(|x| e(x.into()))?;
     txn.set_durability(Durability::Immediate);
+    let ledger_id;
     {
-        let mut meta = txn.open_table(META).map_err(|e| open_err(e.to_string()))?;
+        let mut meta = txn.open_table(META).map_err(|x| e(x.into()))?;
         let stored = meta
             .get("schema_version")
-            .map_err(|e| open_err(e.to_string()))?
+            .map_err(|x| e(x.into()))?
             .map(|v| v.value());
         match stored {
             None => {
                 meta.insert("schema_version", SCHEMA_VERSION)
-                    .map_err(|e| open_err(e.to_string()))?;
+                    .map_err(|x| e(x.into()))?;
             }
             Some(SCHEMA_VERSION) => {}
             Some(1) => {
-                migrate_chain_heads(&txn).map_err(open_err)?;
+                migrate_chain_heads(&txn)?;
                 meta.insert("schema_version", SCHEMA_VERSION)
-                    .map_err(|e| open_err(e.to_string()))?;
+                    .map_err(|x| e(x.into()))?;
             }
             Some(other) => {
-                return Err(open_err(format!(
+                return Err(format!(
                     "ledger schema version {other}, this build reads {SCHEMA_VERSION}"
-                )))
+                ))
             }
         }
-        txn.open_table(COUNTERS)
-            .map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(REVOKED)
-            .map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(RECEIPTS)
-            .map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(CHAIN_HEADS)
-            .map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(IDEMPOTENCY)
-            .map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(BLOCKS)
-            .map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(FAMILY_BLOCKS)
-            .map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(FAMILIES)
-            .map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(ACTIVITY)
-            .map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(ALERTS)
-            .map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(OUTBOX)
-            .map_err(|e| open_err(e.to_string()))?;
+        let mut text = txn.open_table(META_TEXT).map_err(|x| e(x.into()))?;
+        let stored = text
+            .get(LEDGER_ID)
+            .map_err(|x| e(x.into()))?
+            .map(|v| v.value().to_owned());
+        ledger_id = match (binding, stored) {
+            (LedgerBinding::Unbound, stored) => stored,
+            (LedgerBinding::Expect(want), Some(have)) if *want == have => Some(have),
+            (LedgerBinding::Expect(want), have) => {
+                return Err(format!(
+                    "this is not this data dir's ledger: it is {}, the data dir's is {want} \
+                     (a ledger from another data dir, or one that was replaced): refusing it",
+                    have.as_deref().unwrap_or("a ledger without an id")
+                ))
+            }
+            (LedgerBinding::Adopt { kid, .. }, Some(have)) => {
+                if have.rsplit_once('@').map(|(_, k)| k) != Some(kid.as_str()) {
+                    return Err(format!(
+                        "this ledger ({have}) belongs to another receipt key than this data \
+                         dir's ({kid}): refusing a foreign ledger"
+                    ));
+                }
+                Some(have)
+            }
+            (LedgerBinding::Adopt { new_id, .. }, None) => {
+                text.insert(LEDGER_ID, new_id.as_str())
+                    .map_err(|x| e(x.into()))?;
+                Some(new_id.clone())
+            }
+        };
+        txn.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+        txn.open_table(REVOKED).map_err(|x| e(x.into()))?;
+        txn.open_table(RECEIPTS).map_err(|x| e(x.into()))?;
+        txn.open_table(CHAIN_HEADS).map_err(|x| e(x.into()))?;
+        txn.open_table(IDEMPOTENCY).map_err(|x| e(x.into()))?;
+        txn.open_table(BLOCKS).map_err(|x| e(x.into()))?;
+        txn.open_table(FAMILY_BLOCKS).map_err(|x| e(x.into()))?;
+        txn.open_table(FAMILIES).map_err(|x| e(x.into()))?;
+        txn.open_table(ACTIVITY).map_err(|x| e(x.into()))?;
+        txn.open_table(ALERTS).map_err(|x| e(x.into()))?;
+        txn.open_table(OUTBOX).map_err(|x| e(x.into()))?;
     }
-    txn.commit().map_err(|e| open_err(e.to_string()))?;
-    Ok(db)
+    txn.commit().map_err(|x| e(x.into()))?;
+    Ok(ledger_id)
+}
+
+/// Checks a ledger file without changing it (`till ledger check`).
+///
+/// Takes the file's lock (so no `till serve` writes it meanwhile; a ledger in use is
+/// [`LedgerError::Locked`]), copies it to `scratch` (a path the caller owns, removed
+/// afterwards), and checks the copy: redb's full integrity check (every page checksum,
+/// the allocator state), then the ledger's own consistency — schema version, every stored
+/// receipt parses, every family's receipts run `seq` 1..n with each `prev` naming its
+/// predecessor, the chain head names the last receipt, and the family counter equals it.
+/// Signatures are not verified here (`till audit` does, per family, with the public key).
+pub fn check_file(path: &Path, scratch: &Path) -> Result<LedgerSummary, LedgerError> {
+    let shown = path.display().to_string();
+    let damaged = |reason: String| LedgerError::Open {
+        path: shown.clone(),
+        reason,
+    };
+    if missing_or_empty(path).map_err(&damaged)? {
+        return Err(damaged(
+            "the file is missing or empty: there is no ledger to check".into(),
+        ));
+    }
+    // Held (when the file opens cleanly) while copying, so no `till serve` writes it
+    // meanwhile.
+    let held = hold_lock(path)?;
+    std::fs::copy(path, scratch).map_err(|e| damaged(format!("copying it to check: {e}")))?;
+    drop(held);
+    let result = check_copy(scratch);
+    let _ = std::fs::remove_file(scratch);
+    result.map_err(damaged)
+}
+
+/// Takes the ledger file's lock by opening it without any repair: a clean file comes
+/// back open (its lock held until dropped); one in use is [`LedgerError::Locked`]; one
+/// redb cannot open as is (damaged, or needing crash recovery) is `None` — nobody can
+/// have it open, and it is left exactly as it is.
+fn hold_lock(path: &Path) -> Result<Option<Database>, LedgerError> {
+    let opened = contained("opening", || {
+        Database::builder()
+            .set_repair_callback(|session| session.abort())
+            .create(path)
+            .map_err(|e| match e {
+                DatabaseError::DatabaseAlreadyOpen => "locked".to_owned(),
+                other => other.to_string(),
+            })
+    });
+    match opened {
+        Ok(db) => Ok(Some(db)),
+        Err(reason) if reason == "locked" => Err(LedgerError::Locked {
+            path: path.display().to_string(),
+        }),
+        Err(_) => Ok(None),
+    }
+}
+
+fn check_copy(copy: &Path) -> Result<LedgerSummary, String> {
+    let mut db = contained("opening", || {
+        Database::create(copy).map_err(|e| e.to_string())
+    })
+    .map_err(|e| format!("{e}; the file is not a readable ledger"))?;
+    match contained("the integrity check", || {
+        db.check_integrity().map_err(|e| e.to_string())
+    }) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(
+                "the file fails redb's integrity check (damaged pages; redb could \
+                        repair it only by going back to an earlier commit, losing what came \
+                        after)"
+                    .into(),
+            )
+        }
+        Err(e) => return Err(format!("the file fails redb's integrity check: {e}")),
+    }
+    if let Some(at) = contained("reading the metadata", || failed_mark(&db))? {
+        return Err(format!(
+            "the ledger is marked as having failed an integrity check (at Unix time {at}); \
+             `till ledger repair` clears the mark"
+        ));
+    }
+    contained("the consistency check", || consistency(&db))
+}
+
+/// The ledger's own invariants over a whole file (see [`check_file`]).
+fn consistency(db: &Database) -> Result<LedgerSummary, String> {
+    let e = |x: redb::Error| x.to_string();
+    let txn = db.begin_read().map_err(|x| e(x.into()))?;
+    let meta = txn.open_table(META).map_err(|x| e(x.into()))?;
+    let schema_version = meta
+        .get("schema_version")
+        .map_err(|x| e(x.into()))?
+        .map(|v| v.value())
+        .ok_or("no schema version: not a Till ledger")?;
+    if !(1..=SCHEMA_VERSION).contains(&schema_version) {
+        return Err(format!(
+            "ledger schema version {schema_version}, this build reads {SCHEMA_VERSION}"
+        ));
+    }
+    let ledger_id = match txn.open_table(META_TEXT) {
+        Ok(t) => t
+            .get(LEDGER_ID)
+            .map_err(|x| e(x.into()))?
+            .map(|v| v.value().to_owned()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(x) => return Err(e(x.into())),
+    };
+    let receipts = txn.open_table(RECEIPTS).map_err(|x| e(x.into()))?;
+    let heads = txn.open_table(CHAIN_HEADS).map_err(|x| e(x.into()))?;
+    let counters = txn.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+    let revoked = txn.open_table(REVOKED).map_err(|x| e(x.into()))?;
+
+    let mut summary = LedgerSummary {
+        ledger_id,
+        schema_version,
+        families: 0,
+        receipts: 0,
+        counters: counters.len().map_err(|x| e(x.into()))?,
+        revoked: revoked.len().map_err(|x| e(x.into()))?,
+    };
+    let mut previous: Option<(Vec<u8>, Receipt)> = None;
+    let finish = |family: &[u8], last: &Receipt| -> Result<(), String> {
+        let fam = hex::encode(family);
+        let seq = last.body().seq;
+        let head = heads
+            .get(family)
+            .map_err(|x| e(x.into()))?
+            .map(|v| (v.value().0, v.value().1.to_owned()))
+            .ok_or_else(|| format!("family {fam}: receipts but no chain head"))?;
+        let want = if schema_version >= 2 {
+            last.hash_hex()
+        } else {
+            hex::encode(last.compact_hash())
+        };
+        if head != (seq, want) {
+            return Err(format!(
+                "family {fam}: the chain head does not name its last receipt (seq {seq})"
+            ));
+        }
+        let counter = counters
+            .get(family)
+            .map_err(|x| e(x.into()))?
+            .map_or(0, |v| v.value());
+        if counter != seq {
+            return Err(format!(
+                "family {fam}: counter {counter} but {seq} receipts"
+            ));
+        }
+        Ok(())
+    };
+    for entry in receipts.iter().map_err(|x| e(x.into()))? {
+        let (key, value) = entry.map_err(|x| e(x.into()))?;
+        let (family, seq) = key.value();
+        let receipt = Receipt::parse(value.value()).map_err(|x| {
+            format!(
+                "family {}: stored receipt {seq} is unreadable: {x}",
+                hex::encode(family)
+            )
+        })?;
+        let body = receipt.body();
+        if body.seq != seq || body.family != hex::encode(family) {
+            return Err(format!(
+                "family {}: the receipt stored at {seq} is another one",
+                hex::encode(family)
+            ));
+        }
+        let expected_prev = match &previous {
+            Some((prev_family, prev)) if prev_family.as_slice() == family => {
+                if seq != prev.body().seq + 1 {
+                    return Err(format!(
+                        "family {}: receipt {} is followed by {seq}",
+                        hex::encode(family),
+                        prev.body().seq
+                    ));
+                }
+                Some(prev.link_for_version(body.v))
+            }
+            other => {
+                if let Some((prev_family, prev)) = other {
+                    finish(prev_family, prev)?;
+                }
+                summary.families += 1;
+                if seq != 1 {
+                    return Err(format!(
+                        "family {}: the first receipt is {seq}, not 1",
+                        hex::encode(family)
+                    ));
+                }
+                None
+            }
+        };
+        if body.prev != expected_prev {
+            return Err(format!(
+                "family {}: receipt {seq} does not name its predecessor",
+                hex::encode(family)
+            ));
+        }
+        summary.receipts += 1;
+        previous = Some((family.to_vec(), receipt));
+    }
+    if let Some((family, last)) = &previous {
+        finish(family, last)?;
+    }
+    if heads.len().map_err(|x| e(x.into()))? != summary.families {
+        return Err("a chain head names a family without receipts".into());
+    }
+    Ok(summary)
+}
+
+/// What [`repair_file`] did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RepairOutcome {
+    /// The file passed redb's integrity check unchanged.
+    pub was_clean: bool,
+    /// An `integrity_failed` mark was cleared.
+    pub cleared_mark: bool,
+    /// The ledger after the repair.
+    pub summary: LedgerSummary,
+}
+
+/// Repairs a ledger file in place (`till ledger repair`), after copying it to `backup`.
+///
+/// redb's integrity check repairs what it can: a damaged newest commit is dropped (the
+/// file goes back to its previous commit, so claims of the dropped commit are lost and
+/// their slots may be taken again — an auditor holding their receipts sees a fork) and
+/// the allocator state is rebuilt. Then the `integrity_failed` mark is cleared and the
+/// consistency check must pass. Refuses a ledger in use ([`LedgerError::Locked`]).
+pub fn repair_file(path: &Path, backup: &Path) -> Result<RepairOutcome, LedgerError> {
+    let shown = path.display().to_string();
+    let failed = |reason: String| LedgerError::Open {
+        path: shown.clone(),
+        reason,
+    };
+    if missing_or_empty(path).map_err(&failed)? {
+        return Err(failed(
+            "the file is missing or empty: nothing to repair".into(),
+        ));
+    }
+    {
+        let held = hold_lock(path)?;
+        std::fs::copy(path, backup)
+            .map_err(|e| failed(format!("backing it up to {}: {e}", backup.display())))?;
+        drop(held);
+    }
+    let mut db = contained("opening", || {
+        Database::create(path).map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => "locked".to_owned(),
+            other => other.to_string(),
+        })
+    })
+    .map_err(|e| {
+        failed(format!(
+            "{e}; redb cannot open it, so it cannot be repaired"
+        ))
+    })?;
+    let was_clean = contained("the integrity check", || {
+        db.check_integrity().map_err(|e| e.to_string())
+    })
+    .map_err(|e| failed(format!("cannot be repaired: {e}")))?;
+    let cleared_mark = contained("clearing the mark", || {
+        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_durability(Durability::Immediate);
+        let had = txn
+            .open_table(META)
+            .map_err(|e| e.to_string())?
+            .remove(INTEGRITY_FAILED)
+            .map_err(|e| e.to_string())?
+            .is_some();
+        txn.commit().map_err(|e| e.to_string())?;
+        Ok(had)
+    })
+    .map_err(&failed)?;
+    let summary = contained("the consistency check", || consistency(&db))
+        .map_err(|e| failed(format!("repaired by redb, but still inconsistent: {e}")))?;
+    Ok(RepairOutcome {
+        was_clean,
+        cleared_mark,
+        summary,
+    })
 }
 
 /// Schema 1 → 2: every chain head's hash becomes its receipt's link hash (the next
@@ -799,6 +1312,8 @@ fn unix_now() -> u64 {
 
 /// The writer thread's state.
 struct Writer {
+    /// Goes into every receipt this writer signs.
+    ledger_id: Option<String>,
     db: Arc<Database>,
     signer: Arc<ReceiptSigner>,
     alerts: AlertPolicy,
@@ -1152,11 +1667,12 @@ impl Writer {
             }
             Ok(Plan::Commit {
                 new_counts,
-                body,
+                mut body,
                 remaining,
                 minute_count,
                 alerts,
             }) => {
+                body.ledger.clone_from(&self.ledger_id);
                 let signed = if self.faults.signing_should_fail() {
                     Err("injected signing failure".to_owned())
                 } else {

@@ -79,7 +79,10 @@ pub mod plan;
 pub use alert::{AlertOutcome, AlertPolicy, AlertRecord};
 pub use family::{BlockMeta, FamilyDetail, FamilyView, KeyBlocks};
 
-pub use embedded::{EmbeddedConfig, EmbeddedLedger, QUEUE_CAPACITY, SCHEMA_VERSION};
+pub use embedded::{
+    check_file, new_ledger_id, repair_file, EmbeddedConfig, EmbeddedLedger, LedgerBinding,
+    LedgerSummary, OpenChecks, RepairOutcome, QUEUE_CAPACITY, SCHEMA_VERSION,
+};
 pub use error::{LedgerError, Refusal};
 #[cfg(feature = "fault-injection")]
 #[doc(hidden)]

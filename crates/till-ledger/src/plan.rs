@@ -281,6 +281,7 @@ pub fn plan_claim(
         kid: ctx.kid.to_owned(),
         idempotency_key: ctx.idempotency_key.to_owned(),
         prev,
+        ledger: None,
     };
     let remaining = remaining(&req.levels, &new_counts);
     let minute_count = state.minute_count.saturating_add(1);

@@ -360,3 +360,179 @@ async fn schema_1_chain_heads_are_migrated_to_the_link_hash() {
     assert_eq!(head.value(), (3, third.receipt.hash_hex().as_str()));
     assert_eq!(heads.iter().unwrap().count(), 1);
 }
+
+fn open_with(path: &Path, checks: &till_ledger::OpenChecks) -> Result<EmbeddedLedger, LedgerError> {
+    EmbeddedLedger::open_checked(path, EmbeddedConfig::new(signer(), "test"), checks)
+}
+
+fn adopt() -> till_ledger::LedgerBinding {
+    till_ledger::LedgerBinding::Adopt {
+        new_id: till_ledger::new_ledger_id(signer().key_id()),
+        kid: signer().key_id().to_owned(),
+    }
+}
+
+/// Issue 10 item 11: a bound ledger writes its id once, puts it into every receipt, and
+/// the bindings refuse an emptied, replaced or foreign file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_id_is_bound_checked_and_in_every_receipt() {
+    use till_ledger::{LedgerBinding, OpenChecks};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let token = levels(&[Some(5)]);
+    let checks = OpenChecks {
+        binding: adopt(),
+        integrity: true,
+    };
+    let id = {
+        let ledger = open_with(&path, &checks).unwrap();
+        let id = ledger.ledger_id().unwrap().to_owned();
+        assert!(id.ends_with(&format!("@{}", signer().key_id())), "{id}");
+        let c = ledger
+            .claim(claim_request(&token, None, "chat"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.receipt.body().ledger.as_deref(), Some(id.as_str()));
+        id
+    };
+    // Adopt again: the stored id is kept (not replaced by the new candidate).
+    assert_eq!(
+        open_with(&path, &checks).unwrap().ledger_id(),
+        Some(id.as_str())
+    );
+    // Expect: the right id opens; and an unbound open keeps using it in receipts.
+    let expect = |id: &str| OpenChecks {
+        binding: LedgerBinding::Expect(id.to_owned()),
+        integrity: true,
+    };
+    drop(open_with(&path, &expect(&id)).unwrap());
+    {
+        let ledger = open(&path, 1, Duration::from_secs(10));
+        assert_eq!(ledger.ledger_id(), Some(id.as_str()));
+        let c = ledger
+            .claim(claim_request(&token, None, "chat"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.receipt.body().ledger.as_deref(), Some(id.as_str()));
+        assert_eq!(chain_len(&ledger, &token[0].revocation_id).await, 2);
+    }
+    let refused = |r: Result<EmbeddedLedger, LedgerError>, says: &str| match r {
+        Err(LedgerError::Open { reason, .. }) => assert!(reason.contains(says), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    // Another id expected: refused.
+    refused(
+        open_with(
+            &path,
+            &expect(&till_ledger::new_ledger_id(signer().key_id())),
+        ),
+        "not this data dir's ledger",
+    );
+    // Bound to another receipt key: refused by Adopt.
+    refused(
+        open_with(
+            &path,
+            &OpenChecks {
+                binding: LedgerBinding::Adopt {
+                    new_id: till_ledger::new_ledger_id("r-0000000000000000"),
+                    kid: "r-0000000000000000".into(),
+                },
+                integrity: false,
+            },
+        ),
+        "another receipt key",
+    );
+    // Emptied or missing while expected: refused, and nothing is created.
+    std::fs::write(&path, b"").unwrap();
+    refused(open_with(&path, &expect(&id)), "missing or empty");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    std::fs::remove_file(&path).unwrap();
+    refused(open_with(&path, &expect(&id)), "missing or empty");
+    assert!(!path.exists());
+}
+
+/// Issue 10 item 10: a truncated file is an error from every way of opening it (redb's
+/// assertion is contained), and `check_file` says so without touching the file.
+#[test]
+fn truncated_file_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    drop(open(&path, 1, Duration::from_secs(1)));
+    let data = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &data[..data.len() / 3]).unwrap();
+    for checks in [
+        till_ledger::OpenChecks::default(),
+        till_ledger::OpenChecks {
+            binding: adopt(),
+            integrity: true,
+        },
+    ] {
+        match open_with(&path, &checks) {
+            Err(LedgerError::Open { reason, .. }) => {
+                assert!(reason.contains("damaged"), "{reason}")
+            }
+            other => panic!("expected an open error, got {other:?}"),
+        }
+    }
+    let scratch = dir.path().join("scratch");
+    assert!(matches!(
+        till_ledger::check_file(&path, &scratch),
+        Err(LedgerError::Open { .. })
+    ));
+    assert!(!scratch.exists());
+    assert_eq!(std::fs::read(&path).unwrap(), &data[..data.len() / 3]);
+}
+
+/// Issue 10 item 10: a ledger marked as having failed an integrity check stays refused
+/// (even if redb repaired it on the way) until `repair_file`, which keeps a backup and
+/// clears the mark; `check_file` reports the mark too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrity_failure_mark_is_sticky_until_repair() {
+    use redb::TableDefinition;
+    const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let token = levels(&[Some(5)]);
+    {
+        let ledger = open(&path, 1, Duration::from_secs(10));
+        ledger
+            .claim(claim_request(&token, None, "chat"))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let scratch = dir.path().join("scratch");
+    let summary = till_ledger::check_file(&path, &scratch).unwrap();
+    assert_eq!((summary.families, summary.receipts), (1, 1));
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("integrity_failed", 1_800_000_000)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let checks = till_ledger::OpenChecks {
+        binding: till_ledger::LedgerBinding::Unbound,
+        integrity: true,
+    };
+    for _ in 0..2 {
+        match open_with(&path, &checks) {
+            Err(LedgerError::Open { reason, .. }) => {
+                assert!(reason.contains("ledger repair"), "{reason}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(till_ledger::check_file(&path, &scratch).is_err());
+    let backup = dir.path().join("backup");
+    let outcome = till_ledger::repair_file(&path, &backup).unwrap();
+    assert!(outcome.was_clean && outcome.cleared_mark, "{outcome:?}");
+    assert_eq!(outcome.summary.receipts, 1);
+    assert!(backup.exists());
+    let ledger = open_with(&path, &checks).unwrap();
+    assert_eq!(chain_len(&ledger, &token[0].revocation_id).await, 1);
+}

@@ -48,6 +48,7 @@ fn body(signer: &ReceiptSigner, seq: u64, prev: Option<String>) -> ReceiptBody {
         kid: signer.key_id().into(),
         idempotency_key: format!("idem-{seq:08}"),
         prev,
+        ledger: None,
     }
 }
 

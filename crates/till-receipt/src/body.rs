@@ -85,11 +85,17 @@ pub struct ReceiptBody {
     /// serialized (as `null` when `None`).
     #[serde(default)]
     pub prev: Option<String>,
+    /// Id of the ledger that took the claim (version 2; omitted when the ledger has
+    /// none). A ledger id is written once when a ledger is created, so receipts of one
+    /// family from two ledgers (e.g. after a ledger was emptied and started over at
+    /// `seq` 1) carry different ids: an auditor sees the reset as a fork.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<String>,
 }
 
 impl ReceiptBody {
     /// The name of the first member this body carries that its version `v` does not
-    /// have (`query` and `content_type` of the request are new in version 2).
+    /// have (`request.query`, `request.content_type` and `ledger` are new in version 2).
     pub(crate) fn member_newer_than_version(&self) -> Option<&'static str> {
         if self.v >= 2 {
             return None;
@@ -98,6 +104,8 @@ impl ReceiptBody {
             Some("request.query")
         } else if self.request.content_type.is_some() {
             Some("request.content_type")
+        } else if self.ledger.is_some() {
+            Some("ledger")
         } else {
             None
         }
@@ -133,6 +141,7 @@ mod tests {
             kid: "r-00".into(),
             idempotency_key: "k".into(),
             prev: None,
+            ledger: None,
         }
     }
 

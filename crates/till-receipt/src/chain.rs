@@ -59,7 +59,8 @@ struct Level {
 /// 4. `prev` is `None` for seq 1, else the previous receipt's link for this receipt's
 ///    version ([`Receipt::link_for_version`]: [`Receipt::hash_hex`], the signing input's
 ///    hash, from version 2 on; the compact string's hash in version 1), and the version
-///    never decreases along the chain ([`ReceiptError::BrokenLink`]);
+///    never decreases along the chain ([`ReceiptError::BrokenLink`]); once a receipt
+///    names its `ledger`, every later one names the same ([`ReceiptError::LedgerMismatch`]);
 /// 5. `slots[0]` is the family's level with `slot == seq`
 ///    ([`ReceiptError::AuthoritySlotMismatch`]), `slots[i].block == i`
 ///    ([`ReceiptError::BlockOrder`]), no level twice in one receipt
@@ -94,6 +95,12 @@ pub fn audit_chain(
         let downgrade = previous.is_some_and(|p| p.body().v > body.v);
         if body.prev != expected_prev || downgrade {
             return Err(ReceiptError::BrokenLink { seq });
+        }
+        // Once a receipt names its ledger, every later one names the same ledger.
+        if let Some(earlier) = previous.and_then(|p| p.body().ledger.as_deref()) {
+            if body.ledger.as_deref() != Some(earlier) {
+                return Err(ReceiptError::LedgerMismatch { seq });
+            }
         }
 
         match body.slots.first() {
@@ -255,6 +262,7 @@ mod tests {
             kid: signer().key_id().into(),
             idempotency_key: format!("k{seq}"),
             prev,
+            ledger: None,
         }
     }
 
@@ -516,6 +524,34 @@ mod tests {
             audit_chain(&[r1, v2, back], &keys()),
             Err(ReceiptError::BrokenLink { seq: 3 })
         );
+    }
+
+    /// Issue 10 item 11: receipts name the ledger that signed them; a chain that moves to
+    /// another ledger (one emptied and started over, a foreign one) is refused, while a
+    /// chain whose first receipts predate ledger ids is fine.
+    #[test]
+    fn ledger_mismatch() {
+        let mut receipts = good();
+        for i in 0..receipts.len() {
+            edit(&mut receipts, i, |b| b.ledger = Some("aa@r-1".into()));
+        }
+        audit_chain(&receipts, &keys()).unwrap();
+        let mut other = receipts.clone();
+        edit(&mut other, 2, |b| b.ledger = Some("bb@r-1".into()));
+        assert_eq!(
+            audit_chain(&other, &keys()),
+            Err(ReceiptError::LedgerMismatch { seq: 3 })
+        );
+        let mut none = receipts.clone();
+        edit(&mut none, 3, |b| b.ledger = None);
+        assert_eq!(
+            audit_chain(&none, &keys()),
+            Err(ReceiptError::LedgerMismatch { seq: 4 })
+        );
+        let mut later = good();
+        edit(&mut later, 2, |b| b.ledger = Some("aa@r-1".into()));
+        edit(&mut later, 3, |b| b.ledger = Some("aa@r-1".into()));
+        audit_chain(&later, &keys()).unwrap();
     }
 
     #[test]

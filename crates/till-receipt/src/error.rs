@@ -184,6 +184,14 @@ pub enum ReceiptError {
         /// The offending receipt's `seq`.
         seq: u64,
     },
+    /// The receipt names another ledger than an earlier receipt of the chain (or none
+    /// after one did): the family's claims come from two ledgers, e.g. one that was
+    /// emptied and started over.
+    #[error("receipt seq {seq} names another ledger than the receipts before it")]
+    LedgerMismatch {
+        /// The offending receipt's `seq`.
+        seq: u64,
+    },
     /// `slots[0]` is missing, or is not the family's own level with `slot == seq`.
     #[error("receipt seq {seq}: first slot must be the family's, with slot == seq")]
     AuthoritySlotMismatch {
@@ -280,6 +288,7 @@ impl ReceiptError {
             Self::Duplicate { .. } => "duplicate",
             Self::OutOfOrder { .. } => "out_of_order",
             Self::BrokenLink { .. } => "broken_link",
+            Self::LedgerMismatch { .. } => "ledger_mismatch",
             Self::AuthoritySlotMismatch { .. } => "authority_slot_mismatch",
             Self::BlockOrder { .. } => "block_order",
             Self::DuplicateLevel { .. } => "duplicate_level",

@@ -328,6 +328,7 @@ mod tests {
             kid: signer.key_id().into(),
             idempotency_key: "idem-1".into(),
             prev: None,
+            ledger: None,
         }
     }
 

@@ -63,6 +63,7 @@
 //!     kid: signer.key_id().into(),
 //!     idempotency_key: "req-1".into(),
 //!     prev: None,
+//!     ledger: None,
 //! };
 //! let receipt = signer.sign(&body)?;
 //!

@@ -64,19 +64,23 @@ fn body() -> impl Strategy<Value = ReceiptBody> {
         any::<String>(),
         any::<String>(),
         any::<Option<String>>(),
+        any::<Option<String>>(),
     )
         .prop_map(
-            |(family, seq, slots, request, iat, proxy, idempotency_key, prev)| ReceiptBody {
-                v: 2,
-                family,
-                seq,
-                slots,
-                request,
-                iat,
-                proxy,
-                kid: signer().key_id().to_owned(),
-                idempotency_key,
-                prev,
+            |(family, seq, slots, request, iat, proxy, idempotency_key, prev, ledger)| {
+                ReceiptBody {
+                    v: 2,
+                    family,
+                    seq,
+                    slots,
+                    request,
+                    iat,
+                    proxy,
+                    kid: signer().key_id().to_owned(),
+                    idempotency_key,
+                    prev,
+                    ledger,
+                }
             },
         )
 }

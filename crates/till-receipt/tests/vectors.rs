@@ -150,6 +150,10 @@ fn chain(signer: &ReceiptSigner) -> Vec<Receipt> {
             kid: signer.key_id().into(),
             idempotency_key: format!("idem-{seq:04}"),
             prev: out.last().map(Receipt::hash_hex),
+            ledger: Some(format!(
+                "9f2c41d07a5be3186e0d4c2a7b91f35e@{}",
+                signer.key_id()
+            )),
         };
         out.push(signer.sign(&body).unwrap());
     }
