@@ -10,11 +10,6 @@ use crate::datadir::DataDir;
 use crate::keys::{self, CaveatArgs};
 use crate::{ledger_cmds, mock, serve};
 
-/// `till ledger check|repair` and the checked open of the embedded ledger (declared here,
-/// next to the command it serves; the file is `src/ledger_check.rs`).
-#[path = "ledger_check.rs"]
-pub mod ledger_check;
-
 /// Exit code: runtime error.
 pub const EXIT_RUNTIME: u8 = 1;
 /// Exit code: usage or configuration error.
@@ -94,7 +89,7 @@ pub enum Command {
     /// Check or repair the data dir's embedded ledger file.
     Ledger {
         #[command(subcommand)]
-        command: ledger_check::LedgerCommand,
+        command: crate::ledger_check::LedgerCommand,
     },
     /// Mint an admin key (for the admin API of `till serve`); prints only the key.
     AdminKey(crate::admin::AdminKeyArgs),
@@ -179,7 +174,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Usage(args) => ledger_cmds::usage(&dir, args),
         Command::Receipt { command } => ledger_cmds::receipt(&dir, command),
         Command::Audit(args) => ledger_cmds::audit(&dir, args),
-        Command::Ledger { command } => ledger_check::run(&dir, command),
+        Command::Ledger { command } => crate::ledger_check::run(&dir, command),
         Command::MockUpstream(args) => mock::run(args),
         Command::AdminKey(args) => crate::admin::admin_key_cmd(&dir, args),
         Command::Watch(args) => crate::admin::watch_cmd(&dir, args),

@@ -129,7 +129,7 @@ pub async fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Led
     {
         ("embedded", None) => {
             let config = EmbeddedConfig::new(signer, "till-cli");
-            match crate::cli::ledger_check::open_embedded(dir, config, true) {
+            match crate::ledger_check::open_embedded(dir, config, true) {
                 Ok(ledger) => Ok(Arc::new(ledger)),
                 // A running `till serve` holds the file: use its admin API.
                 Err(LedgerError::Locked { .. }) => match crate::admin::read_discovery(dir) {

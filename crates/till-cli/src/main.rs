@@ -18,6 +18,7 @@ mod datadir;
 mod fleet;
 mod input;
 mod keys;
+mod ledger_check;
 mod ledger_cmds;
 mod mock;
 mod serve;

@@ -124,7 +124,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
             }
             // The data dir's own ledger, after its id and an integrity check (a damaged,
             // emptied or foreign ledger.redb is refused, never started over).
-            _ => Arc::new(crate::cli::ledger_check::open_embedded(&data, ledger_config, true)?),
+            _ => Arc::new(crate::ledger_check::open_embedded(&data, ledger_config, true)?),
         };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
