@@ -246,6 +246,75 @@ fn decode(part: &str, which: JwsPart) -> Result<Vec<u8>, ReceiptError> {
         .map_err(|_| ReceiptError::Base64 { part: which })
 }
 
+/// A receipt body with its JWS signing input, ready to sign: everything of a receipt but
+/// the signature, made without the private key.
+///
+/// Its [`PreparedReceipt::hash`] is the receipt's chain link (SHA-256 of the signing
+/// input, format 2), so a ledger can order, link and commit receipts without signing, and
+/// sign afterwards anywhere the key is ([`ReceiptSigner::sign_prepared`]). Ed25519 is
+/// deterministic: the same prepared receipt always signs to the same compact string, so
+/// a committed body can be signed again after a crash and gives the receipt the client
+/// may already hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedReceipt {
+    signing_input: String,
+    body: ReceiptBody,
+}
+
+impl PreparedReceipt {
+    /// Encodes `body` (version [`RECEIPT_VERSION`]; header `kid` = `body.kid`). Fails on
+    /// another version or when the signed receipt would exceed [`MAX_RECEIPT_LEN`], so
+    /// that signing it cannot fail for any reason but a key mismatch.
+    pub fn new(body: ReceiptBody) -> Result<Self, ReceiptError> {
+        if body.v != RECEIPT_VERSION {
+            return Err(ReceiptError::UnsupportedVersion { v: body.v });
+        }
+        let header = encode_header(&body.kid)?;
+        let payload = serde_json::to_vec(&body).map_err(|e| ReceiptError::Encode(e.to_string()))?;
+        let header_len = base64::encoded_len(header.len(), false).unwrap_or(0);
+        let payload_len = base64::encoded_len(payload.len(), false).unwrap_or(0);
+        let mut signing_input = String::with_capacity(header_len + payload_len + 1 + SIGNED_TAIL);
+        URL_SAFE_NO_PAD.encode_string(&header, &mut signing_input);
+        signing_input.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut signing_input);
+        let len = signing_input.len() + SIGNED_TAIL;
+        if len > MAX_RECEIPT_LEN {
+            return Err(ReceiptError::TooLarge {
+                len,
+                max: MAX_RECEIPT_LEN,
+            });
+        }
+        Ok(Self {
+            signing_input,
+            body,
+        })
+    }
+
+    /// The body.
+    pub fn body(&self) -> &ReceiptBody {
+        &self.body
+    }
+
+    /// The JWS signing input, `BASE64URL(header) "." BASE64URL(payload)`.
+    pub fn signing_input(&self) -> &str {
+        &self.signing_input
+    }
+
+    /// The chain link of the receipt this becomes: SHA-256 of the signing input (equal to
+    /// [`Receipt::hash`] of the signed receipt).
+    pub fn hash(&self) -> [u8; 32] {
+        Sha256::digest(self.signing_input.as_bytes()).into()
+    }
+
+    /// Lower-case hex of [`PreparedReceipt::hash`].
+    pub fn hash_hex(&self) -> String {
+        hex::encode(self.hash())
+    }
+}
+
+/// `"." BASE64URL(signature)`: 1 + 86 characters.
+const SIGNED_TAIL: usize = 87;
+
 impl ReceiptSigner {
     /// Signs `body` (its `kid` must equal [`ReceiptSigner::key_id`]).
     ///
@@ -258,32 +327,30 @@ impl ReceiptSigner {
                 body: body.kid.clone(),
             });
         }
-        if body.v != RECEIPT_VERSION {
-            return Err(ReceiptError::UnsupportedVersion { v: body.v });
-        }
-        let header = encode_header(self.key_id())?;
-        let payload = serde_json::to_vec(body).map_err(|e| ReceiptError::Encode(e.to_string()))?;
+        self.sign_prepared(PreparedReceipt::new(body.clone())?)
+    }
 
-        let header_len = base64::encoded_len(header.len(), false).unwrap_or(0);
-        let payload_len = base64::encoded_len(payload.len(), false).unwrap_or(0);
-        let mut compact = String::with_capacity(header_len + payload_len + 88);
-        URL_SAFE_NO_PAD.encode_string(&header, &mut compact);
-        compact.push('.');
-        URL_SAFE_NO_PAD.encode_string(&payload, &mut compact);
+    /// Signs a [`PreparedReceipt`] (its `kid` must equal [`ReceiptSigner::key_id`]; that
+    /// is the only way this fails). Same result as [`ReceiptSigner::sign`] of its body.
+    pub fn sign_prepared(&self, prepared: PreparedReceipt) -> Result<Receipt, ReceiptError> {
+        if prepared.body.kid != self.key_id() {
+            return Err(ReceiptError::SignerKeyMismatch {
+                signer: self.key_id().to_owned(),
+                body: prepared.body.kid.clone(),
+            });
+        }
+        let PreparedReceipt {
+            signing_input: mut compact,
+            body,
+        } = prepared;
         let signing_input_len = compact.len();
         let signature = self.signing.sign(compact.as_bytes()).to_bytes();
         compact.push('.');
         URL_SAFE_NO_PAD.encode_string(signature, &mut compact);
-
-        if compact.len() > MAX_RECEIPT_LEN {
-            return Err(ReceiptError::TooLarge {
-                len: compact.len(),
-                max: MAX_RECEIPT_LEN,
-            });
-        }
+        debug_assert_eq!(compact.len(), signing_input_len + SIGNED_TAIL);
         Ok(Receipt {
             compact,
-            body: body.clone(),
+            body,
             signature,
             signing_input_len,
         })
@@ -784,5 +851,31 @@ mod tests {
         let s = signer();
         let receipt = s.sign(&body(&s)).unwrap();
         assert!(format!("{receipt:?}").contains("proxy-1"));
+    }
+
+    #[test]
+    fn prepared_receipts_link_and_sign_like_sign() {
+        let s = signer();
+        let b = body(&s);
+        let prepared = PreparedReceipt::new(b.clone()).unwrap();
+        let signed = s.sign(&b).unwrap();
+        assert_eq!(prepared.signing_input(), signed.signing_input());
+        assert_eq!(prepared.hash(), signed.hash());
+        assert_eq!(prepared.hash_hex(), signed.hash_hex());
+        let again = s.sign_prepared(prepared.clone()).unwrap();
+        assert_eq!(again, signed);
+        assert_eq!(Receipt::parse(again.compact()).unwrap(), signed);
+        // Only a key mismatch can fail signing a prepared receipt.
+        let other = ReceiptSigner::from_seed([7; 32]);
+        assert!(matches!(
+            other.sign_prepared(prepared),
+            Err(ReceiptError::SignerKeyMismatch { .. })
+        ));
+        let mut old = b;
+        old.v = 1;
+        assert!(matches!(
+            PreparedReceipt::new(old),
+            Err(ReceiptError::UnsupportedVersion { v: 1 })
+        ));
     }
 }

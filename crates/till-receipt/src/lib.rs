@@ -91,5 +91,5 @@ mod key;
 pub use body::{ReceiptBody, RequestDigest, SlotClaim, MIN_RECEIPT_VERSION, RECEIPT_VERSION};
 pub use chain::{audit_chain, AuditReport, LevelUsage};
 pub use error::{JwkError, JwsPart, ReceiptError};
-pub use jws::{Receipt, JWS_ALG, JWS_TYP, MAX_RECEIPT_LEN};
+pub use jws::{PreparedReceipt, Receipt, JWS_ALG, JWS_TYP, MAX_RECEIPT_LEN};
 pub use key::{ReceiptKeySet, ReceiptPublicKey, ReceiptSigner, KEY_ID_PREFIX};
