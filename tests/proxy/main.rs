@@ -7,6 +7,7 @@ mod support;
 
 mod adversarial;
 mod binary;
+mod ceilings;
 mod failures;
 mod hygiene;
 mod keys;

@@ -117,6 +117,7 @@ impl CaveatFields {
             expires,
             cap: self.cap,
             label,
+            ..Caveats::default()
         })
     }
 }

@@ -41,6 +41,53 @@ pub struct CaveatArgs {
     /// Issue the key even though `--expires` is already in the past.
     #[arg(long)]
     pub force: bool,
+    /// Per-call ceiling on output tokens (OpenAI `max_tokens` / `max_completion_tokens` /
+    /// `max_output_tokens`, Anthropic `max_tokens`, Gemini
+    /// `generationConfig.maxOutputTokens`); a request that does not set it is refused.
+    #[arg(long, value_name = "N")]
+    pub max_output_tokens: Option<u64>,
+    /// Per-call ceiling on a form body's `amount` (Stripe, minor units); a request
+    /// without one is refused.
+    #[arg(long, value_name = "N")]
+    pub max_amount: Option<u64>,
+    /// Allowed `currency` of a form body (repeatable), e.g. `usd`.
+    #[arg(long = "currency", value_name = "CODE")]
+    pub currencies: Vec<String>,
+    /// Allowed repository `owner/name`, matched against `/repos/{owner}/{name}/...`
+    /// (repeatable).
+    #[arg(long = "repo", value_name = "OWNER/NAME")]
+    pub repos: Vec<String>,
+    /// Numeric ceiling on a JSON body member, `POINTER=N` (repeatable), e.g.
+    /// `/max_tokens=512`; a request without the member is refused.
+    #[arg(long = "json-max", value_name = "POINTER=N")]
+    pub json_max: Vec<String>,
+    /// Allowed string values of a JSON body member, `POINTER=a,b` (repeatable), e.g.
+    /// `/model=gpt-4o-mini,gpt-4o`.
+    #[arg(long = "json-allow", value_name = "POINTER=V1,V2")]
+    pub json_allow: Vec<String>,
+    /// Windowed cap `N/m`, `N/h` or `N/d`: at most N activations per minute, hour or day
+    /// (fixed windows; repeatable). `--window` is the same flag.
+    #[arg(long = "rate", alias = "window", value_name = "N/UNIT")]
+    pub windows: Vec<String>,
+}
+
+/// Parses `60/m`, `1000/h`, `5/d` (also `/min`, `/hour`, `/day`).
+pub fn parse_window(s: &str) -> Result<till_token::Window> {
+    let (n, unit) = s.split_once('/').ok_or_else(|| {
+        Failure::usage(format!("--rate `{s}` must be N/m, N/h or N/d (e.g. 60/m)"))
+    })?;
+    let secs = match unit {
+        "m" | "min" | "minute" => 60,
+        "h" | "hour" => 3600,
+        "d" | "day" => 86_400,
+        _ => bail!(Failure::usage(format!(
+            "--rate `{s}`: the window is m (minute), h (hour) or d (day)"
+        ))),
+    };
+    let max = n
+        .parse::<u64>()
+        .map_err(|_| Failure::usage(format!("--rate `{s}`: `{n}` is not a number")))?;
+    Ok(till_token::Window { secs, max })
 }
 
 impl CaveatArgs {
@@ -72,6 +119,41 @@ impl CaveatArgs {
             }
         }
         let list = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+        let pair = |flag: &str, s: &str| -> Result<(String, String)> {
+            let (p, v) = s.split_once('=').ok_or_else(|| {
+                Failure::usage(format!(
+                    "--{flag} `{s}` must be POINTER=VALUE, e.g. /max_tokens=512"
+                ))
+            })?;
+            Ok((p.to_string(), v.to_string()))
+        };
+        let mut json_max = std::collections::BTreeMap::new();
+        for s in &self.json_max {
+            let (p, v) = pair("json-max", s)?;
+            let n = v
+                .parse::<u64>()
+                .map_err(|_| Failure::usage(format!("--json-max `{s}`: `{v}` is not a number")))?;
+            if json_max.insert(p, n).is_some() {
+                bail!(Failure::usage(format!(
+                    "--json-max: `{s}` repeats a pointer"
+                )));
+            }
+        }
+        let mut json_allow = std::collections::BTreeMap::new();
+        for s in &self.json_allow {
+            let (p, v) = pair("json-allow", s)?;
+            let values: Vec<String> = v.split(',').map(str::to_string).collect();
+            if json_allow.insert(p, values).is_some() {
+                bail!(Failure::usage(format!(
+                    "--json-allow: `{s}` repeats a pointer"
+                )));
+            }
+        }
+        let windows = self
+            .windows
+            .iter()
+            .map(|w| parse_window(w))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Caveats {
             upstream,
             methods: list(&self.methods),
@@ -80,6 +162,13 @@ impl CaveatArgs {
             expires,
             cap: self.cap,
             label: None,
+            max_output_tokens: self.max_output_tokens,
+            amount_max: self.max_amount,
+            currencies: list(&self.currencies),
+            repos: list(&self.repos),
+            json_max: (!json_max.is_empty()).then_some(json_max),
+            json_allow: (!json_allow.is_empty()).then_some(json_allow),
+            windows: (!windows.is_empty()).then_some(windows),
         })
     }
 }

@@ -35,7 +35,7 @@ use http_body_util::BodyExt as _;
 use sha2::{Digest as _, Sha256};
 use till_ledger::{Claim, ClaimRequest, Ledger, Level, RequestDigest};
 use till_token::{
-    key_digest, verify, AuthorizeError, KeyRing, Limits, RequestFacts, VerifiedToken,
+    key_digest, verify, AuthorizeError, CallFacts, KeyRing, Limits, RequestFacts, VerifiedToken,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -45,7 +45,7 @@ use crate::error::{ConfigError, ErrorCode, ProxyError};
 use crate::events::{Event, EventBus};
 use crate::hygiene;
 use crate::metrics::{ClaimOutcome, Metrics};
-use crate::preset::{self, Auth, ModelSource};
+use crate::preset::{self, Auth, BodyFactError, CallNeeds, ModelSource};
 use crate::route::{self, Target};
 
 /// Response header: the claim's signed receipt (JWS compact).
@@ -261,17 +261,38 @@ impl AppState {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         // Everything that does not need the body is decided before a byte of it is read.
-        self.authorize_before_body(&token, &target, parts.method.as_str(), now)?;
-        let body_caveat = upstream.model == ModelSource::JsonBody && token.scope().models.is_some();
+        let needs = CallNeeds::of(token.scope());
+        let path_facts = CallFacts {
+            repo: needs
+                .repo
+                .then(|| preset::github_repo(&target.path))
+                .flatten(),
+            ..CallFacts::default()
+        };
+        self.authorize_before_body(&token, &target, parts.method.as_str(), &path_facts, now)?;
+        let body_caveat = (upstream.model == ModelSource::JsonBody
+            && token.scope().models.is_some())
+            || needs.json_body(upstream.preset);
         if body_caveat && !preset::is_json_content_type(&parts.headers) {
             return Err(ProxyError::ContentTypeNotJson);
         }
         let (body, _budget) = self.read_body(&parts.headers, body).await?;
-        if is_form(&parts.headers)
-            && std::str::from_utf8(&body).is_ok_and(hygiene::has_method_param)
-        {
+        let form = is_form(&parts.headers);
+        if form && std::str::from_utf8(&body).is_ok_and(hygiene::has_method_param) {
             return Err(ProxyError::MethodOverride("_method form field"));
         }
+        let call = preset::call_facts(
+            upstream.preset,
+            &needs,
+            &target.path,
+            parts.uri.query(),
+            form,
+            &body,
+        )
+        .map_err(|e| match e {
+            BodyFactError::Ambiguous(what) => ProxyError::AmbiguousBody(what),
+            BodyFactError::Invalid(what) => ProxyError::BodyFieldInvalid(what),
+        })?;
         let model = match upstream.model {
             ModelSource::None => None,
             ModelSource::JsonBody => {
@@ -284,6 +305,7 @@ impl AppState {
             &target,
             parts.method.as_str(),
             model.as_deref(),
+            &call,
             now,
         )?;
         let digest = RequestDigest {
@@ -397,6 +419,7 @@ impl AppState {
         token: &VerifiedToken,
         target: &Target,
         method: &str,
+        path_facts: &CallFacts,
         now: u64,
     ) -> Result<(), ProxyError> {
         let facts = RequestFacts {
@@ -407,11 +430,17 @@ impl AppState {
             now: i64::try_from(now).unwrap_or(i64::MAX),
         };
         for b in token.blocks() {
-            let without_model = till_token::Caveats {
+            // Caveats read from the body wait for it; the repository is in the path.
+            let without_body = till_token::Caveats {
                 models: None,
+                max_output_tokens: None,
+                amount_max: None,
+                currencies: None,
+                json_max: None,
+                json_allow: None,
                 ..b.caveats.clone()
             };
-            till_token::check_block(b.index, &without_model, &facts, 1)
+            till_token::check_block_call(b.index, &without_body, &facts, path_facts, 1)
                 .map_err(ProxyError::Refused)?;
         }
         Ok(())
@@ -479,6 +508,7 @@ impl AppState {
         target: &Target,
         method: &str,
         model: Option<&str>,
+        call: &CallFacts,
         now: u64,
     ) -> Result<(), ProxyError> {
         let facts = RequestFacts {
@@ -489,7 +519,7 @@ impl AppState {
             now: i64::try_from(now).unwrap_or(i64::MAX),
         };
         token
-            .authorize(&facts, None, &self.token_limits)
+            .authorize_call(&facts, call, None, &self.token_limits)
             .map_err(|e| match e {
                 AuthorizeError::Refused(r) => ProxyError::Refused(r),
                 AuthorizeError::Token(t) => ProxyError::Key(t),

@@ -91,6 +91,10 @@ pub enum ProxyError {
     /// The JSON body names a field a caveat reads more than once (`model`, `MODEL`).
     #[error("the JSON body has more than one `{0}` field (in any letter case)")]
     AmbiguousBody(&'static str),
+    /// A body member a caveat reads has a value of the wrong kind (`"max_tokens": 1.5`,
+    /// `amount=12.50`).
+    #[error("this key reads the request's {0}, which must be a non-negative integer (or absent)")]
+    BodyFieldInvalid(&'static str),
     /// No key presented.
     #[error("no Till key: send it where your SDK sends its API key (Authorization: Bearer, x-api-key, x-goog-api-key or ?key=)")]
     KeyMissing,
@@ -149,6 +153,7 @@ impl ProxyError {
             | ProxyError::UpgradeRefused
             | ProxyError::MethodOverride(_)
             | ProxyError::AmbiguousBody(_)
+            | ProxyError::BodyFieldInvalid(_)
             | ProxyError::BodyRead => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotSupported(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::ContentTypeNotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -187,6 +192,7 @@ impl ProxyError {
             ProxyError::MethodOverride(_) => "method_override_not_allowed",
             ProxyError::ContentTypeNotJson => "content_type_not_json",
             ProxyError::AmbiguousBody(_) => "body_ambiguous",
+            ProxyError::BodyFieldInvalid(_) => "body_field_invalid",
             ProxyError::KeyMissing => "key_missing",
             ProxyError::Key(e) => e.code(),
             ProxyError::Refused(r) => r.code,

@@ -225,6 +225,318 @@ impl<'de> serde::de::Visitor<'de> for ModelProbeVisitor {
     }
 }
 
+/// Where a preset's requests state their output-token ceiling, as JSON pointers; a request
+/// may set several (the largest counts). `None`: the upstream has no such field (a key with
+/// a `max_output_tokens` caveat refuses every request there).
+pub fn output_token_pointers(preset: Preset) -> Option<&'static [&'static [&'static str]]> {
+    match preset {
+        // OpenAI-compatible: Chat Completions (`max_tokens`, `max_completion_tokens`) and
+        // Responses (`max_output_tokens`). Generic upstreams are read the same way.
+        Preset::OpenAi | Preset::Generic => Some(&[
+            &["max_tokens"],
+            &["max_completion_tokens"],
+            &["max_output_tokens"],
+        ]),
+        Preset::Anthropic => Some(&[&["max_tokens"]]),
+        // Protobuf JSON accepts the lowerCamel and the original snake_case name of every
+        // field, so all four spellings reach the same field.
+        Preset::Gemini => Some(&[
+            &["generationConfig", "maxOutputTokens"],
+            &["generationConfig", "max_output_tokens"],
+            &["generation_config", "maxOutputTokens"],
+            &["generation_config", "max_output_tokens"],
+        ]),
+        Preset::GitHub | Preset::Stripe => None,
+    }
+}
+
+/// Why the per-call facts of a body cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyFactError {
+    /// A member a caveat reads appears more than once (exactly, or in another letter case
+    /// beside it), so parsers may disagree on its value.
+    Ambiguous(&'static str),
+    /// A member a caveat reads has a value of the wrong kind (e.g. `"max_tokens": 1.5`).
+    Invalid(&'static str),
+}
+
+/// What the key's per-call caveats need to read (from its effective scope).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallNeeds {
+    /// `max_output_tokens` is present.
+    pub output_tokens: bool,
+    /// `amount_max` or `currencies` is present (form body).
+    pub form: bool,
+    /// `repos` is present.
+    pub repo: bool,
+    /// JSON pointers named by `json_max` / `json_allow`.
+    pub pointers: Vec<String>,
+}
+
+impl CallNeeds {
+    /// From the key's effective scope.
+    pub fn of(scope: &till_token::EffectiveScope) -> Self {
+        let mut pointers: Vec<String> = scope
+            .json_max
+            .iter()
+            .flat_map(|m| m.keys().cloned())
+            .chain(scope.json_allow.iter().flat_map(|m| m.keys().cloned()))
+            .collect();
+        pointers.sort();
+        pointers.dedup();
+        CallNeeds {
+            output_tokens: scope.max_output_tokens.is_some(),
+            form: scope.amount_max.is_some() || scope.currencies.is_some(),
+            repo: scope.repos.is_some(),
+            pointers,
+        }
+    }
+
+    /// True when a JSON body must be parsed for this preset.
+    pub fn json_body(&self, preset: Preset) -> bool {
+        (self.output_tokens && output_token_pointers(preset).is_some()) || !self.pointers.is_empty()
+    }
+}
+
+/// Reads the per-call facts of one request: the repository from the path, the output-token
+/// ceiling and JSON members from a JSON body (duplicate members refused at every depth),
+/// `amount` and `currency` from a form body (and refuses them in the query string).
+pub fn call_facts(
+    preset: Preset,
+    needs: &CallNeeds,
+    path: &str,
+    query: Option<&str>,
+    form: bool,
+    body: &[u8],
+) -> Result<till_token::CallFacts, BodyFactError> {
+    let mut facts = till_token::CallFacts::default();
+    if needs.repo {
+        facts.repo = github_repo(path);
+    }
+    if needs.json_body(preset) {
+        if let Some(doc) = strict_json(body)? {
+            if needs.output_tokens {
+                for pointer in output_token_pointers(preset).unwrap_or_default() {
+                    match lookup(&doc, pointer.iter().copied(), "output-token limit")? {
+                        None | Some(serde_json::Value::Null) => {}
+                        Some(v) => {
+                            let n = v
+                                .as_u64()
+                                .ok_or(BodyFactError::Invalid("output-token limit"))?;
+                            facts.max_output_tokens =
+                                Some(facts.max_output_tokens.map_or(n, |m| m.max(n)));
+                        }
+                    }
+                }
+            }
+            for pointer in &needs.pointers {
+                let tokens = pointer.split('/').skip(1);
+                let fact = match lookup(&doc, tokens, "JSON caveat member")? {
+                    Some(serde_json::Value::String(s)) => {
+                        Some(till_token::JsonFact::Str(s.clone()))
+                    }
+                    Some(serde_json::Value::Number(n)) => n.as_i64().map(till_token::JsonFact::Int),
+                    _ => None,
+                };
+                if let Some(fact) = fact {
+                    facts.json.insert(pointer.clone(), fact);
+                }
+            }
+        }
+    }
+    if needs.form {
+        let in_query = query
+            .into_iter()
+            .flat_map(form_pairs)
+            .any(|(k, _)| is_form_fact_key(&k));
+        if in_query {
+            return Err(BodyFactError::Ambiguous(
+                "amount/currency (also in the query string)",
+            ));
+        }
+        if form {
+            let text =
+                std::str::from_utf8(body).map_err(|_| BodyFactError::Invalid("form body"))?;
+            let mut amount = None;
+            let mut currency = None;
+            for (k, v) in form_pairs(text) {
+                if !is_form_fact_key(&k) {
+                    continue;
+                }
+                let slot = if k == "amount" {
+                    &mut amount
+                } else if k == "currency" {
+                    &mut currency
+                } else {
+                    // `Amount`, ` amount`: a case or spacing variant beside the real one.
+                    return Err(BodyFactError::Ambiguous("amount/currency"));
+                };
+                if slot.replace(v).is_some() {
+                    return Err(BodyFactError::Ambiguous("amount/currency"));
+                }
+            }
+            if let Some(a) = amount {
+                if a.is_empty() || !a.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(BodyFactError::Invalid("amount"));
+                }
+                facts.amount = Some(a.parse().map_err(|_| BodyFactError::Invalid("amount"))?);
+            }
+            facts.currency = currency.map(|c| c.to_ascii_lowercase());
+        }
+    }
+    Ok(facts)
+}
+
+/// The repository of a GitHub path `/repos/{owner}/{name}[/...]`, lower-cased (GitHub
+/// names are case-insensitive).
+pub fn github_repo(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/repos/")?;
+    let mut segs = rest.split('/');
+    let owner = segs.next().filter(|s| !s.is_empty())?;
+    let name = segs.next().filter(|s| !s.is_empty())?;
+    Some(format!("{owner}/{name}").to_ascii_lowercase())
+}
+
+fn is_form_fact_key(k: &str) -> bool {
+    let k = k.trim().to_ascii_lowercase();
+    k == "amount" || k == "currency"
+}
+
+fn form_pairs(s: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    s.split('&').filter(|p| !p.is_empty()).map(|p| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        (form_decode(k), form_decode(v))
+    })
+}
+
+fn form_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(v) => {
+                    out.push(v);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Follows `tokens` from `doc`. At every object on the way, a member whose name equals the
+/// token in another letter case is ambiguous (Go's `encoding/json` matches names
+/// case-insensitively). Arrays take decimal indices.
+fn lookup<'a, 'b>(
+    doc: &'a serde_json::Value,
+    tokens: impl Iterator<Item = &'b str>,
+    what: &'static str,
+) -> Result<Option<&'a serde_json::Value>, BodyFactError> {
+    let mut cur = doc;
+    for tok in tokens {
+        cur = match cur {
+            serde_json::Value::Object(map) => {
+                let variants = map.keys().filter(|k| k.eq_ignore_ascii_case(tok)).count();
+                if variants > 1 {
+                    return Err(BodyFactError::Ambiguous(what));
+                }
+                match map.get(tok) {
+                    Some(v) => v,
+                    None => return Ok(None),
+                }
+            }
+            serde_json::Value::Array(items) => {
+                match tok.parse::<usize>().ok().and_then(|i| items.get(i)) {
+                    Some(v) if tok == "0" || !tok.starts_with('0') => v,
+                    _ => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
+        };
+    }
+    Ok(Some(cur))
+}
+
+const DUPLICATE: &str = "till: duplicate member";
+
+/// Parses a JSON body, refusing a member name repeated in any object at any depth
+/// (parsers disagree on which one wins). `Ok(None)`: not JSON.
+pub fn strict_json(body: &[u8]) -> Result<Option<serde_json::Value>, BodyFactError> {
+    match serde_json::from_slice::<StrictValue>(body) {
+        Ok(v) => Ok(Some(v.0)),
+        Err(e) if e.to_string().starts_with(DUPLICATE) => {
+            Err(BodyFactError::Ambiguous("JSON member"))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+struct StrictValue(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(StrictValue(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let StrictValue(v) = map.next_value()?;
+            if out.insert(key, v).is_some() {
+                return Err(serde::de::Error::custom(DUPLICATE));
+            }
+        }
+        Ok(serde_json::Value::Object(out))
+    }
+}
+
 /// True when the request's one `Content-Type` is JSON: `application/json` or
 /// `application/<anything>+json`, parameters allowed. Upstreams that parse forms or
 /// anything else could read another model than Till did.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use till_token::{
-    attenuate_str, key_digest, mint, verify, Caveats, KeyRing, Limits, RequestFacts, RootKey,
-    Token, VerifiedToken,
+    attenuate_str, key_digest, mint, verify, CallFacts, Caveats, JsonFact, KeyRing, Limits,
+    RequestFacts, RootKey, Token, VerifiedToken, Window,
 };
 
 fn authority() -> Caveats {
@@ -22,6 +22,7 @@ fn authority() -> Caveats {
         expires: Some(2_000_000_000),
         cap: Some(1_000_000),
         label: None,
+        ..Caveats::default()
     }
 }
 
@@ -102,6 +103,40 @@ fn benches(c: &mut Criterion) {
             },
         );
     }
+
+    // Issue 13: the same 3-block chain with a fourth block carrying per-call ceilings
+    // (output tokens, a JSON ceiling and allow-list, a windowed cap), authorized with the
+    // per-call facts the proxy reads from the body. Compare with authorize_scope_only/3
+    // and /8 (the cost of one more block) to see what the new checks add.
+    let ceilings = Caveats {
+        max_output_tokens: Some(512),
+        json_max: Some([("/temperature".to_string(), 1)].into()),
+        json_allow: Some([("/model".to_string(), vec!["gpt-4o-mini".to_string()])].into()),
+        windows: Some(vec![Window { secs: 60, max: 60 }]),
+        ..Caveats::default()
+    };
+    let with_ceilings = chain(&root, 3).attenuate(ceilings).unwrap().0;
+    let with_ceilings = verify(&with_ceilings.to_key_string().unwrap(), &ring, &limits).unwrap();
+    let call = CallFacts {
+        max_output_tokens: Some(256),
+        json: [
+            ("/temperature".to_string(), JsonFact::Int(1)),
+            ("/model".to_string(), JsonFact::Str("gpt-4o-mini".into())),
+        ]
+        .into(),
+        ..CallFacts::default()
+    };
+    g.bench_function("authorize_ceilings/3+1", |b| {
+        b.iter(|| {
+            with_ceilings
+                .authorize_call(black_box(&REQ), &call, None, &limits)
+                .unwrap()
+        })
+    });
+    let plain4 = verify(&chain(&root, 4).to_key_string().unwrap(), &ring, &limits).unwrap();
+    g.bench_function("authorize_scope_only/3+1", |b| {
+        b.iter(|| plain4.authorize(black_box(&REQ), None, &limits).unwrap())
+    });
 
     // A verified-key cache hit: digest the presented string, look it up, clone the entry.
     let keys: Vec<String> = (0..1_000)

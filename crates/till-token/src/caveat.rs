@@ -7,6 +7,8 @@
 //! attenuation block without a context is read back from its Datalog instead
 //! ([`Caveats::from_block_source`]) and must render to exactly that Datalog.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -49,7 +51,49 @@ pub struct Caveats {
     /// shown by the admin plane; it restricts nothing, so it renders no Datalog check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// Per-call ceiling on the output tokens a request may ask for (read from the body
+    /// where the upstream's preset says; a request that does not state it is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
+    /// Per-call ceiling on a form body's `amount` (Stripe; minor currency units). A
+    /// request that does not state one is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_max: Option<u64>,
+    /// Allowed values of a form body's `currency` (lower case ISO 4217 codes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currencies: Option<Vec<String>>,
+    /// Allowed repositories (`owner/name`, lower case), matched against the path
+    /// `/repos/{owner}/{name}/...` (GitHub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repos: Option<Vec<String>>,
+    /// Numeric ceilings on JSON body members, by JSON pointer (`/max_tokens` → 512).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_max: Option<BTreeMap<String, u64>>,
+    /// String allow-lists for JSON body members, by JSON pointer (`/model` → [a, b]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_allow: Option<BTreeMap<String, Vec<String>>>,
+    /// Windowed caps: at most `max` activations per fixed window of `secs` seconds
+    /// (60, 3600 or 86400) through this block and its descendants. The ledger decides
+    /// them in the claim transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Vec<Window>>,
 }
+
+/// One windowed cap: at most `max` activations per fixed window of `secs` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    /// Window length in seconds: 60 (minute), 3600 (hour) or 86400 (day).
+    pub secs: u64,
+    /// Most activations per window (at least 1).
+    pub max: u64,
+}
+
+/// The window lengths a [`Window`] may have.
+pub const WINDOW_SECS: [u64; 3] = [60, 3600, 86_400];
+
+/// Most JSON pointers per block in `json_max` / `json_allow`.
+const MAX_POINTERS: usize = 8;
 
 impl Caveats {
     /// Validates every value and puts lists in canonical (sorted, deduplicated) order.
@@ -95,6 +139,81 @@ impl Caveats {
             if cap > i64::MAX as u64 {
                 return Err(TokenError::InvalidCaveat(format!("cap {cap} is too large")));
             }
+        }
+        for (what, v) in [
+            ("max_output_tokens", self.max_output_tokens),
+            ("amount_max", self.amount_max),
+        ] {
+            if v.is_some_and(|v| v > i64::MAX as u64) {
+                return Err(TokenError::InvalidCaveat(format!("{what} is too large")));
+            }
+        }
+        normalize_list(&mut self.currencies, "currency", |c| {
+            let c = c.to_ascii_lowercase();
+            if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_lowercase()) {
+                return Err(format!(
+                    "currency `{}` must be a three-letter ISO 4217 code, e.g. usd",
+                    printable(&c)
+                ));
+            }
+            Ok(c)
+        })?;
+        normalize_list(&mut self.repos, "repository", |r| {
+            let r = r.to_ascii_lowercase();
+            validate_repo(&r)?;
+            Ok(r)
+        })?;
+        if let Some(map) = &self.json_max {
+            check_pointers(map.keys(), map.len())?;
+            if map.values().any(|&v| v > i64::MAX as u64) {
+                return Err(TokenError::InvalidCaveat(
+                    "json_max ceiling is too large".into(),
+                ));
+            }
+        }
+        if let Some(mut map) = self.json_allow.take() {
+            check_pointers(map.keys(), map.len())?;
+            for (pointer, values) in map.iter_mut() {
+                let mut list = Some(std::mem::take(values));
+                normalize_list(&mut list, &format!("json_allow {pointer}"), |v| {
+                    if v.is_empty() || !v.bytes().all(is_model_byte) {
+                        return Err(format!(
+                            "value `{}` may contain only letters, digits and - . _ : / @ +",
+                            printable(v)
+                        ));
+                    }
+                    Ok(v.to_string())
+                })?;
+                *values = list.unwrap_or_default();
+            }
+            self.json_allow = Some(map);
+        }
+        if let Some(windows) = self.windows.take() {
+            if windows.is_empty() {
+                return Err(TokenError::InvalidCaveat(
+                    "an empty window list restricts nothing; omit it instead".into(),
+                ));
+            }
+            let mut out: Vec<Window> = Vec::with_capacity(windows.len());
+            for w in windows {
+                if !WINDOW_SECS.contains(&w.secs) {
+                    return Err(TokenError::InvalidCaveat(format!(
+                        "window of {} seconds: windows are per minute (60), hour (3600) or day (86400)",
+                        w.secs
+                    )));
+                }
+                if w.max == 0 || w.max > i64::MAX as u64 {
+                    return Err(TokenError::InvalidCaveat(format!(
+                        "window cap {} must be between 1 and 2^63-1 (use cap 0 to allow nothing)",
+                        w.max
+                    )));
+                }
+                out.push(w);
+            }
+            // One window per length: the tightest one given.
+            out.sort();
+            out.dedup_by_key(|w| w.secs);
+            self.windows = Some(out);
         }
         Ok(self)
     }
@@ -194,8 +313,109 @@ impl Caveats {
                 "check if till_activation({index}, $n), $n <= {cap};\n"
             ));
         }
+        if let Some(n) = self.max_output_tokens {
+            out.push_str(&format!(
+                "check if till_max_output_tokens($t), $t <= {n};\n"
+            ));
+        }
+        if let Some(n) = self.amount_max {
+            out.push_str(&format!("check if till_amount($a), $a <= {n};\n"));
+        }
+        if let Some(cs) = &self.currencies {
+            out.push_str(&format!(
+                "check if {};\n",
+                alternatives("till_currency", cs)
+            ));
+        }
+        if let Some(rs) = &self.repos {
+            out.push_str(&format!("check if {};\n", alternatives("till_repo", rs)));
+        }
+        for (pointer, n) in self.json_max.iter().flatten() {
+            out.push_str(&format!(
+                "check if till_json_int(\"{pointer}\", $v), $v <= {n};\n"
+            ));
+        }
+        for (pointer, values) in self.json_allow.iter().flatten() {
+            let alts: Vec<String> = values
+                .iter()
+                .map(|v| format!("till_json_str(\"{pointer}\", \"{v}\")"))
+                .collect();
+            out.push_str(&format!("check if {};\n", alts.join(" or ")));
+        }
+        for w in self.windows.iter().flatten() {
+            out.push_str(&format!(
+                "check if till_window({index}, {}, $n), $n <= {};\n",
+                w.secs, w.max
+            ));
+        }
         Ok(out)
     }
+
+    /// True when a caveat of this block is read from the request body (the proxy must
+    /// buffer and parse it): models aside, the per-call ceilings and JSON caveats.
+    pub fn reads_body(&self) -> bool {
+        self.max_output_tokens.is_some()
+            || self.amount_max.is_some()
+            || self.currencies.is_some()
+            || self.json_max.is_some()
+            || self.json_allow.is_some()
+    }
+}
+
+/// `owner/name`: owner 1-39 of `a-z 0-9 -`, name 1-100 of `a-z 0-9 - . _` (not `.`/`..`).
+fn validate_repo(r: &str) -> Result<(), String> {
+    let ok = r.split_once('/').is_some_and(|(owner, name)| {
+        !owner.is_empty()
+            && owner.len() <= 39
+            && owner
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.is_empty()
+            && name.len() <= 100
+            && name != "."
+            && name != ".."
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "repository `{}` must be owner/name (letters, digits, - . _)",
+            printable(r)
+        ))
+    }
+}
+
+/// JSON pointers (RFC 6901) as the caveats accept them: 1-128 bytes, `/` then non-empty
+/// tokens of `A-Z a-z 0-9 - _ .` (no `~` escapes), at most [`MAX_POINTERS`] per block.
+fn check_pointers<'a>(
+    pointers: impl Iterator<Item = &'a String>,
+    len: usize,
+) -> Result<(), TokenError> {
+    if len == 0 || len > MAX_POINTERS {
+        return Err(TokenError::InvalidCaveat(format!(
+            "1 to {MAX_POINTERS} JSON pointers per block"
+        )));
+    }
+    for p in pointers {
+        let ok = p.len() <= 128
+            && p.starts_with('/')
+            && p[1..].split('/').all(|tok| {
+                !tok.is_empty()
+                    && tok
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            });
+        if !ok {
+            return Err(TokenError::InvalidCaveat(format!(
+                "JSON pointer `{}` must be /a/b with letters, digits, - _ . (e.g. /max_tokens)",
+                printable(p)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Reads one `check if` body of the canonical vocabulary into `c`. Loose on purpose where
@@ -261,9 +481,70 @@ fn read_check(body: &str, index: usize, c: &mut Caveats) -> Result<(), String> {
             .parse::<u64>()
             .map_err(|_| format!("cap `{}` is not a number", printable(cap)))?;
         once(&mut c.cap, "cap", cap)
+    } else if let Some(n) = body.strip_prefix("till_max_output_tokens($t), $t <= ") {
+        once(&mut c.max_output_tokens, "max_output_tokens", number(n)?)
+    } else if let Some(n) = body.strip_prefix("till_amount($a), $a <= ") {
+        once(&mut c.amount_max, "amount", number(n)?)
+    } else if body.starts_with("till_currency(") {
+        once(&mut c.currencies, "currency", list(body, "till_currency")?)
+    } else if body.starts_with("till_repo(") {
+        once(&mut c.repos, "repository", list(body, "till_repo")?)
+    } else if let Some(rest) = body.strip_prefix("till_json_int(\"") {
+        let (pointer, n) = rest.split_once("\", $v), $v <= ").ok_or_else(unknown)?;
+        let map = c.json_max.get_or_insert_with(BTreeMap::new);
+        if map.insert(pointer.to_string(), number(n)?).is_some() {
+            return Err(format!("two json_max checks for {}", printable(pointer)));
+        }
+        Ok(())
+    } else if body.starts_with("till_json_str(\"") {
+        let mut pointer = None;
+        let mut values = Vec::new();
+        for alt in body.split(" or ") {
+            let (p, v) = alt
+                .strip_prefix("till_json_str(\"")
+                .and_then(|a| a.strip_suffix("\")"))
+                .and_then(|a| a.split_once("\", \""))
+                .filter(|(p, v)| !p.contains('"') && !v.contains('"'))
+                .ok_or_else(unknown)?;
+            if pointer.is_some_and(|q| q != p) {
+                return Err(unknown());
+            }
+            pointer = Some(p);
+            values.push(v.to_string());
+        }
+        let pointer = pointer.ok_or_else(unknown)?;
+        let map = c.json_allow.get_or_insert_with(BTreeMap::new);
+        if map.insert(pointer.to_string(), values).is_some() {
+            return Err(format!("two json_allow checks for {}", printable(pointer)));
+        }
+        Ok(())
+    } else if let Some(rest) = body.strip_prefix("till_window(") {
+        let (block, rest) = rest.split_once(", ").ok_or_else(unknown)?;
+        if block != index.to_string() {
+            return Err(format!(
+                "its window check names block {}, not its own index {index}",
+                printable(block)
+            ));
+        }
+        let (secs, max) = rest.split_once(", $n), $n <= ").ok_or_else(unknown)?;
+        let w = Window {
+            secs: number(secs)?,
+            max: number(max)?,
+        };
+        let windows = c.windows.get_or_insert_with(Vec::new);
+        if windows.iter().any(|x| x.secs == w.secs) {
+            return Err(format!("two windows of {} seconds", w.secs));
+        }
+        windows.push(w);
+        Ok(())
     } else {
         Err(unknown())
     }
+}
+
+fn number(n: &str) -> Result<u64, String> {
+    n.parse::<u64>()
+        .map_err(|_| format!("`{}` is not a number", printable(n)))
 }
 
 /// True when `path` is inside the prefix `prefix` (segment-aware: `/v1/chat` covers
@@ -471,6 +752,7 @@ mod tests {
             expires: Some(2_000_000_000),
             cap: Some(10),
             label: None,
+            ..Caveats::default()
         }
     }
 

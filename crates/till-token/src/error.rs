@@ -102,6 +102,20 @@ pub enum CaveatKind {
     Expires,
     /// `cap`
     Cap,
+    /// `max_output_tokens`
+    MaxOutputTokens,
+    /// `amount_max`
+    Amount,
+    /// `currencies`
+    Currencies,
+    /// `repos`
+    Repos,
+    /// `json_max`
+    JsonMax,
+    /// `json_allow`
+    JsonAllow,
+    /// `windows` (decided by the ledger; refused here only by the Datalog run)
+    Windows,
     /// The Datalog evaluation refused although every declared caveat passed, or hit a
     /// run limit (should not happen for canonical blocks).
     Datalog,

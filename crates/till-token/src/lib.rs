@@ -42,11 +42,13 @@ mod key;
 mod scope;
 mod token;
 
-pub use authorize::{check_block, AuthorizeError, RequestFacts};
-pub use caveat::{path_matches, validate_upstream, Caveats, CONTEXT_PREFIX};
+pub use authorize::{
+    check_block, check_block_call, AuthorizeError, CallFacts, JsonFact, RequestFacts,
+};
+pub use caveat::{path_matches, validate_upstream, Caveats, Window, CONTEXT_PREFIX, WINDOW_SECS};
 pub use error::{CaveatKind, Refusal, TokenError};
 pub use key::{KeyRing, RootKey, RootPublicKey};
-pub use scope::EffectiveScope;
+pub use scope::{EffectiveScope, WorstCase};
 pub use token::{
     attenuate_str, inspect, key_digest, mint, verify, BlockInfo, Inspection, Limits,
     SignatureStatus, Token, VerifiedToken, Warning, KEY_PREFIX,

@@ -143,7 +143,7 @@ fn next_block(
     }
     if caveats.is_empty() {
         return Err(TokenError::InvalidCaveat(
-            "an attenuation must restrict something (cap, methods, paths, models or expiry)".into(),
+            "an attenuation must restrict something (cap, methods, paths, models, expiry, ceilings, repositories or windows)".into(),
         ));
     }
     let scope = EffectiveScope::of(existing.iter().copied());
@@ -575,6 +575,75 @@ fn widening_warnings(scope: &EffectiveScope, new: &Caveats) -> Vec<Warning> {
                     "path {p} is not fully inside the earlier blocks' paths; only the overlap is allowed"
                 ),
             });
+        }
+    }
+    for (caveat, have, want) in [
+        (
+            "max_output_tokens",
+            scope.max_output_tokens,
+            new.max_output_tokens,
+        ),
+        ("amount_max", scope.amount_max, new.amount_max),
+    ] {
+        if let (Some(have), Some(want)) = (have, want) {
+            if want > have {
+                warnings.push(Warning {
+                    caveat,
+                    message: format!(
+                        "{caveat} {want} is above the {have} set by an earlier block; {have} still applies"
+                    ),
+                });
+            }
+        }
+    }
+    for (caveat, have, want) in [
+        ("currencies", &scope.currencies, &new.currencies),
+        ("repos", &scope.repos, &new.repos),
+    ] {
+        if let (Some(have), Some(want)) = (have, want) {
+            for v in want.iter().filter(|v| !have.contains(v)) {
+                warnings.push(Warning {
+                    caveat,
+                    message: format!("{v} is not allowed by an earlier block; it stays refused"),
+                });
+            }
+        }
+    }
+    if let (Some(have), Some(want)) = (&scope.json_max, &new.json_max) {
+        for (p, w) in want {
+            if let Some(h) = have.get(p).filter(|h| w > h) {
+                warnings.push(Warning {
+                    caveat: "json_max",
+                    message: format!("{p} ceiling {w} is above the {h} set by an earlier block; {h} still applies"),
+                });
+            }
+        }
+    }
+    if let (Some(have), Some(want)) = (&scope.json_allow, &new.json_allow) {
+        for (p, vs) in want {
+            if let Some(h) = have.get(p) {
+                for v in vs.iter().filter(|v| !h.contains(v)) {
+                    warnings.push(Warning {
+                        caveat: "json_allow",
+                        message: format!(
+                            "{p} value {v} is not allowed by an earlier block; it stays refused"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    if let (Some(have), Some(want)) = (&scope.windows, &new.windows) {
+        for w in want {
+            if let Some(h) = have.iter().find(|h| h.secs == w.secs && w.max > h.max) {
+                warnings.push(Warning {
+                    caveat: "windows",
+                    message: format!(
+                        "{} per {} s is above the {} set by an earlier block; {} still applies",
+                        w.max, w.secs, h.max, h.max
+                    ),
+                });
+            }
         }
     }
     if let (Some(have), Some(want)) = (scope.expires, new.expires) {

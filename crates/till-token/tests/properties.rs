@@ -67,6 +67,7 @@ fn caveats() -> impl Strategy<Value = Caveats> {
             expires,
             cap,
             label: None,
+            ..Caveats::default()
         })
 }
 
@@ -263,6 +264,7 @@ proptest! {
             expires: Some(expires),
             cap: Some(cap),
             label: None,
+            ..Caveats::default()
         };
         // Some generated paths contain `.`/`..` segments; those are invalid by design.
         let Ok(normalized) = authority.clone().normalize() else { return Ok(()); };
@@ -315,7 +317,7 @@ proptest! {
         cap in prop::option::of(0u64..=(i64::MAX as u64)),
         index in 1usize..16,
     ) {
-        let c = Caveats { upstream, methods, paths, models, expires, cap, label: None };
+        let c = Caveats { upstream, methods, paths, models, expires, cap, label: None, ..Caveats::default() };
         let Ok(c) = c.normalize() else { return Ok(()); };
         prop_assume!(!c.is_empty());
         let src = c.block_source(index).unwrap();

@@ -873,6 +873,7 @@ fn refusal_codes_are_stable() {
         expires: Some(100),
         cap: Some(1),
         label: None,
+        ..Caveats::default()
     };
     let ok = post("/v1", Some("m"), 100);
     check_block(0, &c, &ok, 1).unwrap();

@@ -85,6 +85,7 @@ fn full_authority() -> Caveats {
         expires: Some(2_000_000_000),
         cap: Some(10),
         label: None,
+        ..Caveats::default()
     }
 }
 
@@ -245,6 +246,7 @@ fn valid_cases() -> Vec<ValidCase> {
                     expires: Some(1_900_000_000),
                     cap: Some(2),
                     label: None,
+                    ..Caveats::default()
                 },
                 Caveats {
                     cap: Some(1),
