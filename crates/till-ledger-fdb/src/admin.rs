@@ -281,7 +281,7 @@ async fn family_view<T: KvTxn>(
         .as_deref()
         .map(keys::decode_head)
         .transpose()?
-        .map(|(seq, _)| seq);
+        .map(|head| head.seq);
     let first_activation = match first.first() {
         Some((_, bytes)) => Some(receipt_iat(bytes)?),
         None => None,

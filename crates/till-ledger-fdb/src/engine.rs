@@ -239,7 +239,8 @@ impl<S: KvStore> KvLedger<S> {
         };
         self.transact(&mut work).await.map_err(unavailable)?;
         match work.found {
-            None | Some(keys::SCHEMA_VERSION | keys::LEGACY_SCHEMA_VERSION) => Ok(()),
+            None | Some(keys::SCHEMA_VERSION) => Ok(()),
+            Some(v) if keys::UPGRADABLE_SCHEMA_VERSIONS.contains(&v) => Ok(()),
             Some(other) => Err(LedgerError::Open {
                 path: format!("key space {:?}", self.shared.keys.prefix()),
                 reason: format!(
@@ -689,7 +690,7 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
         };
         // Replays (and retries after an unknown result) read the original receipt by
         // the record's pointer: a second round trip, only for batches that found a record.
-        let pointed: BTreeSet<Vec<u8>> = self
+        let mut pointed: BTreeSet<Vec<u8>> = self
             .batch
             .iter()
             .filter_map(|p| {
@@ -705,6 +706,20 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
                 }
             })
             .collect();
+        // A chain head written before schema 3 names its receipt by a hash that may be the
+        // compact string's (receipts v1): the receipt at its seq is read in the same round
+        // trip, and `read_state` recomputes the link from it (lazy, transactional
+        // migration; the commit writes the head back marked).
+        for p in self.batch.iter() {
+            let family = p.req.levels[0].revocation_id.as_slice();
+            if let Some(head) = overlay.get(&keys.head(family)) {
+                if let Ok(head) = keys::decode_head(head) {
+                    if !head.linked {
+                        pointed.insert(keys.receipt(family, head.seq));
+                    }
+                }
+            }
+        }
         if !pointed.is_empty() {
             let read = try_join_all(pointed.iter().map(|k| txn.get(k))).await?;
             overlay.values.extend(pointed.into_iter().zip(read));
@@ -1057,7 +1072,9 @@ fn read_state(
         .get(&keys.head(family))
         .map(keys::decode_head)
         .transpose()
-        .map_err(corrupt)?;
+        .map_err(corrupt)?
+        .map(|head| chain_head_link(keys, overlay, family, head))
+        .transpose()?;
     let minute_count = overlay
         .get(&keys.activity(family, req.now / 60))
         .map(keys::decode_u64)
@@ -1074,6 +1091,51 @@ fn read_state(
         },
         record,
     ))
+}
+
+/// The chain head as the planner wants it, `(seq, link hash)`. A head written before
+/// schema 3 (unmarked) gets its link recomputed from the receipt at its seq, read in the
+/// same transaction: the next receipt (format 2) must name the signing input's hash, and
+/// an unmarked head may hold the compact string's. The stored hash must name that
+/// receipt one way or the other, else the key space is corrupt.
+fn chain_head_link(
+    keys: &Keyspace,
+    overlay: &Overlay,
+    family: &[u8],
+    head: keys::ChainHead,
+) -> Result<(u64, String), LedgerError> {
+    if head.linked {
+        return Ok((head.seq, head.hash));
+    }
+    let family_hex = || hex::encode(family);
+    let bytes = overlay
+        .get(&keys.receipt(family, head.seq))
+        .ok_or_else(|| {
+            LedgerError::Corrupt(format!(
+                "chain head of family {} names receipt {}, which is missing",
+                family_hex(),
+                head.seq
+            ))
+        })?;
+    let receipt = std::str::from_utf8(bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|text| Receipt::parse(text).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            LedgerError::Corrupt(format!(
+                "receipt {} of family {} (the chain head) is unreadable: {e}",
+                head.seq,
+                family_hex()
+            ))
+        })?;
+    let link = receipt.hash_hex();
+    if head.hash != link && head.hash != hex::encode(receipt.compact_hash()) {
+        return Err(LedgerError::Corrupt(format!(
+            "chain head of family {} does not name its receipt {}",
+            family_hex(),
+            head.seq
+        )));
+    }
+    Ok((head.seq, link))
 }
 
 /// Activations left under the tightest cap right after `receipt`'s claim.
@@ -1158,9 +1220,12 @@ impl<T: KvTxn> Work<T> for SchemaWork<'_> {
             Some(bytes) => {
                 let found = keys::decode_schema(&bytes)?;
                 self.found = Some(found);
-                // Schema 1 records (receipt copies inline) stay readable; new writes use
-                // pointers, so the key space is schema 2 from now on.
-                let upgrade = found == keys::LEGACY_SCHEMA_VERSION;
+                // Schema 1 records (receipt copies inline) and unmarked chain heads
+                // (schemas 1, 2) stay readable; new writes use pointers and marked heads,
+                // so the key space is schema 3 from now on. No head is rewritten here: a
+                // claim that reads an unmarked head recomputes its link (see
+                // `chain_head_link`).
+                let upgrade = keys::UPGRADABLE_SCHEMA_VERSIONS.contains(&found);
                 if upgrade {
                     txn.set(&key, &keys::encode_schema());
                 }

@@ -4,10 +4,10 @@
 //!
 //! | key                                 | value                                          |
 //! |-------------------------------------|------------------------------------------------|
-//! | `(ks, "schema")`                    | tuple `(1,)`: layout version                   |
+//! | `(ks, "schema")`                    | tuple `(3,)`: layout version                   |
 //! | `(ks, "count", rid)`                | u64 little-endian: activations through `rid`   |
 //! | `(ks, "revoked", rid)`              | u64 little-endian: Unix time of the revocation |
-//! | `(ks, "head", family)`              | tuple `(seq, hash_hex)`: the chain head        |
+//! | `(ks, "head", family)`              | [`ChainHead`] `(seq, hash_hex, 2)`: chain head |
 //! | `(ks, "receipt", family, seq)`      | receipt, compact JWS (UTF-8)                   |
 //! | `(ks, "slot", rid, slot)`           | tuple `(family, seq)`: who took slot `slot`    |
 //! | `(ks, "idem", scope, key)`          | [`IdemRecord`]: fingerprint, pointer, writers  |
@@ -29,13 +29,19 @@ use foundationdb_tuple::{pack, unpack, Subspace, Versionstamp};
 use crate::error::KvError;
 
 /// The layout version stored under `(ks, "schema")`. Version 2 stores each receipt once:
-/// idempotency records and journal entries point at `(family, seq)`.
-pub const SCHEMA_VERSION: i64 = 2;
+/// idempotency records and journal entries point at `(family, seq)`. Version 3 marks
+/// every chain head it writes with [`HEAD_LINK_VERSION`] (the head names its receipt by
+/// the receipt-format-2 link hash).
+pub const SCHEMA_VERSION: i64 = 3;
 
-/// The older layout this build still reads (idempotency records and journal entries that
-/// hold a copy of the receipt); opening such a key space upgrades its schema key to
-/// [`SCHEMA_VERSION`] (spec/ledger-fdb.md §1).
+/// The first layout, which this build still reads (idempotency records and journal
+/// entries that hold a copy of the receipt, unmarked chain heads); opening such a key
+/// space upgrades its schema key to [`SCHEMA_VERSION`] (spec/ledger-fdb.md §1).
 pub const LEGACY_SCHEMA_VERSION: i64 = 1;
+
+/// The older layouts this build reads and upgrades on open: 1 ([`LEGACY_SCHEMA_VERSION`])
+/// and 2 (receipts stored once, chain heads unmarked `(seq, hash_hex)`).
+pub const UPGRADABLE_SCHEMA_VERSIONS: [i64; 2] = [LEGACY_SCHEMA_VERSION, 2];
 
 /// The ledger's key space: computes every key.
 #[derive(Debug, Clone)]
@@ -246,14 +252,60 @@ pub fn decode_u64(bytes: &[u8]) -> Result<u64, KvError> {
     Ok(u64::from_le_bytes(arr))
 }
 
-/// Encodes a chain head `(seq, hash_hex)`.
-pub fn encode_head(seq: u64, hash_hex: &str) -> Vec<u8> {
-    pack(&(seq, hash_hex))
+/// The link-version marker of a chain head written by this layout (schema 3): the hash is
+/// the receipt's link hash, SHA-256 of its JWS signing input (receipt format 2,
+/// `till_receipt::Receipt::hash_hex`).
+pub const HEAD_LINK_VERSION: i64 = 2;
+
+/// A family's chain head as stored under `(ks, "head", family)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainHead {
+    /// The seq of the family's last receipt.
+    pub seq: u64,
+    /// Lower-case hex SHA-256 naming that receipt.
+    pub hash: String,
+    /// Whether the head carries [`HEAD_LINK_VERSION`], i.e. `hash` is certainly the link
+    /// hash. `false` for a head written before schema 3, `(seq, hash_hex)`: its hash is
+    /// the compact string's (builds before receipts v2) or the link hash (builds between
+    /// receipts v2 and schema 3); the claim that reads it recomputes the link from the
+    /// receipt at `seq` in the same transaction (spec/ledger-fdb.md §1).
+    pub linked: bool,
 }
 
-/// Decodes [`encode_head`].
-pub fn decode_head(bytes: &[u8]) -> Result<(u64, String), KvError> {
-    unpack::<(u64, String)>(bytes).map_err(|e| KvError::Decode(format!("chain head: {e:?}")))
+/// Encodes a chain head `(seq, hash_hex, HEAD_LINK_VERSION)`; `hash_hex` is the receipt's
+/// link hash.
+pub fn encode_head(seq: u64, hash_hex: &str) -> Vec<u8> {
+    pack(&(seq, hash_hex, HEAD_LINK_VERSION))
+}
+
+/// Decodes [`encode_head`], and the unmarked `(seq, hash_hex)` of schemas 1 and 2. A head
+/// with another marker is refused (a later layout's).
+pub fn decode_head(bytes: &[u8]) -> Result<ChainHead, KvError> {
+    if let Ok((seq, hash, marker)) = unpack::<(u64, String, i64)>(bytes) {
+        if marker != HEAD_LINK_VERSION {
+            return Err(KvError::Decode(format!(
+                "chain head of link version {marker}, this build writes {HEAD_LINK_VERSION}"
+            )));
+        }
+        return Ok(ChainHead {
+            seq,
+            hash,
+            linked: true,
+        });
+    }
+    let (seq, hash) = unpack::<(u64, String)>(bytes)
+        .map_err(|e| KvError::Decode(format!("chain head: {e:?}")))?;
+    Ok(ChainHead {
+        seq,
+        hash,
+        linked: false,
+    })
+}
+
+/// Encodes a chain head as schemas 1 and 2 wrote it, `(seq, hash_hex)` without a marker
+/// (tests seed key spaces of older builds with it).
+pub fn encode_legacy_head(seq: u64, hash_hex: &str) -> Vec<u8> {
+    pack(&(seq, hash_hex))
 }
 
 /// Encodes a pointer to a receipt, `(family, seq)`: the value of a slot-index entry and
@@ -503,7 +555,23 @@ mod tests {
         assert!(decode_u64(b"short").is_err());
         assert_eq!(
             decode_head(&encode_head(9, "ab")).unwrap(),
-            (9, "ab".to_owned())
+            ChainHead {
+                seq: 9,
+                hash: "ab".to_owned(),
+                linked: true
+            }
+        );
+        assert_eq!(
+            decode_head(&encode_legacy_head(9, "ab")).unwrap(),
+            ChainHead {
+                seq: 9,
+                hash: "ab".to_owned(),
+                linked: false
+            }
+        );
+        assert!(
+            decode_head(&pack(&(9u64, "ab", 3i64))).is_err(),
+            "a later marker"
         );
         assert!(decode_head(b"\xff").is_err());
         assert_eq!(decode_schema(&encode_schema()).unwrap(), SCHEMA_VERSION);

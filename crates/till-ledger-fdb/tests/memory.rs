@@ -709,7 +709,7 @@ async fn schema_is_written_once_and_checked() {
     let key = f.ledger.keyspace().schema();
     assert_eq!(
         f.store.dump().get(&key).unwrap(),
-        &foundationdb_tuple::pack(&(2i64,))
+        &foundationdb_tuple::pack(&(3i64,))
     );
     // A key space written by another layout version is refused.
     let signer = Arc::new(ReceiptSigner::generate());
@@ -723,7 +723,7 @@ async fn schema_is_written_once_and_checked() {
         max_retry_delay: Duration::from_millis(5),
     };
     let mut txn = other.begin(&opts).unwrap();
-    txn.set(&key, &foundationdb_tuple::pack(&(3i64,)));
+    txn.set(&key, &foundationdb_tuple::pack(&(4i64,)));
     txn.commit().await.map_err(|(_, e)| e).unwrap();
     assert!(matches!(
         ledger.check_schema().await,
@@ -740,7 +740,7 @@ fn test_txn_options() -> till_ledger_fdb::TxnOptions {
 }
 
 /// A schema 1 key space (idempotency records holding a copy of the receipt) is still
-/// read: opening it upgrades the schema key to 2, and its records still replay.
+/// read: opening it upgrades the schema key to 3, and its records still replay.
 #[tokio::test]
 async fn schema_1_records_replay_and_the_key_space_is_upgraded() {
     use till_ledger_fdb::{KvStore, KvTxn};
@@ -769,12 +769,242 @@ async fn schema_1_records_replay_and_the_key_space_is_upgraded() {
     f.ledger.check_schema().await.unwrap();
     assert_eq!(
         f.store.dump().get(&ks.schema()).unwrap(),
-        &foundationdb_tuple::pack(&(2i64,)),
+        &foundationdb_tuple::pack(&(3i64,)),
         "upgraded on open"
     );
     let again = claim_ok(&f.ledger, req).await;
     assert!(again.replayed);
     assert_eq!(again.receipt.compact(), first.receipt.compact());
+    assert_eq!(used(&f.ledger, &levels).await, vec![1]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Receipts v2: chain heads written before schema 3
+
+/// The receipt-format-1 chain of `tests/fixtures/receipts-v1.json` (three receipts of one
+/// family, each `prev` the SHA-256 of the previous compact string) and its signer.
+fn v1_chain() -> (Arc<ReceiptSigner>, Vec<Receipt>) {
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/receipts-v1.json")).unwrap();
+    let seed: [u8; 32] = hex::decode(fixture["signer_seed_hex"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let signer = Arc::new(ReceiptSigner::from_seed(seed));
+    assert_eq!(signer.key_id(), fixture["kid"].as_str().unwrap());
+    let receipts: Vec<Receipt> = fixture["receipts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| Receipt::parse(r.as_str().unwrap()).unwrap())
+        .collect();
+    assert!(receipts.iter().all(|r| r.body().v == 1));
+    (signer, receipts)
+}
+
+/// Writes `receipts` (one family's chain) into the store the way a build of schema 2
+/// wrote them: the schema key `(2,)`, each receipt once, every level's slot entry and
+/// counter, and the unmarked chain head `(seq, hash)` with `head_hash` of the last receipt.
+async fn seed_schema_2(
+    store: &MemoryStore,
+    ks: &till_ledger_fdb::keys::Keyspace,
+    receipts: &[Receipt],
+    head_hash: impl Fn(&Receipt) -> String,
+) {
+    use till_ledger_fdb::keys;
+    use till_ledger_fdb::{KvStore, KvTxn};
+    let mut txn = store.begin(&test_txn_options()).unwrap();
+    txn.set(&ks.schema(), &foundationdb_tuple::pack(&(2i64,)));
+    let mut counts = std::collections::BTreeMap::new();
+    for r in receipts {
+        let body = r.body();
+        let family = hex::decode(&body.family).unwrap();
+        txn.set(&ks.receipt(&family, body.seq), r.compact().as_bytes());
+        for slot in &body.slots {
+            let rid = hex::decode(&slot.revocation_id).unwrap();
+            txn.set(
+                &ks.slot(&rid, slot.slot),
+                &keys::encode_receipt_ref(&family, body.seq),
+            );
+            counts.insert(rid, slot.slot);
+        }
+    }
+    for (rid, count) in counts {
+        txn.set(&ks.count(&rid), &keys::encode_u64(count));
+    }
+    let last = receipts.last().unwrap();
+    let family = hex::decode(&last.body().family).unwrap();
+    txn.set(
+        &ks.head(&family),
+        &keys::encode_legacy_head(last.body().seq, &head_hash(last)),
+    );
+    txn.commit().await.map_err(|(_, e)| e).unwrap();
+}
+
+/// The family's whole stored chain, audited (signatures, links, slots).
+async fn audited_chain(ledger: &dyn Ledger, family: &[u8], keys: &ReceiptKeySet) -> Vec<Receipt> {
+    let chain = ledger.receipts(family, 1, 1_000).await.unwrap();
+    if let Err(e) = audit_chain(&chain, keys) {
+        panic!("the chain audits clean: {e} ({})", e.code());
+    }
+    chain
+}
+
+/// A key space written before receipts v2 (format-1 receipts, heads naming the compact
+/// string's hash) continues into one clean chain: the first claim after the upgrade names
+/// the signing input's hash of the last format-1 receipt (recomputed from the stored
+/// receipt in the claim's transaction), writes the head back marked, and the whole chain,
+/// v1 then v2, audits. Without the recomputation the next `prev` would be the compact
+/// hash: `broken_link`.
+#[tokio::test]
+async fn v1_era_chain_heads_continue_into_a_clean_chain() {
+    let (signer, v1) = v1_chain();
+    let store = MemoryStore::new();
+    let ledger = KvLedger::start(Arc::new(store.clone()), &config(&signer, "p1", 128)).unwrap();
+    let ks = ledger.keyspace().clone();
+    seed_schema_2(&store, &ks, &v1, |r| hex::encode(r.compact_hash())).await;
+    ledger.check_schema().await.unwrap();
+    assert_eq!(
+        store.dump().get(&ks.schema()).unwrap(),
+        &foundationdb_tuple::pack(&(till_ledger_fdb::keys::SCHEMA_VERSION,)),
+        "upgraded on open"
+    );
+    let family = hex::decode(&v1[0].body().family).unwrap();
+    let head = ks.head(&family);
+    assert!(
+        !till_ledger_fdb::keys::decode_head(store.dump().get(&head).unwrap())
+            .unwrap()
+            .linked,
+        "opening rewrites no head (no scan)"
+    );
+    let levels = vec![Level {
+        revocation_id: family.clone(),
+        cap: Some(10),
+    }];
+    let fourth = claim_ok(
+        &ledger,
+        conformance::claim_request(&levels, Some("k4"), "chat"),
+    )
+    .await;
+    assert_eq!(fourth.receipt.body().seq, 4);
+    assert_eq!(fourth.receipt.body().prev, Some(v1[2].hash_hex()));
+    assert_ne!(v1[2].hash_hex(), hex::encode(v1[2].compact_hash()));
+    let stored = till_ledger_fdb::keys::decode_head(store.dump().get(&head).unwrap()).unwrap();
+    assert_eq!(
+        (stored.seq, stored.hash, stored.linked),
+        (4, fourth.receipt.hash_hex(), true),
+        "the head is written back marked"
+    );
+    let fifth = claim_ok(
+        &ledger,
+        conformance::claim_request(&levels, Some("k5"), "chat"),
+    )
+    .await;
+    assert_eq!(fifth.receipt.body().prev, Some(fourth.receipt.hash_hex()));
+    let chain = audited_chain(&ledger, &family, &keys(&signer)).await;
+    assert_eq!(chain.len(), 5);
+    assert_eq!(chain[..3], v1[..]);
+    assert_eq!(used(&ledger, &levels).await, vec![5]);
+}
+
+/// The same upgrade when the first claim's commit result is unknown, landed or not: one
+/// receipt 4, linked by the signing input's hash, and a clean chain.
+#[tokio::test]
+async fn v1_era_chain_heads_continue_under_unknown_commit_results() {
+    for landed in [true, false] {
+        let (signer, v1) = v1_chain();
+        let store = MemoryStore::new();
+        let ledger = KvLedger::start(Arc::new(store.clone()), &config(&signer, "p1", 128)).unwrap();
+        let ks = ledger.keyspace().clone();
+        seed_schema_2(&store, &ks, &v1, |r| hex::encode(r.compact_hash())).await;
+        ledger.check_schema().await.unwrap();
+        let family = hex::decode(&v1[0].body().family).unwrap();
+        let levels = vec![Level {
+            revocation_id: family.clone(),
+            cap: Some(10),
+        }];
+        store.inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, landed);
+        let fourth = claim_ok(
+            &ledger,
+            conformance::claim_request(&levels, Some("k4"), "chat"),
+        )
+        .await;
+        assert_eq!(store.pending_faults(), 0);
+        let stats = ledger.stats();
+        assert_eq!(
+            (stats.maybe_committed, stats.recovered),
+            (1, u64::from(landed)),
+            "landed: {landed}"
+        );
+        assert!(!fourth.replayed);
+        assert_eq!(fourth.receipt.body().seq, 4);
+        assert_eq!(fourth.receipt.body().prev, Some(v1[2].hash_hex()));
+        // A second unknown result on the next claim, over the now marked head.
+        store.inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, landed);
+        let fifth = claim_ok(
+            &ledger,
+            conformance::claim_request(&levels, Some("k5"), "chat"),
+        )
+        .await;
+        assert_eq!(fifth.receipt.body().prev, Some(fourth.receipt.hash_hex()));
+        let chain = audited_chain(&ledger, &family, &keys(&signer)).await;
+        assert_eq!(chain.len(), 5, "landed: {landed}");
+        assert_eq!(chain[3].compact(), fourth.receipt.compact());
+        assert_eq!(used(&ledger, &levels).await, vec![5]);
+    }
+}
+
+/// A head written between receipts v2 and schema 3 (unmarked, but already naming the link
+/// hash) continues too; a fleet of three proxies hammering one family right after the
+/// upgrade never forks or breaks the chain; an unmarked head that names neither hash of
+/// its receipt is refused as corrupt (nothing is charged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unmarked_heads_of_every_era_continue_and_a_wrong_one_is_corrupt() {
+    // v2 receipts, head by link hash, unmarked; a fleet takes over.
+    let store = MemoryStore::new();
+    let (fleet, h) = fleet(&store, 3, 16);
+    let levels = token(&[Some(100)]);
+    for i in 0..3 {
+        claim_ok(
+            &*h.ledger,
+            conformance::claim_request(&levels, Some(&format!("a{i}")), "chat"),
+        )
+        .await;
+    }
+    let family = levels[0].revocation_id.clone();
+    let before = h.ledger.receipts(&family, 1, 10).await.unwrap();
+    let ks = fleet.proxies[0].keyspace().clone();
+    seed_schema_2(&store, &ks, &before, Receipt::hash_hex).await;
+    fleet.proxies[0].check_schema().await.unwrap();
+    let claims = (0..30).map(|i| {
+        let ledger = Arc::clone(&h.ledger);
+        let req = conformance::claim_request(&levels, Some(&format!("b{i}")), "chat");
+        tokio::spawn(async move { claim_ok(&*ledger, req).await })
+    });
+    futures::future::join_all(claims).await;
+    let chain = audited_chain(&*h.ledger, &family, &h.keys).await;
+    assert_eq!(chain.len(), 33);
+
+    // A head that does not name its receipt.
+    let f = fixture(|_| {});
+    let levels = token(&[Some(5)]);
+    let first = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k"), "chat"),
+    )
+    .await;
+    seed_schema_2(&f.store, f.ledger.keyspace(), &[first.receipt], |_| {
+        "00".repeat(32)
+    })
+    .await;
+    let answer = f
+        .ledger
+        .claim(conformance::claim_request(&levels, Some("k2"), "chat"))
+        .await;
+    assert!(
+        matches!(answer, Err(LedgerError::Corrupt(ref m)) if m.contains("does not name")),
+        "{answer:?}"
+    );
     assert_eq!(used(&f.ledger, &levels).await, vec![1]);
 }
 
