@@ -61,6 +61,8 @@ async fn claims(t: &Till, key: &str, n: usize) -> Vec<Receipt> {
             now: 1_800_000_000,
             not_after: None,
             meta: None,
+            windows: Vec::new(),
+            ceilings: None,
         };
         out.push(ledger.claim(req).await.unwrap().unwrap().receipt);
     }

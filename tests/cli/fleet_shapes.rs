@@ -51,6 +51,8 @@ async fn claim_n(t: &Till, levels: &[Level], n: u32) {
             now: 1_800_000_000,
             not_after: None,
             meta: None,
+            windows: Vec::new(),
+            ceilings: None,
         };
         ledger.claim(req).await.unwrap().unwrap();
     }

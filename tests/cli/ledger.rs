@@ -54,6 +54,8 @@ async fn claim(ledger: &EmbeddedLedger, levels: &[Level], n: u32) -> Result<Stri
         now: 1_800_000_000,
         not_after: None,
         meta: None,
+        windows: Vec::new(),
+        ceilings: None,
     };
     ledger
         .claim(req)

@@ -673,6 +673,13 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
                 wanted.insert(keys.count(&level.revocation_id));
                 wanted.insert(keys.revoked(&level.revocation_id));
             }
+            // Windowed caps: read (serializably) and written with the counters, so two
+            // proxies racing on one window conflict like on a counter.
+            for w in &p.req.windows {
+                if let Some(level) = p.req.levels.get(w.level) {
+                    wanted.insert(keys.window(&level.revocation_id, w.secs));
+                }
+            }
             if p.req.meta.is_some() {
                 // Written once, the first time a committing claim presents the block.
                 wanted.insert(keys.family(family));
@@ -879,7 +886,9 @@ fn plan_and_apply(
         idempotency_key: &p.idempotency_key,
         alerts: &shared.alerts,
     };
-    match plan::plan_claim(req, &state, &ctx)? {
+    let stored_windows = read_windows(keys, overlay, req)?;
+    let (plan, window_writes) = plan::plan_claim_windowed(req, &state, &stored_windows, &ctx)?;
+    match plan {
         Plan::Refuse(refusal) => Ok((Applied::Answer(Ok(Err(refusal))), false)),
         Plan::Replay {
             receipt,
@@ -955,6 +964,14 @@ fn plan_and_apply(
             };
             overlay.set(idem_key, record.encode());
             journal.push(keys::encode_receipt_ref(family, body.seq));
+            for (w, count) in req.windows.iter().zip(&window_writes) {
+                if let Some(level) = req.levels.get(w.level) {
+                    overlay.set(
+                        keys.window(&level.revocation_id, w.secs),
+                        count.to_bytes().to_vec(),
+                    );
+                }
+            }
             record_activity(keys, overlay, family, req.now / 60, minute_count);
             if let Some(meta) = &req.meta {
                 let key = KeyBlocks {
@@ -976,6 +993,27 @@ fn plan_and_apply(
             Ok((Applied::Committed(claim, alerts), false))
         }
     }
+}
+
+/// The stored counter of each of the request's windows (read in the claim's first round
+/// trip; a claim earlier in the batch may have updated it in the overlay).
+fn read_windows(
+    keys: &Keyspace,
+    overlay: &Overlay,
+    req: &ClaimRequest,
+) -> Result<Vec<Option<plan::WindowCount>>, LedgerError> {
+    req.windows
+        .iter()
+        .map(|w| {
+            let level = req.levels.get(w.level).ok_or_else(|| {
+                LedgerError::InvalidRequest(format!("window names level {}", w.level))
+            })?;
+            overlay
+                .get(&keys.window(&level.revocation_id, w.secs))
+                .map(plan::WindowCount::from_bytes)
+                .transpose()
+        })
+        .collect()
 }
 
 /// Counts one activation in the family's minute; on the first of a new minute, clears

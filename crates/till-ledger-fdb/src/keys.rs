@@ -19,6 +19,7 @@
 //! | `(ks, "alert", id)`                 | JSON `AlertRecord`, written once per id        |
 //! | `(ks, "outbox", id)`                | u64 LE: time fired, while delivery is pending  |
 //! | `(ks, "lease", id)`                 | token of the last lease of the alert (pending) |
+//! | `(ks, "window", rid, secs)`         | 16 bytes BE `(start, count)`: windowed cap     |
 //!
 //! `rid`, `family` and `scope` are raw revocation-id bytes (tuple byte strings); `key` is
 //! the idempotency key (tuple string); `seq` and `slot` are tuple integers (order-preserving,
@@ -168,6 +169,12 @@ impl Keyspace {
     /// `(ks, "activity", family, minute)`.
     pub fn activity(&self, family: &[u8], minute: u64) -> Vec<u8> {
         self.root.pack(&("activity", family, minute))
+    }
+
+    /// `(ks, "window", rid, secs)`: the block's counter for its window of `secs` seconds
+    /// (one key per block and window length, overwritten when a new window begins).
+    pub fn window(&self, rid: &[u8], secs: u64) -> Vec<u8> {
+        self.root.pack(&("window", rid, secs))
     }
 
     /// The family's activity buckets for minutes `[from, to)`: `[begin, end)`.

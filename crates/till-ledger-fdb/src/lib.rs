@@ -67,6 +67,8 @@
 //!     now: 1_750_000_000,
 //!     not_after: None,
 //!     meta: None,
+//!     windows: Vec::new(),
+//!     ceilings: None,
 //! };
 //! let first = ledger.claim(req.clone()).await?;
 //! assert_eq!(first.map(|c| c.receipt.body().seq).ok(), Some(1));

@@ -176,6 +176,8 @@ macro_rules! all_cases {
                 threshold_alerts_exactly_once,
                 alert_outbox_lease_and_settle,
                 revocation_alert_once,
+                windowed_caps_exact_under_concurrency,
+                windowed_refusal_writes_nothing,
             ]
         );
     };

@@ -39,7 +39,7 @@ use till_receipt::{audit_chain, Receipt, ReceiptKeySet, RequestDigest};
 
 use crate::alert::{AlertKind, AlertOutcome, DeliveryStatus};
 use crate::family::{BlockMeta, KeyBlocks};
-use crate::{Claim, ClaimRequest, Ledger, LedgerError, Level, Refusal, MAX_REPLAYS};
+use crate::{Claim, ClaimRequest, Ledger, LedgerError, Level, Refusal, WindowCap, MAX_REPLAYS};
 
 // Harness requirement: the backend runs with the default alert policy
 // (`AlertPolicy::default()`: thresholds 80 % and 100 %, revocation alerts, no rate ceiling).
@@ -129,6 +129,8 @@ pub fn claim_request(levels: &[Level], key: Option<&str>, tag: &str) -> ClaimReq
         now: NOW,
         not_after: None,
         meta: Some(Arc::new(block_meta(levels))),
+        windows: Vec::new(),
+        ceilings: None,
     }
 }
 
@@ -1150,6 +1152,216 @@ pub async fn revocation_alert_once(h: Harness) {
         // An unknown block can be revoked too (keys are verified offline); no family.
         let stranger = ledger.revoke(&random_revocation_id()).await.unwrap();
         assert!(stranger.newly && stranger.family.is_none());
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Windowed caps (issue 13)
+
+fn windowed(levels: &[Level], windows: &[WindowCap], tag: &str, now: u64) -> ClaimRequest {
+    ClaimRequest {
+        windows: windows.to_vec(),
+        now,
+        ..claim_request(levels, None, tag)
+    }
+}
+
+/// Windowed caps are exact under concurrency, per block: 24 concurrent claims through a
+/// child whose block allows 3 per minute (its parent 5 per minute) take exactly 3 slots;
+/// the rest are `RateLimited` naming block 1 with `retry_after` = seconds to the end of the
+/// window, and the lifetime counters count only the 3. The parent's own window is shared
+/// by everything below it: 2 more through the parent alone, then block 0 refuses. The next
+/// window starts afresh, and the lifetime cap still applies across windows.
+pub async fn windowed_caps_exact_under_concurrency(h: Harness) {
+    bounded("windowed_caps_exact_under_concurrency", async {
+        let ledger = h.ledger.clone();
+        let root = level(Some(9));
+        let levels = vec![root.clone(), level(None)];
+        let windows = [
+            WindowCap {
+                level: 0,
+                secs: 60,
+                max: 5,
+            },
+            WindowCap {
+                level: 1,
+                secs: 60,
+                max: 3,
+            },
+            WindowCap {
+                level: 1,
+                secs: 86_400,
+                max: 100,
+            },
+        ];
+        let start = NOW - NOW % 60;
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let ledger = ledger.clone();
+            let req = windowed(&levels, &windows, &format!("w{i}"), NOW);
+            tasks.push(tokio::spawn(
+                async move { claim(ledger.as_ref(), req).await },
+            ));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(r) => assert_eq!(
+                    r,
+                    Refusal::RateLimited {
+                        block: 1,
+                        max: 3,
+                        secs: 60,
+                        retry_after: start + 60 - NOW
+                    }
+                ),
+            }
+        }
+        assert_eq!(ok, 3, "exactly the window's 3 claims");
+        assert_eq!(used(ledger.as_ref(), &levels).await, vec![3, 3]);
+        // The parent's window (5 per minute) already holds the child's 3.
+        let parent_only = &levels[..1];
+        for i in 0..2 {
+            claim_ok(
+                ledger.as_ref(),
+                windowed(parent_only, &windows[..1], &format!("p{i}"), NOW + 1),
+            )
+            .await;
+        }
+        assert_eq!(
+            claim_refused(
+                ledger.as_ref(),
+                windowed(parent_only, &windows[..1], "p2", NOW + 2)
+            )
+            .await,
+            Refusal::RateLimited {
+                block: 0,
+                max: 5,
+                secs: 60,
+                retry_after: start + 60 - NOW - 2
+            }
+        );
+        // The child is now refused by its parent's window too (block 0 comes first).
+        assert_eq!(
+            claim_refused(ledger.as_ref(), windowed(&levels, &windows, "c", NOW + 3)).await,
+            Refusal::RateLimited {
+                block: 0,
+                max: 5,
+                secs: 60,
+                retry_after: start + 60 - NOW - 3
+            }
+        );
+        assert_eq!(used(ledger.as_ref(), &levels).await, vec![5, 3]);
+        // The next minute: a fresh window, the day window keeps counting, the lifetime
+        // cap (9) bounds everything.
+        let next = start + 60;
+        for i in 0..3 {
+            claim_ok(
+                ledger.as_ref(),
+                windowed(&levels, &windows, &format!("n{i}"), next + i),
+            )
+            .await;
+        }
+        assert_eq!(
+            claim_refused(ledger.as_ref(), windowed(&levels, &windows, "n3", next + 3)).await,
+            Refusal::RateLimited {
+                block: 1,
+                max: 3,
+                secs: 60,
+                retry_after: 57
+            }
+        );
+        let later = next + 60;
+        claim_ok(ledger.as_ref(), windowed(&levels, &windows, "l0", later)).await;
+        assert_eq!(
+            claim_refused(ledger.as_ref(), windowed(&levels, &windows, "l1", later)).await,
+            Refusal::CapReached { block: 0, cap: 9 }
+        );
+        assert_eq!(used(ledger.as_ref(), &levels).await, vec![9, 7]);
+        audited_chain(&h, &root.revocation_id, 9).await;
+    })
+    .await;
+}
+
+/// A rate-limited claim writes nothing: no counter, no receipt, no idempotency record (the
+/// same key later makes a fresh claim, not a replay or a conflict); a lifetime cap refusal
+/// wins over a full window; a window counter written with a later start (a proxy whose
+/// clock runs ahead) is never reset by an earlier clock; and malformed windows are invalid
+/// requests.
+pub async fn windowed_refusal_writes_nothing(h: Harness) {
+    bounded("windowed_refusal_writes_nothing", async {
+        let ledger = h.ledger.as_ref();
+        let root = level(Some(2));
+        let levels = vec![root.clone()];
+        let per_hour = [WindowCap {
+            level: 0,
+            secs: 3600,
+            max: 1,
+        }];
+        claim_ok(ledger, windowed(&levels, &per_hour, "a", NOW)).await;
+        let mut again = windowed(&levels, &per_hour, "b", NOW);
+        again.idempotency_key = Some("kb".into());
+        assert!(matches!(
+            claim_refused(ledger, again.clone()).await,
+            Refusal::RateLimited { block: 0, .. }
+        ));
+        assert_eq!(used(ledger, &levels).await, vec![1]);
+        assert_eq!(all_receipts(ledger, &root.revocation_id).await.len(), 1);
+        // An earlier clock (another proxy, behind) sees the same, later-started window.
+        let behind = NOW - 3600;
+        let mut early = windowed(&levels, &per_hour, "c", behind);
+        early.idempotency_key = Some("kc".into());
+        assert!(matches!(
+            claim_refused(ledger, early).await,
+            Refusal::RateLimited { block: 0, .. }
+        ));
+        // Next hour: the same idempotency key makes a fresh claim (nothing was stored).
+        again.now = NOW + 3600;
+        let fresh = claim_ok(ledger, again.clone()).await;
+        assert!(!fresh.replayed);
+        assert_eq!(fresh.receipt.body().seq, 2);
+        // Cap reached and window full: the permanent refusal wins.
+        let mut over = windowed(&levels, &per_hour, "d", NOW + 3600);
+        over.idempotency_key = Some("kd".into());
+        assert_eq!(
+            claim_refused(ledger, over).await,
+            Refusal::CapReached { block: 0, cap: 2 }
+        );
+        // Malformed windows: a level out of range, a zero length, a repeated window.
+        for bad in [
+            vec![WindowCap {
+                level: 1,
+                secs: 60,
+                max: 1,
+            }],
+            vec![WindowCap {
+                level: 0,
+                secs: 0,
+                max: 1,
+            }],
+            vec![
+                WindowCap {
+                    level: 0,
+                    secs: 60,
+                    max: 1,
+                },
+                WindowCap {
+                    level: 0,
+                    secs: 60,
+                    max: 2,
+                },
+            ],
+        ] {
+            let fresh_levels = vec![level(Some(5))];
+            let req = windowed(&fresh_levels, &bad, "bad", NOW);
+            assert!(matches!(
+                ledger.claim(req).await,
+                Err(LedgerError::InvalidRequest(_))
+            ));
+        }
+        audited_chain(&h, &root.revocation_id, 2).await;
     })
     .await;
 }

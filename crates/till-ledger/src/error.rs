@@ -28,6 +28,19 @@ pub enum Refusal {
     /// request cannot be forwarded for free forever.
     #[error("idempotency key replayed too often; send a new idempotency key")]
     ReplayLimit,
+    /// Block `block`'s windowed cap is used up for the current window; nothing was
+    /// charged. Retry after `retry_after` seconds (when the window frees).
+    #[error("block {block} of this key allows {max} activations per {secs} s; that window is used up, retry in {retry_after} s")]
+    RateLimited {
+        /// Block index.
+        block: usize,
+        /// The window's cap.
+        max: u64,
+        /// The window length in seconds.
+        secs: u64,
+        /// Seconds until the window frees.
+        retry_after: u64,
+    },
 }
 
 impl Refusal {
@@ -39,6 +52,7 @@ impl Refusal {
             Refusal::Expired => "key_expired",
             Refusal::IdempotencyConflict => "idempotency_key_conflict",
             Refusal::ReplayLimit => "idempotency_replay_limit",
+            Refusal::RateLimited { .. } => "rate_limited",
         }
     }
 }

@@ -50,6 +50,8 @@
 //!         now: 1_750_000_000,
 //!         not_after: None,
 //!         meta: None,
+//!         windows: Vec::new(),
+//!         ceilings: None,
 //!     })
 //!     .await?;
 //! match claim {
@@ -87,7 +89,7 @@ pub use error::{LedgerError, Refusal};
 #[cfg(feature = "fault-injection")]
 #[doc(hidden)]
 pub use fault::FaultInjector;
-pub use plan::MAX_REPLAYS;
+pub use plan::{WindowCount, MAX_REPLAYS};
 
 /// A boxed future, so `dyn Ledger` works.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -119,6 +121,30 @@ pub struct ClaimRequest {
     /// The caveats of each level (block order), recorded the first time the ledger sees
     /// a block (for the admin plane) and used to label alerts. `None`: not recorded.
     pub meta: Option<std::sync::Arc<Vec<BlockMeta>>>,
+    /// Windowed caps of the levels, decided in the same transaction as the lifetime caps
+    /// (spec/ledger.md §3.4). Empty: none.
+    pub windows: Vec<WindowCap>,
+    /// The per-call ceilings that applied, recorded in the receipt. `None`: none.
+    pub ceilings: Option<till_receipt::Ceilings>,
+}
+
+/// A windowed cap of one level: at most `max` claims through that block (and its
+/// descendants) per fixed window of `secs` seconds (`[now − now mod secs, … + secs)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowCap {
+    /// Index into [`ClaimRequest::levels`].
+    pub level: usize,
+    /// Window length in seconds (> 0).
+    pub secs: u64,
+    /// Most claims per window.
+    pub max: u64,
+}
+
+impl WindowCap {
+    /// Start of the window containing `now`.
+    pub fn start(&self, now: u64) -> u64 {
+        now - now % self.secs.max(1)
+    }
 }
 
 /// A successful claim (or an idempotent replay of one).

@@ -85,6 +85,38 @@ pub struct ClaimState {
     pub minute_count: u64,
 }
 
+/// A window counter as stored: the start of the window it counts and the claims in it.
+/// One record per (block, window length), overwritten when a new window begins, so the
+/// ledger keeps a bounded number of them (spec/ledger.md §3.4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowCount {
+    /// Unix seconds, a multiple of the window length.
+    pub start: u64,
+    /// Claims counted in the window starting at `start`.
+    pub count: u64,
+}
+
+impl WindowCount {
+    /// Stored form: 16 bytes, `start` then `count`, big-endian.
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.start.to_be_bytes());
+        out[8..].copy_from_slice(&self.count.to_be_bytes());
+        out
+    }
+
+    /// Parses [`WindowCount::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, LedgerError> {
+        let arr: [u8; 16] = bytes
+            .try_into()
+            .map_err(|_| LedgerError::Corrupt("window counter is not 16 bytes".into()))?;
+        let (a, b) = arr.split_at(8);
+        let start = u64::from_be_bytes(a.try_into().unwrap_or_default());
+        let count = u64::from_be_bytes(b.try_into().unwrap_or_default());
+        Ok(Self { start, count })
+    }
+}
+
 /// Who is claiming: fixed per backend instance, except the resolved idempotency key.
 #[derive(Debug, Clone, Copy)]
 pub struct ClaimContext<'a> {
@@ -155,6 +187,23 @@ pub fn validate(req: &ClaimRequest) -> Result<(), LedgerError> {
             )));
         }
     }
+    for (j, w) in req.windows.iter().enumerate() {
+        if w.level >= req.levels.len() || w.secs == 0 {
+            return Err(LedgerError::InvalidRequest(format!(
+                "window {j} names level {} of {} or has length 0",
+                w.level,
+                req.levels.len()
+            )));
+        }
+        if req.windows[..j]
+            .iter()
+            .any(|e| e.level == w.level && e.secs == w.secs)
+        {
+            return Err(LedgerError::InvalidRequest(format!(
+                "window {j} repeats an earlier (level, length)"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -202,7 +251,77 @@ pub fn remaining(levels: &[Level], counts: &[u64]) -> Option<u64> {
 ///
 /// Errors are "cannot decide" conditions: a malformed request ([`validate`]) or a state
 /// that contradicts itself ([`LedgerError::Corrupt`]); the backend writes nothing for them.
+///
+/// A request with windowed caps needs the window counters: a backend that does not read
+/// them calls this and is refused ([`LedgerError::InvalidRequest`], fail closed); the
+/// backends call [`plan_claim_windowed`].
 pub fn plan_claim(
+    req: &ClaimRequest,
+    state: &ClaimState,
+    ctx: &ClaimContext<'_>,
+) -> Result<Plan, LedgerError> {
+    if !req.windows.is_empty() {
+        return Err(LedgerError::InvalidRequest(
+            "windowed caps need a backend that reads window counters".into(),
+        ));
+    }
+    plan_claim_windowed(req, state, &[], ctx).map(|(plan, _)| plan)
+}
+
+/// [`plan_claim`] with windowed caps: `windows[j]` is the stored counter of
+/// `req.windows[j]` (`None`: never written). Windows are checked after the lifetime caps
+/// (a permanent refusal wins over a transient one), and a refusal writes nothing, so a
+/// rate-limited call never charges a lifetime cap. On a commit, the second value is the
+/// counter to store for each window (same order).
+///
+/// A stored window that starts later than the current one (written by a proxy whose clock
+/// runs ahead) is counted as the current window: a window is never reset early.
+pub fn plan_claim_windowed(
+    req: &ClaimRequest,
+    state: &ClaimState,
+    windows: &[Option<WindowCount>],
+    ctx: &ClaimContext<'_>,
+) -> Result<(Plan, Vec<WindowCount>), LedgerError> {
+    let plan = plan_claim_inner(req, state, ctx)?;
+    let writes = match &plan {
+        Plan::Commit { .. } => {
+            if windows.len() != req.windows.len() {
+                return Err(LedgerError::Corrupt(format!(
+                    "{} window counters for {} windows",
+                    windows.len(),
+                    req.windows.len()
+                )));
+            }
+            let mut writes = Vec::with_capacity(windows.len());
+            for (w, stored) in req.windows.iter().zip(windows) {
+                let current = w.start(req.now);
+                let (start, count) = match stored {
+                    Some(s) if s.start >= current => (s.start, s.count),
+                    _ => (current, 0),
+                };
+                let next = count.saturating_add(1);
+                if next > w.max {
+                    let retry_after = start.saturating_add(w.secs).saturating_sub(req.now).max(1);
+                    return Ok((
+                        Plan::Refuse(Refusal::RateLimited {
+                            block: w.level,
+                            max: w.max,
+                            secs: w.secs,
+                            retry_after,
+                        }),
+                        Vec::new(),
+                    ));
+                }
+                writes.push(WindowCount { start, count: next });
+            }
+            writes
+        }
+        _ => Vec::new(),
+    };
+    Ok((plan, writes))
+}
+
+fn plan_claim_inner(
     req: &ClaimRequest,
     state: &ClaimState,
     ctx: &ClaimContext<'_>,
@@ -282,6 +401,7 @@ pub fn plan_claim(
         idempotency_key: ctx.idempotency_key.to_owned(),
         prev,
         ledger: None,
+        ceilings: req.ceilings.clone().filter(|c| !c.is_empty()),
     };
     let remaining = remaining(&req.levels, &new_counts);
     let minute_count = state.minute_count.saturating_add(1);
@@ -347,6 +467,8 @@ mod tests {
             now: 1_000,
             not_after: None,
             meta: None,
+            windows: Vec::new(),
+            ceilings: None,
         }
     }
 

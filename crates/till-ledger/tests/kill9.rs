@@ -87,6 +87,8 @@ fn request(i: usize) -> ClaimRequest {
         now: 1_750_000_000,
         not_after: None,
         meta: None,
+        windows: Vec::new(),
+        ceilings: None,
     }
 }
 

@@ -33,7 +33,7 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use http_body_util::BodyExt as _;
 use sha2::{Digest as _, Sha256};
-use till_ledger::{Claim, ClaimRequest, Ledger, Level, RequestDigest};
+use till_ledger::{Claim, ClaimRequest, Ledger, Level, RequestDigest, WindowCap};
 use till_token::{
     key_digest, verify, AuthorizeError, CallFacts, KeyRing, Limits, RequestFacts, VerifiedToken,
 };
@@ -544,6 +544,17 @@ impl AppState {
             })
             .collect();
         let not_after = token.scope().expires.map(|e| u64::try_from(e).unwrap_or(0));
+        let windows = token
+            .blocks()
+            .iter()
+            .flat_map(|b| {
+                b.caveats.windows.iter().flatten().map(|w| WindowCap {
+                    level: b.index,
+                    secs: w.secs,
+                    max: w.max,
+                })
+            })
+            .collect();
         let req = ClaimRequest {
             levels,
             idempotency_key,
@@ -551,6 +562,8 @@ impl AppState {
             now,
             not_after,
             meta: Some(Arc::new(block_meta(token))),
+            windows,
+            ceilings: ceilings(token.scope()),
         };
         // The ledger has its own timeout; this one bounds a backend that ignores it.
         let limit = self.config.limits.ledger_claim_timeout + Duration::from_millis(500);
@@ -802,6 +815,24 @@ fn response_filter(
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// The per-call ceilings and windowed caps that applied (effective over the key's blocks),
+/// for the receipt. `None` when the key has none.
+fn ceilings(scope: &till_token::EffectiveScope) -> Option<till_receipt::Ceilings> {
+    let c = till_receipt::Ceilings {
+        max_output_tokens: scope.max_output_tokens,
+        amount_max: scope.amount_max,
+        currencies: scope.currencies.clone(),
+        repos: scope.repos.clone(),
+        json_max: scope.json_max.clone(),
+        json_allow: scope.json_allow.clone(),
+        windows: scope
+            .windows
+            .as_ref()
+            .map(|ws| ws.iter().map(|w| [w.secs, w.max]).collect()),
+    };
+    (!c.is_empty()).then_some(c)
 }
 
 /// The caveats of each block, for the ledger's family records and alert labels.

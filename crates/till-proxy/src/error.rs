@@ -166,6 +166,7 @@ impl ProxyError {
                 till_ledger::Refusal::IdempotencyConflict | till_ledger::Refusal::ReplayLimit => {
                     StatusCode::CONFLICT
                 }
+                till_ledger::Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::FORBIDDEN,
             },
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -220,6 +221,7 @@ impl ProxyError {
             StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
             StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => "upstream_error",
             StatusCode::SERVICE_UNAVAILABLE => "unavailable_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             _ => "invalid_request_error",
         }
     }
@@ -239,15 +241,29 @@ impl ProxyError {
 
     /// Whether retrying the same request may succeed without a second charge: only the
     /// 503s that are refused before any claim (`ledger_unavailable`,
-    /// `body_budget_exceeded`). Sent as `x-should-retry` (which the OpenAI and Anthropic
+    /// `body_budget_exceeded`) and the 429 `rate_limited` (nothing charged; the window
+    /// frees after `Retry-After`). Sent as `x-should-retry` (which the OpenAI and Anthropic
     /// SDKs obey) on every error, with `Retry-After` when true. Everything else is
     /// permanent for this request, or happened after a committed claim (502/504,
     /// `internal_error`), where a retry would be charged again.
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            ProxyError::LedgerUnavailable | ProxyError::BodyBudgetExceeded
+            ProxyError::LedgerUnavailable
+                | ProxyError::BodyBudgetExceeded
+                | ProxyError::LedgerRefused(till_ledger::Refusal::RateLimited { .. })
         )
+    }
+
+    /// `Retry-After` seconds of a retryable error: until the window frees for a
+    /// `rate_limited` refusal (nothing was charged), else [`RETRY_AFTER_SECS`].
+    pub fn retry_after(&self) -> u64 {
+        match self {
+            ProxyError::LedgerRefused(till_ledger::Refusal::RateLimited { retry_after, .. }) => {
+                *retry_after
+            }
+            _ => RETRY_AFTER_SECS,
+        }
     }
 
     /// The JSON body `{"error":{"type","code","message"}}`.
@@ -272,7 +288,7 @@ impl IntoResponse for ProxyError {
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
         let h = resp.headers_mut();
         if self.retryable() {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            h.insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after()));
         }
         h.insert(
             HEADER_SHOULD_RETRY,

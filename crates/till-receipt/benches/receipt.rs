@@ -49,6 +49,7 @@ fn body(signer: &ReceiptSigner, seq: u64, prev: Option<String>) -> ReceiptBody {
         idempotency_key: format!("idem-{seq:08}"),
         prev,
         ledger: None,
+        ceilings: None,
     }
 }
 

@@ -91,6 +91,46 @@ pub struct ReceiptBody {
     /// `seq` 1) carry different ids: an auditor sees the reset as a fork.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ledger: Option<String>,
+    /// The per-call ceilings and windowed caps that applied to this request (the
+    /// effective values over the key's blocks), so an auditor can bound what one call
+    /// could cost. Absent when the key has none (older receipts never carry it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceilings: Option<Ceilings>,
+}
+
+/// What bounded one call besides the activation caps (spec/receipt.md): each member is
+/// the effective (tightest) value over the key's blocks; absent members did not apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ceilings {
+    /// Output tokens the request could ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
+    /// Amount (minor units) the request could state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_max: Option<u64>,
+    /// Currencies it could use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currencies: Option<Vec<String>>,
+    /// Repositories it could reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repos: Option<Vec<String>>,
+    /// Ceilings on JSON body members, by JSON pointer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_max: Option<std::collections::BTreeMap<String, u64>>,
+    /// Allowed values of JSON body members, by JSON pointer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_allow: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    /// Windowed caps `[seconds, max]`, tightest per window length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Vec<[u64; 2]>>,
+}
+
+impl Ceilings {
+    /// True when nothing applied (then a receipt omits the member).
+    pub fn is_empty(&self) -> bool {
+        self == &Ceilings::default()
+    }
 }
 
 impl ReceiptBody {
@@ -106,6 +146,8 @@ impl ReceiptBody {
             Some("request.content_type")
         } else if self.ledger.is_some() {
             Some("ledger")
+        } else if self.ceilings.is_some() {
+            Some("ceilings")
         } else {
             None
         }
@@ -142,6 +184,7 @@ mod tests {
             idempotency_key: "k".into(),
             prev: None,
             ledger: None,
+            ceilings: None,
         }
     }
 

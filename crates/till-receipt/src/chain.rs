@@ -263,6 +263,7 @@ mod tests {
             idempotency_key: format!("k{seq}"),
             prev,
             ledger: None,
+            ceilings: None,
         }
     }
 

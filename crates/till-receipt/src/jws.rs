@@ -396,6 +396,7 @@ mod tests {
             idempotency_key: "idem-1".into(),
             prev: None,
             ledger: None,
+            ceilings: None,
         }
     }
 

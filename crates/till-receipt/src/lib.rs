@@ -64,6 +64,7 @@
 //!     idempotency_key: "req-1".into(),
 //!     prev: None,
 //!     ledger: None,
+//!     ceilings: None,
 //! };
 //! let receipt = signer.sign(&body)?;
 //!
@@ -88,7 +89,9 @@ mod error;
 mod jws;
 mod key;
 
-pub use body::{ReceiptBody, RequestDigest, SlotClaim, MIN_RECEIPT_VERSION, RECEIPT_VERSION};
+pub use body::{
+    Ceilings, ReceiptBody, RequestDigest, SlotClaim, MIN_RECEIPT_VERSION, RECEIPT_VERSION,
+};
 pub use chain::{audit_chain, AuditReport, LevelUsage};
 pub use error::{JwkError, JwsPart, ReceiptError};
 pub use jws::{PreparedReceipt, Receipt, JWS_ALG, JWS_TYP, MAX_RECEIPT_LEN};

@@ -80,6 +80,7 @@ fn body() -> impl Strategy<Value = ReceiptBody> {
                     idempotency_key,
                     prev,
                     ledger,
+                    ceilings: None,
                 }
             },
         )

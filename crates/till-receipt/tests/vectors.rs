@@ -154,6 +154,7 @@ fn chain(signer: &ReceiptSigner) -> Vec<Receipt> {
                 "9f2c41d07a5be3186e0d4c2a7b91f35e@{}",
                 signer.key_id()
             )),
+            ceilings: None,
         };
         out.push(signer.sign(&body).unwrap());
     }
