@@ -72,6 +72,9 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Price per 1000 output tokens (any currency), to show the worst case as money.
+        #[arg(long, value_name = "PRICE")]
+        price_per_1k_output: Option<f64>,
     },
     /// Run the proxy.
     Serve(serve::ServeArgs),
@@ -168,7 +171,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             token,
             public_key,
             json,
-        } => keys::inspect_cmd(&dir, explicit_dir, &token, public_key, json),
+            price_per_1k_output,
+        } => keys::inspect_cmd(
+            &dir,
+            explicit_dir,
+            &token,
+            public_key,
+            json,
+            price_per_1k_output,
+        ),
         Command::Serve(args) => serve::run(args, cli.dir.as_deref()),
         Command::Revoke(args) => ledger_cmds::revoke(&dir, args),
         Command::Usage(args) => ledger_cmds::usage(&dir, args),

@@ -260,7 +260,13 @@ pub fn inspect_cmd(
     key: &str,
     public_key: Option<PathBuf>,
     as_json: bool,
+    price_per_1k_output: Option<f64>,
 ) -> Result<ExitCode> {
+    if price_per_1k_output.is_some_and(|p| !p.is_finite() || p < 0.0) {
+        bail!(Failure::usage(
+            "--price-per-1k-output must be a non-negative number"
+        ));
+    }
     let key = arg_or_stdin(key)?;
     let ring = match public_key {
         Some(path) => Some(KeyRing::with(load_root_public(&path)?)),
@@ -268,10 +274,20 @@ pub fn inspect_cmd(
         None => None,
     };
     let report = inspect(&key, ring.as_ref(), &Limits::default()).map_err(Failure::invalid)?;
+    let worst = report.effective.worst_case();
+    let cost = price_per_1k_output.and_then(|p| worst.output_tokens.map(|t| t as f64 / 1000.0 * p));
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut value = serde_json::to_value(&report)?;
+        let mut w = serde_json::to_value(&worst)?;
+        if let Some(p) = price_per_1k_output {
+            w["price_per_1k_output"] = json!(p);
+            w["output_cost"] = json!(cost);
+        }
+        value["worst_case"] = w;
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print_inspection(&report);
+        print_worst_case(&worst, price_per_1k_output, cost);
     }
     match &report.signature {
         SignatureStatus::Invalid { message, .. } => {
@@ -331,6 +347,28 @@ fn print_caveats(s: &EffectiveScope) {
     println!("  methods:       {}", list(&s.methods));
     println!("  paths:         {}", list(&s.paths));
     println!("  models:        {}", list(&s.models));
+    let num = |label: &str, v: Option<u64>| {
+        if let Some(v) = v {
+            println!("  {label:<15}{v}");
+        }
+    };
+    num("max output:", s.max_output_tokens);
+    num("max amount:", s.amount_max);
+    if let Some(c) = &s.currencies {
+        println!("  currencies:    {}", c.join(", "));
+    }
+    if let Some(r) = &s.repos {
+        println!("  repos:         {}", r.join(", "));
+    }
+    for (p, v) in s.json_max.iter().flatten() {
+        println!("  json max:      {p} <= {v}");
+    }
+    for (p, v) in s.json_allow.iter().flatten() {
+        println!("  json allow:    {p} in {}", v.join(", "));
+    }
+    for w in s.windows.iter().flatten() {
+        println!("  window:        {} per {} s", w.max, w.secs);
+    }
     let expires = s.expires.map_or("never".to_string(), |e| {
         OffsetDateTime::from_unix_timestamp(e)
             .ok()
@@ -338,6 +376,53 @@ fn print_caveats(s: &EffectiveScope) {
             .unwrap_or_else(|| e.to_string())
     });
     println!("  expires:       {expires}");
+}
+
+/// The worst case, read off the key (spec/token.md §11.1): "unbounded" where a factor is
+/// missing.
+fn print_worst_case(w: &till_token::WorstCase, price: Option<f64>, cost: Option<f64>) {
+    let n = |v: Option<u64>| v.map_or("unbounded".to_string(), |v| v.to_string());
+    println!();
+    println!(
+        "worst case ({})",
+        w.upstream.as_deref().unwrap_or("any upstream")
+    );
+    println!("  activations:   {}", n(w.activations));
+    for win in &w.windows {
+        let per = match win.secs {
+            60 => "minute",
+            3600 => "hour",
+            86_400 => "day",
+            _ => "window",
+        };
+        println!("                 at most {} per {per}", win.max);
+    }
+    if w.output_tokens_per_call.is_some() {
+        println!(
+            "  output tokens: {} ({} per call)",
+            n(w.output_tokens),
+            n(w.output_tokens_per_call)
+        );
+        if let Some(p) = price {
+            match cost {
+                Some(c) => println!("  output cost:   {c:.4} (at {p} per 1k output tokens)"),
+                None => println!("  output cost:   unbounded (no activation cap)"),
+            }
+        }
+    } else {
+        println!("  output tokens: unbounded (no max_output_tokens ceiling)");
+    }
+    if w.amount_per_call.is_some() {
+        let currencies = w
+            .currencies
+            .as_ref()
+            .map_or("any currency".to_string(), |c| c.join(", "));
+        println!(
+            "  amount:        {} ({} per call; {currencies})",
+            n(w.amount),
+            n(w.amount_per_call)
+        );
+    }
 }
 
 /// Guards against an obviously wrong upstream before minting.
