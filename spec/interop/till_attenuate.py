@@ -37,6 +37,9 @@ _UPSTREAM = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _METHOD = re.compile(r"[A-Za-z]{1,16}")
 _MODEL = re.compile(r"[A-Za-z0-9._:/@+-]{1,256}")
 _PATH = re.compile(r"/[A-Za-z0-9/\-._~!$&'()*+,;=:@]{0,255}")
+_CURRENCY = re.compile(r"[A-Za-z]{3}")
+_REPO = re.compile(r"[A-Za-z0-9-]{1,39}/[A-Za-z0-9._-]{1,100}")
+_POINTER = re.compile(r"(/[A-Za-z0-9._-]+)+")
 _TTL = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -75,13 +78,55 @@ def normalize(caveats):
         out["paths"] = sorted(set(_check_list(caveats["paths"], "path", _PATH, _path_ok)))
     if caveats.get("models") is not None:
         out["models"] = sorted(set(_check_list(caveats["models"], "model", _MODEL)))
-    for name, top in (("expires", MAX_EXPIRES), ("cap", MAX_CAP)):
+    for name, top in (("expires", MAX_EXPIRES), ("cap", MAX_CAP),
+                      ("max_output_tokens", MAX_CAP), ("amount_max", MAX_CAP)):
         v = caveats.get(name)
         if v is not None:
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= top:
-                raise ValueError(f"{name} must be an integer from 0 to {top}")
+            _check_int(v, name, 0, top)
             out[name] = v
+    if caveats.get("currencies") is not None:
+        cs = _check_list(caveats["currencies"], "currency", _CURRENCY)
+        out["currencies"] = sorted({c.lower() for c in cs})
+    if caveats.get("repos") is not None:
+        rs = _check_list(caveats["repos"], "repository", _REPO, lambda r: r.split("/")[1] not in (".", ".."))
+        out["repos"] = sorted({r.lower() for r in rs})
+    if caveats.get("json_max") is not None:
+        m = dict(caveats["json_max"])
+        _check_pointers(m)
+        for v in m.values():
+            _check_int(v, "json_max ceiling", 0, MAX_CAP)
+        out["json_max"] = dict(sorted(m.items()))
+    if caveats.get("json_allow") is not None:
+        m = dict(caveats["json_allow"])
+        _check_pointers(m)
+        out["json_allow"] = {p: sorted(set(_check_list(v, "json_allow value", _MODEL)))
+                             for p, v in sorted(m.items())}
+    if caveats.get("windows") is not None:
+        ws = list(caveats["windows"])
+        if not ws:
+            raise ValueError("give at least one window (omit the argument to not restrict)")
+        best = {}
+        for w in ws:
+            secs, mx = (w["secs"], w["max"]) if isinstance(w, dict) else w
+            if secs not in (60, 3600, 86400):
+                raise ValueError("windows are per minute (60), hour (3600) or day (86400)")
+            _check_int(mx, "window max", 1, MAX_CAP)
+            best[secs] = min(mx, best.get(secs, mx))
+        out["windows"] = [{"secs": k, "max": best[k]} for k in sorted(best)]
     return out
+
+
+def _check_int(v, name, low, top):
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= top:
+        raise ValueError(f"{name} must be an integer from {low} to {top}")
+
+
+def _check_pointers(m):
+    if not 1 <= len(m) <= 8:
+        raise ValueError("give 1 to 8 JSON pointers")
+    for p in m:
+        if not isinstance(p, str) or len(p) > 128 or not _POINTER.fullmatch(p):
+            raise ValueError(f"invalid JSON pointer {p!r} (e.g. /max_tokens)")
 
 
 def _rfc3339(unix):
@@ -111,6 +156,21 @@ def block_source(caveats, index):
         lines.append(f"time($t), $t <= {_rfc3339(c['expires'])}")
     if "cap" in c:
         lines.append(f"till_activation({index}, $n), $n <= {c['cap']}")
+    # Per-call ceilings and windowed caps (spec/token.md §14), in this order.
+    if "max_output_tokens" in c:
+        lines.append(f"till_max_output_tokens($t), $t <= {c['max_output_tokens']}")
+    if "amount_max" in c:
+        lines.append(f"till_amount($a), $a <= {c['amount_max']}")
+    if "currencies" in c:
+        lines.append(" or ".join(f'till_currency("{x}")' for x in c["currencies"]))
+    if "repos" in c:
+        lines.append(" or ".join(f'till_repo("{x}")' for x in c["repos"]))
+    for p, n in c.get("json_max", {}).items():
+        lines.append(f'till_json_int("{p}", $v), $v <= {n}')
+    for p, vs in c.get("json_allow", {}).items():
+        lines.append(" or ".join(f'till_json_str("{p}", "{v}")' for v in vs))
+    for w in c.get("windows", []):
+        lines.append(f"till_window({index}, {w['secs']}, $n), $n <= {w['max']}")
     return "".join(f"check if {line};\n" for line in lines)
 
 
@@ -166,6 +226,41 @@ def parse_block_source(source, index):
             if m.group(1) != str(index):
                 raise ValueError(f"the cap check names block {m.group(1)}, not {index}")
             once("cap", int(m.group(2)))
+        elif m := re.fullmatch(r"till_max_output_tokens\(\$t\), \$t <= (\d+)", body):
+            once("max_output_tokens", int(m.group(1)))
+        elif m := re.fullmatch(r"till_amount\(\$a\), \$a <= (\d+)", body):
+            once("amount_max", int(m.group(1)))
+        elif body.startswith("till_currency("):
+            once("currencies", _alternatives(body, "till_currency"))
+        elif body.startswith("till_repo("):
+            once("repos", _alternatives(body, "till_repo"))
+        elif m := re.fullmatch(r'till_json_int\("([^"]*)", \$v\), \$v <= (\d+)', body):
+            c.setdefault("json_max", {})
+            if m.group(1) in c["json_max"]:
+                raise ValueError(f"two json_max checks for {m.group(1)}")
+            c["json_max"][m.group(1)] = int(m.group(2))
+        elif body.startswith("till_json_str("):
+            pointers, values = set(), []
+            for alt in body.split(" or "):
+                m = re.fullmatch(r'till_json_str\("([^"]*)", "([^"]*)"\)', alt)
+                if not m:
+                    raise ValueError(f"not a till_json_str alternative: {alt!r}")
+                pointers.add(m.group(1))
+                values.append(m.group(2))
+            if len(pointers) != 1:
+                raise ValueError("a json_allow check names one pointer")
+            c.setdefault("json_allow", {})
+            (p,) = pointers
+            if p in c["json_allow"]:
+                raise ValueError(f"two json_allow checks for {p}")
+            c["json_allow"][p] = values
+        elif m := re.fullmatch(r"till_window\((\d+), (\d+), \$n\), \$n <= (\d+)", body):
+            if m.group(1) != str(index):
+                raise ValueError(f"the window check names block {m.group(1)}, not {index}")
+            ws = c.setdefault("windows", [])
+            if any(w["secs"] == int(m.group(2)) for w in ws):
+                raise ValueError("two windows of one length")
+            ws.append({"secs": int(m.group(2)), "max": int(m.group(3))})
         else:
             raise ValueError(f"not a Till caveat check: {line!r}")
     c = normalize(c)
@@ -273,6 +368,27 @@ def _effective(blocks):
         for name in ("expires", "cap"):
             if name in c:
                 e[name] = c[name] if e[name] is None else min(e[name], c[name])
+        # spec/token.md §14: omitted from `effective` while no block declares them.
+        for name in ("max_output_tokens", "amount_max"):
+            if name in c:
+                e[name] = min(e.get(name, c[name]), c[name])
+        for name in ("currencies", "repos"):
+            if name in c:
+                e[name] = c[name] if name not in e else [x for x in e[name] if x in c[name]]
+        for p, n in c.get("json_max", {}).items():
+            m = e.setdefault("json_max", {})
+            m[p] = min(m.get(p, n), n)
+        for p, vs in c.get("json_allow", {}).items():
+            m = e.setdefault("json_allow", {})
+            m[p] = vs if p not in m else [x for x in m[p] if x in vs]
+        for w in c.get("windows", []):
+            ws = e.setdefault("windows", [])
+            same = [x for x in ws if x["secs"] == w["secs"]]
+            if same:
+                same[0]["max"] = min(same[0]["max"], w["max"])
+            else:
+                ws.append(dict(w))
+            ws.sort(key=lambda x: (x["secs"], x["max"]))
     return e
 
 
@@ -358,15 +474,24 @@ def _ttl_seconds(ttl):
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
-def attenuate(key, cap=None, paths=None, models=None, methods=None, ttl=None, *, root_public_key=None):
+_CEILINGS = ("max_output_tokens", "amount_max", "currencies", "repos", "json_max", "json_allow", "windows")
+
+
+def attenuate(key, cap=None, paths=None, models=None, methods=None, ttl=None, *, root_public_key=None, **ceilings):
     """Appends a block that narrows `key` and returns the new key string, for a sub-agent.
 
     cap: at most this many activations through the new key and its descendants.
     paths / models / methods: allowed values (a list, or one string). ttl: seconds, a
-    timedelta or "90m"/"24h"/"7d" from now. A block can only narrow: asking for more
-    than the key allows has no effect (a warning is issued for a higher cap or expiry).
+    timedelta or "90m"/"24h"/"7d" from now. Per-call ceilings and windowed caps
+    (spec/token.md §14) as keywords: max_output_tokens=, amount_max=, currencies=, repos=,
+    json_max={pointer: n}, json_allow={pointer: [values]}, windows=[{"secs": 60, "max": 10}].
+    A block can only narrow: asking for more than the key allows has no effect (a warning
+    is issued for a higher cap or expiry).
     """
-    caveats = {"cap": cap, "paths": paths, "models": models, "methods": methods}
+    unknown = set(ceilings) - set(_CEILINGS)
+    if unknown:
+        raise TypeError(f"unknown caveats {sorted(unknown)}; known: {_CEILINGS}")
+    caveats = {"cap": cap, "paths": paths, "models": models, "methods": methods, **ceilings}
     if ttl is not None:
         seconds = _ttl_seconds(ttl)
         if seconds <= 0:

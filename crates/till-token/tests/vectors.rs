@@ -13,9 +13,11 @@ use biscuit_auth::{Biscuit, UnverifiedBiscuit};
 use common::*;
 use prost::Message as _;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
 use till_token::{
-    inspect, key_digest, mint, verify, AuthorizeError, Caveats, KeyRing, Limits, RequestFacts,
-    RootPublicKey, Token, TokenError,
+    inspect, key_digest, mint, verify, AuthorizeError, CallFacts, Caveats, JsonFact, KeyRing,
+    Limits, RequestFacts, RootPublicKey, Token, TokenError, Window,
 };
 
 const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../spec/vectors/token.json");
@@ -28,6 +30,8 @@ struct Req {
     model: Option<&'static str>,
     now: i64,
     counts: Option<Vec<u64>>,
+    /// Per-call facts (spec/token.md §14); absent from the vector when `None`.
+    call: Option<CallFacts>,
 }
 
 const NOW: i64 = 1_700_000_000;
@@ -40,6 +44,7 @@ fn req(method: &'static str, path: &'static str, model: Option<&'static str>) ->
         model,
         now: NOW,
         counts: None,
+        call: None,
     }
 }
 
@@ -55,6 +60,13 @@ impl Req {
     fn counts(mut self, c: &[u64]) -> Self {
         self.counts = Some(c.to_vec());
         self
+    }
+    fn call(mut self, c: CallFacts) -> Self {
+        self.call = Some(c);
+        self
+    }
+    fn call_facts(&self) -> CallFacts {
+        self.call.clone().unwrap_or_default()
     }
     fn facts(&self) -> RequestFacts<'_> {
         RequestFacts {
@@ -267,7 +279,164 @@ fn valid_cases() -> Vec<ValidCase> {
                 req("POST", "/v1/chat/completions", Some("gpt-4o")).at(1_900_000_001),
             ],
         },
+        ValidCase {
+            name: "ceilings",
+            description: "Per-call ceilings and windowed caps (spec/token.md §14): the authority block caps output tokens at 1024 and allows 100 per minute; block 1 tightens to 256 output tokens, bounds /temperature and allow-lists /model, 10 per minute and 1000 per day; block 2 carries no declaration (§13) and tightens output tokens to 128. Requests carry their per-call facts in `call`.",
+            undeclared: &[2],
+            chain: vec![
+                Caveats {
+                    upstream: Some("openai".into()),
+                    max_output_tokens: Some(1024),
+                    windows: Some(vec![Window { secs: 60, max: 100 }]),
+                    ..Caveats::default()
+                },
+                Caveats {
+                    max_output_tokens: Some(256),
+                    json_max: Some(BTreeMap::from([("/temperature".to_string(), 1)])),
+                    json_allow: Some(BTreeMap::from([(
+                        "/model".to_string(),
+                        vec!["gpt-4o-mini".to_string(), "gpt-4o".to_string()],
+                    )])),
+                    windows: Some(vec![
+                        Window { secs: 86_400, max: 1000 },
+                        Window { secs: 60, max: 10 },
+                    ]),
+                    ..Caveats::default()
+                },
+                Caveats {
+                    max_output_tokens: Some(128),
+                    ..Caveats::default()
+                },
+            ],
+            requests: {
+                let call = |t: Option<u64>, temp: Option<JsonFact>, model: Option<&str>| {
+                    let mut json = BTreeMap::new();
+                    if let Some(v) = temp {
+                        json.insert("/temperature".to_string(), v);
+                    }
+                    if let Some(m) = model {
+                        json.insert("/model".to_string(), JsonFact::Str(m.to_string()));
+                    }
+                    CallFacts {
+                        max_output_tokens: t,
+                        json,
+                        ..CallFacts::default()
+                    }
+                };
+                let r = || req("POST", "/v1/chat/completions", Some("gpt-4o"));
+                vec![
+                    r().call(call(Some(128), Some(JsonFact::Int(1)), Some("gpt-4o"))),
+                    r().call(call(Some(129), Some(JsonFact::Int(1)), Some("gpt-4o"))),
+                    r().call(call(Some(257), Some(JsonFact::Int(1)), Some("gpt-4o"))),
+                    r().call(call(Some(2048), Some(JsonFact::Int(1)), Some("gpt-4o"))),
+                    r().call(call(None, Some(JsonFact::Int(1)), Some("gpt-4o"))),
+                    r().call(call(Some(1), Some(JsonFact::Int(2)), Some("gpt-4o"))),
+                    r().call(call(Some(1), Some(JsonFact::Str("1".into())), Some("gpt-4o"))),
+                    r().call(call(Some(1), None, Some("gpt-4o"))),
+                    r().call(call(Some(1), Some(JsonFact::Int(0)), Some("o1"))),
+                    r().call(call(Some(1), Some(JsonFact::Int(0)), None)),
+                    r(),
+                ]
+            },
+        },
+        ValidCase {
+            name: "ceilings-stripe",
+            description: "Stripe: at most 5000 (minor units) per call, in usd or eur (spec/token.md §14.2), cap 3.",
+            undeclared: &[],
+            chain: vec![Caveats {
+                upstream: Some("stripe".into()),
+                amount_max: Some(5000),
+                currencies: strings(&["USD", "eur"]),
+                cap: Some(3),
+                ..Caveats::default()
+            }],
+            requests: {
+                let call = |a: Option<u64>, c: Option<&str>| CallFacts {
+                    amount: a,
+                    currency: c.map(String::from),
+                    ..CallFacts::default()
+                };
+                let r = || req("POST", "/v1/payment_intents", None).upstream("stripe");
+                vec![
+                    r().call(call(Some(5000), Some("usd"))),
+                    r().call(call(Some(5001), Some("usd"))),
+                    r().call(call(Some(1), Some("gbp"))),
+                    r().call(call(None, Some("eur"))),
+                    r().call(call(Some(1), None)),
+                ]
+            },
+        },
+        ValidCase {
+            name: "ceilings-github",
+            description: "GitHub repository scope (spec/token.md §14.3): the path's /repos/{owner}/{name}, lower-cased, must be listed.",
+            undeclared: &[],
+            chain: vec![Caveats {
+                upstream: Some("github".into()),
+                repos: strings(&["Acme/Widgets", "acme/docs"]),
+                ..Caveats::default()
+            }],
+            requests: {
+                let call = |r: Option<&str>| CallFacts {
+                    repo: r.map(String::from),
+                    ..CallFacts::default()
+                };
+                let r = |p| req("GET", p, None).upstream("github");
+                vec![
+                    r("/repos/acme/widgets/issues").call(call(Some("acme/widgets"))),
+                    r("/repos/acme/secret").call(call(Some("acme/secret"))),
+                    r("/user/repos").call(call(None)),
+                ]
+            },
+        },
     ]
+}
+
+/// The per-call facts of a vector request, as JSON (spec/token.md §14).
+fn call_json(c: &CallFacts) -> Value {
+    let json: serde_json::Map<String, Value> = c
+        .json
+        .iter()
+        .map(|(p, v)| {
+            let v = match v {
+                JsonFact::Int(i) => json!({ "int": i }),
+                JsonFact::Str(s) => json!({ "str": s }),
+            };
+            (p.clone(), v)
+        })
+        .collect();
+    json!({
+        "max_output_tokens": c.max_output_tokens,
+        "amount": c.amount,
+        "currency": c.currency,
+        "repo": c.repo,
+        "json": json,
+    })
+}
+
+fn call_from(v: &Value) -> CallFacts {
+    if v.is_null() {
+        return CallFacts::default();
+    }
+    CallFacts {
+        max_output_tokens: v["max_output_tokens"].as_u64(),
+        amount: v["amount"].as_u64(),
+        currency: v["currency"].as_str().map(String::from),
+        repo: v["repo"].as_str().map(String::from),
+        json: v["json"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(p, f)| {
+                        let fact = match f["int"].as_i64() {
+                            Some(i) => JsonFact::Int(i),
+                            None => JsonFact::Str(f["str"].as_str().unwrap().to_string()),
+                        };
+                        (p.clone(), fact)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
 }
 
 /// Builds a vector chain deterministically; vector number `v` picks the next-key seeds.
@@ -341,16 +510,18 @@ fn valid_vector(v: u8, case: &ValidCase) -> Value {
         .requests
         .iter()
         .map(|r| {
-            let result = verified.authorize(&r.facts(), r.counts.as_deref(), &limits);
+            let call = r.call_facts();
+            let result = verified.authorize_call(&r.facts(), &call, r.counts.as_deref(), &limits);
             let ones = vec![1; case.chain.len()];
             let counts = r.counts.clone().unwrap_or(ones);
-            let datalog = match verified.authorize_datalog_only(&r.facts(), &counts, &limits) {
-                Ok(()) => json!("ok"),
-                Err(AuthorizeError::Refused(refusal)) => json!({ "block": refusal.block }),
-                Err(AuthorizeError::Token(e)) => json!({ "error": e.code() }),
-                Err(e) => json!({ "error": e.to_string() }),
-            };
-            json!({
+            let datalog =
+                match verified.authorize_datalog_only_call(&r.facts(), &call, &counts, &limits) {
+                    Ok(()) => json!("ok"),
+                    Err(AuthorizeError::Refused(refusal)) => json!({ "block": refusal.block }),
+                    Err(AuthorizeError::Token(e)) => json!({ "error": e.code() }),
+                    Err(e) => json!({ "error": e.to_string() }),
+                };
+            let mut out = json!({
                 "upstream": r.upstream,
                 "method": r.method,
                 "path": r.path,
@@ -359,7 +530,11 @@ fn valid_vector(v: u8, case: &ValidCase) -> Value {
                 "counts": r.counts,
                 "authorize": outcome(result),
                 "datalog_only": datalog,
-            })
+            });
+            if let Some(c) = &r.call {
+                out["call"] = call_json(c);
+            }
+            out
         })
         .collect();
     json!({
@@ -891,12 +1066,13 @@ fn committed_vectors_hold() {
         assert_eq!(unchecked["signature"]["status"], "unchecked");
         for r in v["requests"].as_array().unwrap() {
             let (facts, counts) = req_from(r);
-            let got = outcome(verified.authorize(&facts, counts.as_deref(), &limits));
+            let call = call_from(&r["call"]);
+            let got = outcome(verified.authorize_call(&facts, &call, counts.as_deref(), &limits));
             assert_eq!(got, r["authorize"], "{name}: {r}");
             // The Datalog layer alone reaches the same verdict (and names the same block).
             let n = verified.blocks().len();
             let counts = counts.unwrap_or_else(|| vec![1; n]);
-            let datalog = verified.authorize_datalog_only(&facts, &counts, &limits);
+            let datalog = verified.authorize_datalog_only_call(&facts, &call, &counts, &limits);
             match (&r["authorize"], datalog) {
                 (Value::String(ok), Ok(())) => assert_eq!(ok, "ok"),
                 (a, Err(AuthorizeError::Refused(refusal))) => {
