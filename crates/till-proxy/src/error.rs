@@ -259,9 +259,9 @@ impl ProxyError {
     /// `rate_limited` refusal (nothing was charged), else [`RETRY_AFTER_SECS`].
     pub fn retry_after(&self) -> u64 {
         match self {
-            ProxyError::LedgerRefused(till_ledger::Refusal::RateLimited { retry_after, .. }) => {
-                *retry_after
-            }
+            ProxyError::LedgerRefused(till_ledger::Refusal::RateLimited {
+                retry_after, ..
+            }) => *retry_after,
             _ => RETRY_AFTER_SECS,
         }
     }
