@@ -489,6 +489,68 @@ mod tests {
         alerts: &NO_ALERTS,
     };
 
+    #[test]
+    fn windows_need_the_windowed_planner_and_decide_after_caps() {
+        use crate::WindowCap;
+        let mut req = request(vec![level(1, Some(5))]);
+        req.windows = vec![WindowCap {
+            level: 0,
+            secs: 60,
+            max: 2,
+        }];
+        // The plain planner refuses windows (fail closed for a backend that ignores them).
+        assert!(matches!(
+            plan_claim(&req, &fresh(1), &CTX),
+            Err(LedgerError::InvalidRequest(_))
+        ));
+        let start = req.now - req.now % 60;
+        // A fresh window: counted from 0, written as (start, 1).
+        let (plan, writes) = plan_claim_windowed(&req, &fresh(1), &[None], &CTX).unwrap();
+        assert!(matches!(plan, Plan::Commit { .. }));
+        assert_eq!(writes, vec![WindowCount { start, count: 1 }]);
+        // An old window is replaced; the current one is counted.
+        let old = WindowCount {
+            start: start - 60,
+            count: 2,
+        };
+        let (_, writes) = plan_claim_windowed(&req, &fresh(1), &[Some(old)], &CTX).unwrap();
+        assert_eq!(writes, vec![WindowCount { start, count: 1 }]);
+        let full = WindowCount { start, count: 2 };
+        let (plan, writes) = plan_claim_windowed(&req, &fresh(1), &[Some(full)], &CTX).unwrap();
+        assert_eq!(
+            plan,
+            Plan::Refuse(Refusal::RateLimited {
+                block: 0,
+                max: 2,
+                secs: 60,
+                retry_after: start + 60 - req.now
+            })
+        );
+        assert!(writes.is_empty());
+        // A window started later by a faster clock is never reset by this slower one.
+        let ahead = WindowCount {
+            start: start + 60,
+            count: 2,
+        };
+        let (plan, _) = plan_claim_windowed(&req, &fresh(1), &[Some(ahead)], &CTX).unwrap();
+        assert!(matches!(
+            plan,
+            Plan::Refuse(Refusal::RateLimited { retry_after, .. }) if retry_after == start + 120 - req.now
+        ));
+        // The lifetime cap is checked first: a full cap wins over a full window.
+        let capped = ClaimState {
+            counts: vec![5],
+            chain_head: Some((5, "ab".repeat(32))),
+            ..fresh(1)
+        };
+        let (plan, _) = plan_claim_windowed(&req, &capped, &[Some(full)], &CTX).unwrap();
+        assert_eq!(plan, Plan::Refuse(Refusal::CapReached { block: 0, cap: 5 }));
+        // A wrong number of stored counters is corruption, not a decision.
+        assert!(plan_claim_windowed(&req, &fresh(1), &[], &CTX).is_err());
+        assert_eq!(WindowCount::from_bytes(&full.to_bytes()).unwrap(), full);
+        assert!(WindowCount::from_bytes(&[0; 15]).is_err());
+    }
+
     static NO_ALERTS: AlertPolicy = AlertPolicy {
         thresholds: Vec::new(),
         rate_per_minute: None,
