@@ -296,7 +296,8 @@ impl FdbLedger {
     /// key space) the layout version. Needs [`boot`] first.
     ///
     /// Fails with [`LedgerError::Open`] when the client is not booted, the cluster file is
-    /// unusable or the key space holds another layout version, and with
+    /// unusable, the key space holds another layout version or its ledger id is bound to
+    /// another receipt key ([`crate::FdbConfig::ledger_id`]), and with
     /// [`LedgerError::Unavailable`] when the cluster does not answer within
     /// `config.transaction_timeout`.
     pub async fn open(config: FdbConfig) -> Result<Self, LedgerError> {
@@ -317,6 +318,12 @@ impl FdbLedger {
     /// What the engine did so far (batches, commits, retries, ...).
     pub fn stats(&self) -> EngineStats {
         self.inner.stats()
+    }
+
+    /// The key space's ledger id, `<32 hex>@<receipt key id>` (in every receipt this
+    /// ledger signs; spec/ledger-fdb.md §1, "Ledger id").
+    pub fn ledger_id(&self) -> Option<&str> {
+        self.inner.ledger_id()
     }
 
     /// The engine (key space, store).

@@ -48,6 +48,29 @@ pub struct FdbConfig {
     /// [`Self::DEFAULT_IDEMPOTENCY_WINDOW`]; whole seconds. Every proxy of a fleet should
     /// use the same window.
     pub idempotency_window: Duration,
+    /// Which key space this proxy accepts, by its ledger id (`<32 hex>@<receipt key id>`,
+    /// created once with the key space and put into every receipt). Default
+    /// [`LedgerIdCheck::SameReceiptKey`].
+    pub ledger_id: LedgerIdCheck,
+}
+
+/// How opening checks the key space's ledger id (spec/ledger-fdb.md §1, "Ledger id").
+///
+/// A fleet shares one receipt key per key space, so by default a key space whose id is
+/// bound to another receipt key is refused: it belongs to another deployment (a wrong
+/// `keyspace` or cluster file), and claiming in it would mix two deployments' chains.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LedgerIdCheck {
+    /// A key space without an id (fresh, or written before ledger ids) gets a new one
+    /// bound to this proxy's receipt key; one whose id is bound to another receipt key is
+    /// refused ([`till_ledger::LedgerError::Open`], nothing written).
+    #[default]
+    SameReceiptKey,
+    /// The key space must already carry exactly this id, whatever receipt key it names
+    /// (after a rotation of the fleet's receipt key, set the id the refusal names). A key
+    /// space without an id — fresh, cleared, or written before ledger ids — is refused
+    /// and nothing is created: a proxy that expects a ledger never starts a new one.
+    Expect(String),
 }
 
 impl FdbConfig {
@@ -85,6 +108,7 @@ impl FdbConfig {
             max_retry_delay: Self::DEFAULT_MAX_RETRY_DELAY,
             alerts: AlertPolicy::default(),
             idempotency_window: Self::DEFAULT_IDEMPOTENCY_WINDOW,
+            ledger_id: LedgerIdCheck::SameReceiptKey,
         }
     }
 

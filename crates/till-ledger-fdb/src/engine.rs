@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::try_join_all;
@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::admin;
-use crate::config::FdbConfig;
+use crate::config::{FdbConfig, LedgerIdCheck};
 use crate::error::KvError;
 use crate::keys::{self, Keyspace};
 use crate::kv::{KvStore, KvTxn, TxnOptions};
@@ -142,6 +142,12 @@ pub(crate) struct Shared {
     idem_window: u64,
     options: TxnOptions,
     stats: Stats,
+    /// How opening checks the key space's ledger id.
+    id_check: LedgerIdCheck,
+    /// The key space's ledger id, once [`KvLedger::check_schema`] read (or wrote) it: put
+    /// into every receipt, and checked by every claim batch (a key space cleared or
+    /// replaced under a running proxy is refused, never restarted at `seq` 1).
+    ledger_id: OnceLock<String>,
 }
 
 /// One claim waiting in (or being carried by) a lane.
@@ -201,6 +207,8 @@ impl<S: KvStore> KvLedger<S> {
                 max_retry_delay: config.max_retry_delay,
             },
             stats: Stats::default(),
+            id_check: config.ledger_id.clone(),
+            ledger_id: OnceLock::new(),
         });
         let mut lanes = Vec::with_capacity(config.lane_count());
         for _ in 0..config.lane_count() {
@@ -230,25 +238,60 @@ impl<S: KvStore> KvLedger<S> {
         self.shared.stats.snapshot()
     }
 
-    /// Checks the layout version under `(ks, "schema")`, writing it on a fresh key space;
-    /// refuses a key space written by an incompatible layout.
+    /// Starts the engine ([`KvLedger::start`]) and opens the key space
+    /// ([`KvLedger::check_schema`]): what [`crate::FdbLedger::open`] does over FoundationDB.
+    pub async fn open(store: Arc<S>, config: &FdbConfig) -> Result<Self, LedgerError> {
+        let ledger = Self::start(store, config)?;
+        ledger.check_schema().await?;
+        Ok(ledger)
+    }
+
+    /// Opens the key space, in one transaction: checks the layout version under `(ks,
+    /// "schema")` (writing it on a fresh key space, upgrading an older one it reads),
+    /// and reads the ledger id under `(ks, "ledger_id")`, creating it when the key space
+    /// has none, as [`FdbConfig::ledger_id`] says. Refuses ([`LedgerError::Open`],
+    /// nothing written) a key space of an incompatible layout, or whose id is bound to
+    /// another receipt key (or is not the expected one). From then on every receipt
+    /// carries the id. Idempotent; a second call that finds another id is refused.
     pub async fn check_schema(&self) -> Result<(), LedgerError> {
+        // Once this proxy knows the id, a later check expects exactly it: a key space
+        // cleared meanwhile is refused, never given a new id.
+        let check = match self.shared.ledger_id.get() {
+            Some(known) => LedgerIdCheck::Expect(known.clone()),
+            None => self.shared.id_check.clone(),
+        };
         let mut work = SchemaWork {
             keys: &self.shared.keys,
-            found: None,
+            check: &check,
+            kid: &self.shared.kid,
+            new_id: till_ledger::new_ledger_id(&self.shared.kid),
         };
-        self.transact(&mut work).await.map_err(unavailable)?;
-        match work.found {
-            None | Some(keys::SCHEMA_VERSION) => Ok(()),
-            Some(v) if keys::UPGRADABLE_SCHEMA_VERSIONS.contains(&v) => Ok(()),
-            Some(other) => Err(LedgerError::Open {
-                path: format!("key space {:?}", self.shared.keys.prefix()),
-                reason: format!(
-                    "ledger schema version {other}, this build reads {}",
-                    keys::SCHEMA_VERSION
-                ),
-            }),
+        let open_error = |reason: String| LedgerError::Open {
+            path: format!(
+                "key space {}",
+                String::from_utf8_lossy(self.shared.keys.prefix())
+            ),
+            reason,
+        };
+        let id = self
+            .transact(&mut work)
+            .await
+            .map_err(unavailable)?
+            .map_err(open_error)?;
+        let known = self.shared.ledger_id.get_or_init(|| id.clone());
+        if *known != id {
+            return Err(open_error(format!(
+                "the key space's ledger id is now {id}, it was {known} when this proxy \
+                 opened it (cleared or replaced meanwhile): refusing it"
+            )));
         }
+        Ok(())
+    }
+
+    /// The key space's ledger id (`<32 hex>@<receipt key id>`), known once
+    /// [`KvLedger::check_schema`] succeeded; `None` before (receipts then carry none).
+    pub fn ledger_id(&self) -> Option<&str> {
+        self.shared.ledger_id.get().map(String::as_str)
     }
 
     /// Runs `work` in one transaction with retries, bounded by the configured timeout.
@@ -688,6 +731,13 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
                 }
             }
         }
+        // The key space's ledger id (never written after it is created: reading it
+        // conflicts with nothing), so a key space cleared or replaced under a running
+        // proxy is refused rather than restarted at seq 1.
+        let ledger_id = self.shared.ledger_id.get();
+        if ledger_id.is_some() {
+            wanted.insert(keys.ledger_id());
+        }
         let wanted: Vec<Vec<u8>> = wanted.into_iter().collect();
         // Serializable reads, all in flight at once: one round trip for the batch.
         let read = try_join_all(wanted.iter().map(|k| txn.get(k))).await?;
@@ -695,6 +745,23 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
             values: wanted.into_iter().zip(read).collect(),
             ..Overlay::default()
         };
+        if let Some(id) = ledger_id {
+            let stored = overlay.get(&keys.ledger_id());
+            if stored != Some(id.as_bytes()) {
+                let now = stored.map_or_else(
+                    || "gone".to_owned(),
+                    |b| String::from_utf8_lossy(b).into_owned(),
+                );
+                tracing::error!(opened = %id, now = %now, "ledger: the key space's ledger id changed");
+                let answer = || {
+                    Err(LedgerError::Corrupt(format!(
+                        "the key space's ledger id is {now}, this proxy opened {id}: it was \
+                         cleared or replaced; refusing to claim in it"
+                    )))
+                };
+                return Ok((self.batch.iter().map(|_| answer()).collect(), false));
+            }
+        }
         // Replays (and retries after an unknown result) read the original receipt by
         // the record's pointer: a second round trip, only for batches that found a record.
         let mut pointed: BTreeSet<Vec<u8>> = self
@@ -921,11 +988,12 @@ fn plan_and_apply(
         }
         Plan::Commit {
             new_counts,
-            body,
+            mut body,
             remaining,
             minute_count,
             alerts,
         } => {
+            body.ledger = shared.ledger_id.get().cloned();
             let receipt = shared.signer.sign(&body).map_err(|e| {
                 tracing::error!(error = %e, "ledger: receipt signing failed");
                 LedgerError::Signing(e.to_string())
@@ -1244,36 +1312,87 @@ impl<T: KvTxn> Work<T> for RangeWork {
     }
 }
 
+/// Opening a key space: schema version and ledger id, read (and written when missing)
+/// in one serializable transaction, so two proxies opening a fresh key space at once
+/// conflict and the later one adopts the id the first wrote. Answers the id, or why the
+/// key space is refused (then nothing is written).
 struct SchemaWork<'k> {
     keys: &'k Keyspace,
-    found: Option<i64>,
+    check: &'k LedgerIdCheck,
+    kid: &'k str,
+    /// The id to write when the key space has none (made once: every attempt writes the
+    /// same one).
+    new_id: String,
 }
 
 impl<T: KvTxn> Work<T> for SchemaWork<'_> {
-    type Output = ();
+    type Output = Result<String, String>;
 
-    async fn attempt(&mut self, txn: &mut T) -> Result<((), bool), KvError> {
-        let key = self.keys.schema();
-        match txn.get(&key).await? {
-            Some(bytes) => {
-                let found = keys::decode_schema(&bytes)?;
-                self.found = Some(found);
-                // Schema 1 records (receipt copies inline) and unmarked chain heads
-                // (schemas 1, 2) stay readable; new writes use pointers and marked heads,
-                // so the key space is schema 3 from now on. No head is rewritten here: a
-                // claim that reads an unmarked head recomputes its link (see
-                // `chain_head_link`).
-                let upgrade = keys::UPGRADABLE_SCHEMA_VERSIONS.contains(&found);
-                if upgrade {
-                    txn.set(&key, &keys::encode_schema());
-                }
-                Ok(((), upgrade))
-            }
-            None => {
-                self.found = None;
-                txn.set(&key, &keys::encode_schema());
-                Ok(((), true))
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        let schema_key = self.keys.schema();
+        let id_key = self.keys.ledger_id();
+        let (schema, stored) =
+            futures::future::try_join(txn.get(&schema_key), txn.get(&id_key)).await?;
+        let found = schema.as_deref().map(keys::decode_schema).transpose()?;
+        match found {
+            None | Some(keys::SCHEMA_VERSION) => {}
+            Some(v) if keys::UPGRADABLE_SCHEMA_VERSIONS.contains(&v) => {}
+            Some(other) => {
+                return Ok((
+                    Err(format!(
+                        "ledger schema version {other}, this build reads {}",
+                        keys::SCHEMA_VERSION
+                    )),
+                    false,
+                ))
             }
         }
+        let stored = stored.as_deref().map(keys::decode_ledger_id).transpose()?;
+        let mut wrote = false;
+        let id = match (self.check, stored) {
+            (LedgerIdCheck::Expect(want), Some(have)) if *want == have => have,
+            (LedgerIdCheck::Expect(want), have) => {
+                let have = have.unwrap_or_else(|| {
+                    "no ledger id (fresh, cleared, or written before ledger ids)".into()
+                });
+                return Ok((
+                    Err(format!(
+                        "the key space's ledger is {have}, this proxy expects {want} \
+                         (FdbConfig::ledger_id): refusing it; nothing was created"
+                    )),
+                    false,
+                ));
+            }
+            (LedgerIdCheck::SameReceiptKey, Some(have)) => {
+                if keys::ledger_id_kid(&have) != Some(self.kid) {
+                    return Ok((
+                        Err(format!(
+                            "the key space's ledger {have} is bound to another receipt key \
+                             than this proxy's ({}): a fleet shares one receipt key per key \
+                             space. Check the key space and cluster file; after rotating the \
+                             fleet's receipt key, accept this ledger with FdbConfig::ledger_id \
+                             = LedgerIdCheck::Expect({have:?})",
+                            self.kid
+                        )),
+                        false,
+                    ));
+                }
+                have
+            }
+            (LedgerIdCheck::SameReceiptKey, None) => {
+                txn.set(&id_key, self.new_id.as_bytes());
+                wrote = true;
+                self.new_id.clone()
+            }
+        };
+        // Schema 1 records (receipt copies inline) and unmarked chain heads (schemas 1,
+        // 2) stay readable; new writes use pointers and marked heads, so the key space is
+        // schema 3 from now on. No head is rewritten here: a claim that reads an unmarked
+        // head recomputes its link (see `chain_head_link`).
+        if found != Some(keys::SCHEMA_VERSION) {
+            txn.set(&schema_key, &keys::encode_schema());
+            wrote = true;
+        }
+        Ok((Ok(id), wrote))
     }
 }

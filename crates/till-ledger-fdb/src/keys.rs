@@ -5,6 +5,7 @@
 //! | key                                 | value                                          |
 //! |-------------------------------------|------------------------------------------------|
 //! | `(ks, "schema")`                    | tuple `(3,)`: layout version                   |
+//! | `(ks, "ledger_id")`                 | UTF-8 ledger id `<32 hex>@<receipt kid>`       |
 //! | `(ks, "count", rid)`                | u64 little-endian: activations through `rid`   |
 //! | `(ks, "revoked", rid)`              | u64 little-endian: Unix time of the revocation |
 //! | `(ks, "head", family)`              | [`ChainHead`] `(seq, hash_hex, 2)`: chain head |
@@ -66,6 +67,12 @@ impl Keyspace {
     /// `(ks, "schema")`.
     pub fn schema(&self) -> Vec<u8> {
         self.root.pack(&("schema",))
+    }
+
+    /// `(ks, "ledger_id")`: the key space's ledger id, written once with the key space
+    /// (spec/ledger-fdb.md §1, "Ledger id").
+    pub fn ledger_id(&self) -> Vec<u8> {
+        self.root.pack(&("ledger_id",))
     }
 
     /// `(ks, "count", rid)`.
@@ -441,6 +448,26 @@ impl IdemRecord {
     }
 }
 
+/// Decodes a ledger id value (UTF-8 `<32 hex>@<receipt kid>`).
+pub fn decode_ledger_id(bytes: &[u8]) -> Result<String, KvError> {
+    let id = std::str::from_utf8(bytes)
+        .map_err(|e| KvError::Decode(format!("ledger id is not UTF-8: {e}")))?;
+    if id
+        .split_once('@')
+        .is_none_or(|(random, kid)| random.is_empty() || kid.is_empty())
+    {
+        return Err(KvError::Decode(format!(
+            "ledger id {id:?} is not <hex>@<receipt key id>"
+        )));
+    }
+    Ok(id.to_owned())
+}
+
+/// The receipt key id a ledger id is bound to (what follows its `@`).
+pub fn ledger_id_kid(id: &str) -> Option<&str> {
+    id.rsplit_once('@').map(|(_, kid)| kid)
+}
+
 /// Decodes the schema version value.
 pub fn decode_schema(bytes: &[u8]) -> Result<i64, KvError> {
     unpack::<(i64,)>(bytes)
@@ -582,6 +609,11 @@ mod tests {
         );
         assert!(decode_head(b"\xff").is_err());
         assert_eq!(decode_schema(&encode_schema()).unwrap(), SCHEMA_VERSION);
+        assert_eq!(decode_ledger_id(b"0a1b@r-1").unwrap(), "0a1b@r-1");
+        assert_eq!(ledger_id_kid("0a1b@r-1"), Some("r-1"));
+        for bad in [&b"0a1b"[..], b"@r-1", b"0a1b@", b"\xff@r"] {
+            assert!(decode_ledger_id(bad).is_err(), "{bad:?}");
+        }
         assert_eq!(
             decode_receipt_ref(&encode_receipt_ref(b"fam", 7)).unwrap(),
             (b"fam".to_vec(), 7)

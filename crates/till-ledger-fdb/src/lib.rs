@@ -94,7 +94,7 @@ pub mod memory;
 pub use admin::SCAN_LIMIT;
 #[cfg(feature = "fdb-client")]
 pub use client::{boot, is_booted, FdbLedger, FdbNetwork, FdbStore, FdbTxn};
-pub use config::FdbConfig;
+pub use config::{FdbConfig, LedgerIdCheck};
 pub use engine::{EngineStats, KvLedger, LANE_QUEUE_CAPACITY};
 pub use error::{codes, BootError, KvError};
 pub use kv::{KvStore, KvTxn, TxnOptions};

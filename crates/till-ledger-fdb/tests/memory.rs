@@ -37,12 +37,14 @@ fn keys(signer: &ReceiptSigner) -> ReceiptKeySet {
     keys
 }
 
-fn single(max_batch: usize) -> Harness {
+/// One proxy, opened as `FdbLedger::open` does (schema and ledger id checked or written).
+async fn single(max_batch: usize) -> Harness {
     let signer = Arc::new(ReceiptSigner::generate());
-    let ledger = KvLedger::start(
+    let ledger = KvLedger::open(
         Arc::new(MemoryStore::new()),
         &config(&signer, "p1", max_batch),
     )
+    .await
     .unwrap();
     Harness {
         ledger: Arc::new(ledger),
@@ -117,18 +119,23 @@ impl Ledger for Fleet {
     }
 }
 
-fn fleet(store: &MemoryStore, proxies: usize, max_batch: usize) -> (Arc<Fleet>, Harness) {
+/// Several proxies on one store, opened at once (they race to create the ledger id; all
+/// end up with the same one).
+async fn fleet(store: &MemoryStore, proxies: usize, max_batch: usize) -> (Arc<Fleet>, Harness) {
     let signer = Arc::new(ReceiptSigner::generate());
+    let opened = (0..proxies).map(|i| {
+        let (store, config) = (store.clone(), config(&signer, &format!("p{i}"), max_batch));
+        async move { KvLedger::open(Arc::new(store), &config).await.unwrap() }
+    });
+    let proxies = futures::future::join_all(opened).await;
+    assert!(
+        proxies
+            .iter()
+            .all(|p| p.ledger_id() == proxies[0].ledger_id()),
+        "one ledger id per key space"
+    );
     let fleet = Arc::new(Fleet {
-        proxies: (0..proxies)
-            .map(|i| {
-                KvLedger::start(
-                    Arc::new(store.clone()),
-                    &config(&signer, &format!("p{i}"), max_batch),
-                )
-                .unwrap()
-            })
-            .collect(),
+        proxies,
         next: AtomicUsize::new(0),
     });
     let harness = Harness {
@@ -183,14 +190,14 @@ macro_rules! all_cases {
     };
 }
 
-all_cases!(group_commit_on, single(128));
-all_cases!(group_commit_off, single(1));
-all_cases!(fleet_of_three, fleet(&MemoryStore::new(), 3, 128).1);
+all_cases!(group_commit_on, single(128).await);
+all_cases!(group_commit_off, single(1).await);
+all_cases!(fleet_of_three, fleet(&MemoryStore::new(), 3, 128).await.1);
 all_cases!(fleet_of_three_under_chaos, {
     let store = MemoryStore::new();
     // A quarter of all commits fail with 1020, 1021 (applied or not) or 1007.
     store.set_chaos(25);
-    fleet(&store, 3, 64).1
+    fleet(&store, 3, 64).await.1
 });
 
 // ---------------------------------------------------------------------------------------
@@ -209,18 +216,20 @@ struct Fixture {
     store: MemoryStore,
     ledger: KvLedger<MemoryStore>,
     keys: ReceiptKeySet,
+    signer: Arc<ReceiptSigner>,
 }
 
-fn fixture(tweak: impl FnOnce(&mut FdbConfig)) -> Fixture {
+async fn fixture(tweak: impl FnOnce(&mut FdbConfig)) -> Fixture {
     let signer = Arc::new(ReceiptSigner::generate());
     let store = MemoryStore::new();
     let mut cfg = config(&signer, "p1", 128);
     tweak(&mut cfg);
-    let ledger = KvLedger::start(Arc::new(store.clone()), &cfg).unwrap();
+    let ledger = KvLedger::open(Arc::new(store.clone()), &cfg).await.unwrap();
     Fixture {
         store,
         ledger,
         keys: keys(&signer),
+        signer,
     }
 }
 
@@ -276,7 +285,7 @@ async fn assert_single_charge(f: &Fixture, levels: &[Level], key: &str, got: &Cl
 
 #[tokio::test]
 async fn commit_unknown_result_that_committed_returns_the_original_receipt() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(5), Some(2)]);
     f.store
         .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
@@ -294,7 +303,7 @@ async fn commit_unknown_result_that_committed_returns_the_original_receipt() {
 
 #[tokio::test]
 async fn commit_unknown_result_that_did_not_commit_claims_once() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(5)]);
     f.store
         .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, false);
@@ -310,7 +319,7 @@ async fn commit_unknown_result_that_did_not_commit_claims_once() {
 
 #[tokio::test]
 async fn unknown_result_without_a_client_key_reuses_the_generated_key() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(3)]);
     f.store
         .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, true);
@@ -322,7 +331,7 @@ async fn unknown_result_without_a_client_key_reuses_the_generated_key() {
 
 #[tokio::test]
 async fn not_committed_is_retried_and_charged_once() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(5), None]);
     f.store.inject_commit_error(codes::NOT_COMMITTED, false);
     f.store.inject_commit_error(codes::NOT_COMMITTED, false);
@@ -339,7 +348,7 @@ async fn not_committed_is_retried_and_charged_once() {
 
 #[tokio::test]
 async fn transaction_too_old_on_read_and_on_commit_is_retried() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(5)]);
     f.store.inject_read_error(codes::TRANSACTION_TOO_OLD);
     f.store
@@ -355,7 +364,7 @@ async fn transaction_too_old_on_read_and_on_commit_is_retried() {
 
 #[tokio::test]
 async fn a_chain_of_faults_ends_in_one_charge() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(5), Some(1)]);
     f.store
         .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, false);
@@ -379,7 +388,7 @@ async fn a_chain_of_faults_ends_in_one_charge() {
 /// A replay whose commit result is unknown: still the original receipt, never a charge.
 #[tokio::test]
 async fn unknown_result_on_a_replay_never_charges() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(5)]);
     let original = claim_ok(
         &f.ledger,
@@ -426,7 +435,7 @@ async fn unknown_result_on_a_replay_never_charges() {
 /// fault: exactly `cap` slots, unique and gapless, every returned receipt stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hot_token_under_injected_faults_never_over_cap() {
-    let f = fixture(|c| c.max_batch = 16);
+    let f = fixture(|c| c.max_batch = 16).await;
     let levels = token(&[Some(40)]);
     for i in 0..12 {
         let (code, applied) = [
@@ -492,7 +501,7 @@ async fn hot_token_under_injected_faults_never_over_cap() {
 
 #[tokio::test]
 async fn retry_limit_exhausted_is_unavailable_and_writes_nothing() {
-    let f = fixture(|c| c.retry_limit = 3);
+    let f = fixture(|c| c.retry_limit = 3).await;
     let levels = token(&[Some(5)]);
     for _ in 0..4 {
         f.store.inject_commit_error(codes::NOT_COMMITTED, false);
@@ -506,7 +515,7 @@ async fn retry_limit_exhausted_is_unavailable_and_writes_nothing() {
         other => panic!("expected unavailable, got {other:?}"),
     }
     assert_eq!(used(&f.ledger, &levels).await, vec![0]);
-    assert_eq!(f.store.commits(), 0);
+    assert_eq!(f.store.commits(), 1, "only the key space's opening commit");
     assert!(
         f.ledger
             .families(conformance::NOW)
@@ -519,7 +528,7 @@ async fn retry_limit_exhausted_is_unavailable_and_writes_nothing() {
 
 #[tokio::test]
 async fn non_retryable_error_is_unavailable_at_once() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(5)]);
     f.store.inject_commit_error(2101, false); // transaction_too_large
     assert!(matches!(
@@ -549,7 +558,7 @@ async fn bounded<T>(
 /// hanging, nothing is written; after a thaw, traffic recovers without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_store_is_unavailable_then_recovers() {
-    let f = fixture(|c| c.transaction_timeout = Duration::from_millis(300));
+    let f = fixture(|c| c.transaction_timeout = Duration::from_millis(300)).await;
     let levels = token(&[Some(5)]);
     f.store.set_frozen(true);
     let answer = bounded(
@@ -574,7 +583,7 @@ async fn frozen_store_is_unavailable_then_recovers() {
         .expect("usage hung")
         .is_err());
     f.store.set_frozen(false);
-    assert_eq!(f.store.commits(), 0);
+    assert_eq!(f.store.commits(), 1, "only the key space's opening commit");
     let c = claim_ok(
         &f.ledger,
         conformance::claim_request(&levels, Some("k"), "chat"),
@@ -588,7 +597,7 @@ async fn frozen_store_is_unavailable_then_recovers() {
 /// transactions than claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hot_token_claims_are_group_committed() {
-    let f = fixture(|c| c.max_batch = 64);
+    let f = fixture(|c| c.max_batch = 64).await;
     let levels = token(&[None]);
     let ledger = Arc::new(f.ledger);
     // Freeze so every claim queues up, then release them together.
@@ -624,7 +633,7 @@ async fn hot_token_claims_are_group_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revocation_through_one_proxy_is_seen_by_all() {
     let store = MemoryStore::new();
-    let (fleet, _h) = fleet(&store, 3, 128);
+    let (fleet, _h) = fleet(&store, 3, 128).await;
     let levels = token(&[Some(100), Some(10)]);
     for p in &fleet.proxies {
         claim_ok(p, conformance::claim_request(&levels, None, "chat")).await;
@@ -658,7 +667,7 @@ async fn revocation_through_one_proxy_is_seen_by_all() {
 /// by the slot index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn journal_and_slot_index_hold_every_receipt() {
-    let f = fixture(|c| c.max_batch = 8);
+    let f = fixture(|c| c.max_batch = 8).await;
     let levels = token(&[Some(30), Some(20)]);
     let ledger = Arc::new(f.ledger);
     let tasks: Vec<_> = (0..20)
@@ -705,7 +714,7 @@ async fn journal_and_slot_index_hold_every_receipt() {
 
 #[tokio::test]
 async fn schema_is_written_once_and_checked() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     f.ledger.check_schema().await.unwrap();
     f.ledger.check_schema().await.unwrap();
     let key = f.ledger.keyspace().schema();
@@ -746,7 +755,7 @@ fn test_txn_options() -> till_ledger_fdb::TxnOptions {
 #[tokio::test]
 async fn schema_1_records_replay_and_the_key_space_is_upgraded() {
     use till_ledger_fdb::{KvStore, KvTxn};
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(5)]);
     let req = conformance::claim_request(&levels, Some("k"), "chat");
     let first = claim_ok(&f.ledger, req.clone()).await;
@@ -891,6 +900,7 @@ async fn v1_era_chain_heads_continue_into_a_clean_chain() {
     assert_eq!(fourth.receipt.body().seq, 4);
     assert_eq!(fourth.receipt.body().prev, Some(v1[2].hash_hex()));
     assert_ne!(v1[2].hash_hex(), hex::encode(v1[2].compact_hash()));
+    assert_eq!(fourth.receipt.body().ledger.as_deref(), ledger.ledger_id());
     let stored = till_ledger_fdb::keys::decode_head(store.dump().get(&head).unwrap()).unwrap();
     assert_eq!(
         (stored.seq, stored.hash, stored.linked),
@@ -964,7 +974,7 @@ async fn v1_era_chain_heads_continue_under_unknown_commit_results() {
 async fn unmarked_heads_of_every_era_continue_and_a_wrong_one_is_corrupt() {
     // v2 receipts, head by link hash, unmarked; a fleet takes over.
     let store = MemoryStore::new();
-    let (fleet, h) = fleet(&store, 3, 16);
+    let (fleet, h) = fleet(&store, 3, 16).await;
     let levels = token(&[Some(100)]);
     for i in 0..3 {
         claim_ok(
@@ -988,7 +998,7 @@ async fn unmarked_heads_of_every_era_continue_and_a_wrong_one_is_corrupt() {
     assert_eq!(chain.len(), 33);
 
     // A head that does not name its receipt.
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(5)]);
     let first = claim_ok(
         &f.ledger,
@@ -1011,6 +1021,225 @@ async fn unmarked_heads_of_every_era_continue_and_a_wrong_one_is_corrupt() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Ledger id
+
+use till_ledger_fdb::LedgerIdCheck;
+
+/// Opens a proxy on `store` with `signer` and the given id check.
+async fn open_with(
+    store: &MemoryStore,
+    signer: &Arc<ReceiptSigner>,
+    check: LedgerIdCheck,
+) -> Result<KvLedger<MemoryStore>, LedgerError> {
+    let mut cfg = config(signer, "p1", 128);
+    cfg.ledger_id = check;
+    KvLedger::open(Arc::new(store.clone()), &cfg).await
+}
+
+/// The key space gets its id once, at its first opening (in the schema transaction):
+/// `<32 hex>@<receipt kid>`, stored under `(ks, "ledger_id")`, the same for every proxy
+/// that opens it later, and in every receipt a claim signs (replays return the original).
+#[tokio::test]
+async fn ledger_id_is_created_once_and_in_every_receipt() {
+    let f = fixture(|_| {}).await;
+    let id = f.ledger.ledger_id().unwrap().to_owned();
+    let (random, kid) = id.split_once('@').unwrap();
+    assert_eq!(random.len(), 32);
+    assert!(random.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(kid, f.signer.key_id());
+    let ks = f.ledger.keyspace();
+    assert_eq!(f.store.dump().get(&ks.ledger_id()).unwrap(), id.as_bytes());
+
+    let levels = token(&[Some(5), Some(4)]);
+    for i in 0..3 {
+        let c = claim_ok(
+            &f.ledger,
+            conformance::claim_request(&levels, Some(&format!("k{i}")), "chat"),
+        )
+        .await;
+        assert_eq!(c.receipt.body().ledger.as_deref(), Some(id.as_str()));
+    }
+    let replay = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("k0"), "chat"),
+    )
+    .await;
+    assert!(replay.replayed);
+    assert_eq!(replay.receipt.body().ledger.as_deref(), Some(id.as_str()));
+
+    // Reopening (this proxy, or another with the same receipt key) keeps the id.
+    f.ledger.check_schema().await.unwrap();
+    assert_eq!(f.ledger.ledger_id(), Some(id.as_str()));
+    let cfg = config(&Arc::clone(&f.signer), "p2", 128);
+    let other = KvLedger::open(Arc::new(f.store.clone()), &cfg)
+        .await
+        .unwrap();
+    assert_eq!(other.ledger_id(), Some(id.as_str()));
+    let c = claim_ok(
+        &other,
+        conformance::claim_request(&levels, Some("k9"), "chat"),
+    )
+    .await;
+    assert_eq!(c.receipt.body().ledger.as_deref(), Some(id.as_str()));
+    let chain = audited_chain(&f.ledger, &levels[0].revocation_id, &f.keys).await;
+    assert_eq!(chain.len(), 4);
+}
+
+/// The opening transaction under unknown commit results, landed or not, and three proxies
+/// opening a fresh key space at once: one id, which every proxy uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_id_creation_survives_unknown_results_and_racing_proxies() {
+    for landed in [true, false] {
+        let store = MemoryStore::new();
+        let signer = Arc::new(ReceiptSigner::generate());
+        store.inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, landed);
+        let ledger = open_with(&store, &signer, LedgerIdCheck::default())
+            .await
+            .unwrap();
+        assert_eq!(store.pending_faults(), 0);
+        let id = ledger.ledger_id().unwrap();
+        assert_eq!(
+            store.dump().get(&ledger.keyspace().ledger_id()).unwrap(),
+            id.as_bytes(),
+            "landed: {landed}"
+        );
+    }
+    for _ in 0..5 {
+        let store = MemoryStore::new();
+        let (fleet, _h) = fleet(&store, 3, 16).await;
+        let id = fleet.proxies[0].ledger_id().unwrap();
+        assert_eq!(
+            store
+                .dump()
+                .get(&fleet.proxies[0].keyspace().ledger_id())
+                .unwrap(),
+            id.as_bytes()
+        );
+    }
+}
+
+/// A key space whose id is bound to another receipt key is refused by default, writing
+/// nothing; `LedgerIdCheck::Expect(id)` (a rotated fleet key) accepts it, and the chain
+/// keeps its ledger across the rotation. `Expect` refuses a fresh key space (creating
+/// nothing) and a key space of another id.
+#[tokio::test]
+async fn foreign_ledger_ids_are_refused_unless_expected() {
+    let f = fixture(|_| {}).await;
+    let id = f.ledger.ledger_id().unwrap().to_owned();
+    let levels = token(&[Some(5)]);
+    let first = claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("a"), "chat"),
+    )
+    .await;
+    let before = f.store.dump();
+
+    let rotated = Arc::new(ReceiptSigner::generate());
+    let refused = open_with(&f.store, &rotated, LedgerIdCheck::default()).await;
+    match refused {
+        Err(LedgerError::Open { reason, .. }) => {
+            assert!(reason.contains("another receipt key"), "{reason}");
+            assert!(reason.contains(&id), "the refusal names the id: {reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(f.store.dump(), before, "a refused open writes nothing");
+
+    let accepted = open_with(&f.store, &rotated, LedgerIdCheck::Expect(id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(accepted.ledger_id(), Some(id.as_str()));
+    let second = claim_ok(
+        &accepted,
+        conformance::claim_request(&levels, Some("b"), "chat"),
+    )
+    .await;
+    assert_eq!(second.receipt.body().ledger.as_deref(), Some(id.as_str()));
+    assert_eq!(second.receipt.body().prev, Some(first.receipt.hash_hex()));
+    let mut both = keys(&rotated);
+    both.insert(Arc::clone(&f.signer).public_key());
+    audited_chain(&accepted, &levels[0].revocation_id, &both).await;
+
+    let wrong = open_with(&f.store, &rotated, LedgerIdCheck::Expect("00@r-x".into())).await;
+    assert!(matches!(wrong, Err(LedgerError::Open { .. })), "{wrong:?}");
+
+    let empty = MemoryStore::new();
+    let fresh = open_with(&empty, &rotated, LedgerIdCheck::Expect(id.clone())).await;
+    match fresh {
+        Err(LedgerError::Open { reason, .. }) => {
+            assert!(reason.contains("no ledger id"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(empty.dump().is_empty(), "nothing created");
+}
+
+/// A key space written before ledger ids (schema 2) gets an id at its first opening, and
+/// its chains continue with it: older receipts carry none, the new ones the id.
+#[tokio::test]
+async fn a_key_space_from_before_ledger_ids_gets_one() {
+    let (signer, v1) = v1_chain();
+    let store = MemoryStore::new();
+    let ledger = KvLedger::start(Arc::new(store.clone()), &config(&signer, "p1", 128)).unwrap();
+    seed_schema_2(&store, ledger.keyspace(), &v1, |r| {
+        hex::encode(r.compact_hash())
+    })
+    .await;
+    assert_eq!(ledger.ledger_id(), None);
+    ledger.check_schema().await.unwrap();
+    let id = ledger.ledger_id().unwrap().to_owned();
+    let family = hex::decode(&v1[0].body().family).unwrap();
+    let levels = vec![Level {
+        revocation_id: family.clone(),
+        cap: Some(10),
+    }];
+    let fourth = claim_ok(
+        &ledger,
+        conformance::claim_request(&levels, Some("k4"), "chat"),
+    )
+    .await;
+    assert_eq!(fourth.receipt.body().ledger.as_deref(), Some(id.as_str()));
+    let chain = audited_chain(&ledger, &family, &keys(&signer)).await;
+    assert!(chain[..3].iter().all(|r| r.body().ledger.is_none()));
+}
+
+/// A key space cleared under a running proxy is refused at the next claim (every claim of
+/// the batch, nothing written), and a re-check does not give it a new id: never a fresh
+/// start at seq 1 with the old id in its receipts.
+#[tokio::test]
+async fn a_key_space_cleared_under_a_running_proxy_is_refused() {
+    use till_ledger_fdb::{KvStore, KvTxn};
+    let f = fixture(|_| {}).await;
+    let levels = token(&[Some(5)]);
+    claim_ok(
+        &f.ledger,
+        conformance::claim_request(&levels, Some("a"), "chat"),
+    )
+    .await;
+    let prefix = f.ledger.keyspace().prefix().to_vec();
+    let mut end = prefix.clone();
+    end.push(0xff);
+    let mut txn = f.store.begin(&test_txn_options()).unwrap();
+    txn.clear_range(&prefix, &end);
+    txn.commit().await.map_err(|(_, e)| e).unwrap();
+    assert!(f.store.dump().is_empty());
+
+    let answer = f
+        .ledger
+        .claim(conformance::claim_request(&levels, Some("b"), "chat"))
+        .await;
+    assert!(
+        matches!(answer, Err(LedgerError::Corrupt(ref m)) if m.contains("cleared or replaced")),
+        "{answer:?}"
+    );
+    assert!(
+        matches!(f.ledger.check_schema().await, Err(LedgerError::Open { .. })),
+        "a re-check expects the id it knows"
+    );
+    assert!(f.store.dump().is_empty(), "nothing written");
+}
+
+// ---------------------------------------------------------------------------------------
 // Family records, activity and alerts: the FoundationDB-specific parts
 
 fn alert_ids(alerts: &[AlertRecord]) -> Vec<String> {
@@ -1024,7 +1253,7 @@ fn alert_ids(alerts: &[AlertRecord]) -> Vec<String> {
 /// twice.
 #[tokio::test]
 async fn unknown_result_of_an_alerting_claim_fires_each_alert_once() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(1)]);
     let rid = hex::encode(&levels[0].revocation_id);
     let expected = vec![
@@ -1067,7 +1296,7 @@ async fn unknown_result_of_an_alerting_claim_fires_each_alert_once() {
 /// alerts then (they are not lost).
 #[tokio::test]
 async fn unknown_result_that_did_not_land_still_fires_the_alert() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(1)]);
     f.store
         .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, false);
@@ -1088,7 +1317,7 @@ async fn unknown_result_that_did_not_land_still_fires_the_alert() {
 /// first revocation with its alert, and the alert is stored once.
 #[tokio::test]
 async fn unknown_result_of_a_revocation_reports_it_once() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(5), Some(2)]);
     claim_ok(&f.ledger, conformance::claim_request(&levels, None, "chat")).await;
     f.store
@@ -1127,7 +1356,8 @@ async fn a_batch_of_one_family_counts_its_minute_and_fires_the_rate_alert_once()
             rate_per_minute: Some(3),
             ..till_ledger::AlertPolicy::none()
         };
-    });
+    })
+    .await;
     let levels = token(&[None, Some(100)]);
     let ledger = Arc::new(f.ledger);
     f.store.set_frozen(true);
@@ -1177,7 +1407,7 @@ async fn a_batch_of_one_family_counts_its_minute_and_fires_the_rate_alert_once()
 /// `ACTIVITY_MINUTES`; younger ones stay.
 #[tokio::test]
 async fn old_activity_buckets_are_pruned() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[None]);
     let fam = &levels[0].revocation_id;
     let at = |now: u64| {
@@ -1207,7 +1437,7 @@ async fn old_activity_buckets_are_pruned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_proxies_leasing_at_once_never_take_the_same_alert() {
     let store = MemoryStore::new();
-    let (fleet, _h) = fleet(&store, 2, 128);
+    let (fleet, _h) = fleet(&store, 2, 128).await;
     let mut expected = Vec::new();
     for _ in 0..15 {
         let levels = token(&[Some(1)]);
@@ -1286,7 +1516,7 @@ fn copies(store: &MemoryStore, needle: &[u8]) -> usize {
 /// (the record and the journal hold `(family, seq)`, not a copy).
 #[tokio::test]
 async fn replay_by_pointer_after_an_unknown_result() {
-    let f = fixture(|_| {});
+    let f = fixture(|_| {}).await;
     let levels = token(&[Some(5), Some(3)]);
     let req = || conformance::claim_request(&levels, Some("k"), "chat");
     f.store
@@ -1335,7 +1565,7 @@ async fn replay_by_pointer_after_an_unknown_result() {
 /// space stays small (figures in spec/ledger-fdb.md §1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_receipt_is_stored_once() {
-    let f = fixture(|c| c.max_batch = 16);
+    let f = fixture(|c| c.max_batch = 16).await;
     let ledger = Arc::new(f.ledger);
     let levels = token(&[None, Some(1_000)]);
     let before: usize = f.store.dump().iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -1395,7 +1625,7 @@ fn at(levels: &[Level], key: &str, tag: &str, now: u64) -> ClaimRequest {
 /// with a new receipt — whose record then answers replays in turn.
 #[tokio::test]
 async fn idempotency_records_expire_after_the_window() {
-    let f = fixture(|c| c.idempotency_window = Duration::from_secs(60));
+    let f = fixture(|c| c.idempotency_window = Duration::from_secs(60)).await;
     let levels = token(&[Some(10)]);
     let t0 = conformance::NOW;
     let first = claim_ok(&f.ledger, at(&levels, "k", "chat", t0)).await;
@@ -1450,7 +1680,7 @@ async fn idempotency_records_expire_after_the_window() {
 /// charges nothing more.
 #[tokio::test]
 async fn unknown_result_of_a_claim_over_an_expired_record_charges_once() {
-    let f = fixture(|c| c.idempotency_window = Duration::from_secs(60));
+    let f = fixture(|c| c.idempotency_window = Duration::from_secs(60)).await;
     let levels = token(&[Some(10)]);
     let t0 = conformance::NOW;
     let first = claim_ok(&f.ledger, at(&levels, "k", "chat", t0)).await;
@@ -1471,7 +1701,7 @@ async fn unknown_result_of_a_claim_over_an_expired_record_charges_once() {
 #[tokio::test]
 async fn unknown_result_of_a_lease_returns_the_alerts_it_leased() {
     for applied in [true, false] {
-        let f = fixture(|_| {});
+        let f = fixture(|_| {}).await;
         let levels = token(&[Some(1)]);
         let got = claim_ok(
             &f.ledger,
