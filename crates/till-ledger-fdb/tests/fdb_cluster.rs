@@ -193,11 +193,46 @@ fn fdb_cluster() {
         fleet_hot_token(&cluster).await;
         println!("each receipt stored once; idempotency records expire after the window");
         receipts_once_and_idempotency_window(&cluster).await;
+        println!("ledger id: one per key space, in every receipt, bound to the receipt key");
+        ledger_id_per_key_space(&cluster).await;
         println!("unreachable cluster answers unavailable quickly");
         unreachable_cluster_is_unavailable().await;
     });
     // The runtime (and every ledger) must go before the network guard stops the client.
     drop(runtime);
+}
+
+/// Three proxies opening a fresh key space at once agree on one ledger id, which every
+/// receipt carries; a proxy with another receipt key is refused unless it expects the id.
+async fn ledger_id_per_key_space(cluster: &PathBuf) {
+    let signer = Arc::new(ReceiptSigner::generate());
+    let keyspace = format!("till-test-{:016x}", rand::random::<u64>());
+    let opened =
+        (0..3).map(|i| FdbLedger::open(config(cluster, &keyspace, &signer, &format!("p{i}"))));
+    let proxies: Vec<FdbLedger> = futures::future::join_all(opened)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let id = proxies[0].ledger_id().unwrap().to_owned();
+    assert!(id.ends_with(&format!("@{}", signer.key_id())), "{id}");
+    assert!(proxies.iter().all(|p| p.ledger_id() == Some(id.as_str())));
+    let levels = vec![level(Some(10))];
+    for (i, p) in proxies.iter().enumerate() {
+        let req = conformance::claim_request(&levels, Some(&format!("k{i}")), "chat");
+        let claim = p.claim(req).await.unwrap().unwrap();
+        assert_eq!(claim.receipt.body().ledger.as_deref(), Some(id.as_str()));
+    }
+    let other = Arc::new(ReceiptSigner::generate());
+    let refused = FdbLedger::open(config(cluster, &keyspace, &other, "p9")).await;
+    assert!(
+        matches!(refused, Err(till_ledger::LedgerError::Open { .. })),
+        "{refused:?}"
+    );
+    let mut expecting = config(cluster, &keyspace, &other, "p9");
+    expecting.ledger_id = till_ledger_fdb::LedgerIdCheck::Expect(id.clone());
+    let rotated = FdbLedger::open(expecting).await.unwrap();
+    assert_eq!(rotated.ledger_id(), Some(id.as_str()));
 }
 
 fn level(cap: Option<u64>) -> Level {
