@@ -8,6 +8,13 @@
 //! `Durability::Immediate` (fsync), and only then answers every caller. A caller never
 //! hears "yes" before its claim is on disk.
 //!
+//! The writer does not sign: it plans, links each receipt by the hash of its JWS signing
+//! input (computable without the key), stores the receipt body once (compact binary,
+//! [`crate::stored`]) and commits. The caller signs on its own task after the commit
+//! (ed25519 is deterministic, so a stored body always signs to the same receipt) and hands
+//! the signature back; the writer stores it with a later batch. A body whose signature
+//! was not stored yet (a crash right after the commit) is signed again when read.
+//!
 //! Reads (`usage`, `receipts`) use read transactions on the blocking pool; they never
 //! wait for the writer.
 
@@ -20,13 +27,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redb::{
     Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
-use till_receipt::{Receipt, ReceiptSigner};
+use till_receipt::{PreparedReceipt, Receipt, ReceiptSigner};
 use tokio::sync::oneshot;
 
 use crate::alert::{self, AlertOutcome, AlertPolicy, AlertRecord};
 use crate::family::{self, Activity, BlockRecord, BlockView, FamilyDetail, FamilyView, KeyBlocks};
 use crate::fault::Faults;
 use crate::plan::{self, ClaimContext, ClaimState, Plan, StoredIdempotency};
+use crate::stored::{self, IdempotencyRecord, Pointer, StoredReceipt};
 use crate::{
     BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Refusal, Revoked,
 };
@@ -35,11 +43,14 @@ use crate::{
 const COUNTERS: TableDefinition<&[u8], u64> = TableDefinition::new("counters");
 /// Revoked blocks: revocation id → Unix time of the (first) revocation.
 const REVOKED: TableDefinition<&[u8], u64> = TableDefinition::new("revoked");
-/// Receipts: (family id, seq) → compact JWS.
-const RECEIPTS: TableDefinition<(&[u8], u64), &str> = TableDefinition::new("receipts");
+/// Schema 2 receipts: (family id, seq) → compact JWS. Read only to migrate to schema 3.
+const RECEIPTS_V2: TableDefinition<(&[u8], u64), &str> = TableDefinition::new("receipts");
+/// Receipts, stored once: (family id, seq) → a [`crate::stored`] receipt value.
+const RECEIPTS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("receipts_v3");
 /// Chain heads: family id → (seq, lower-case hex hash of the receipt at seq).
 const CHAIN_HEADS: TableDefinition<&[u8], (u64, &str)> = TableDefinition::new("chain_heads");
-/// Idempotency records: (presented token's last revocation id, key) → JSON record.
+/// Idempotency records: (presented token's last revocation id, key) → a pointer to the
+/// receipt ([`crate::stored::encode_pointer`]; schema 2's JSON records are still read).
 const IDEMPOTENCY: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("idempotency");
 /// Blocks seen (first claim or admin mint): revocation id → JSON [`BlockRecord`].
 const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
@@ -66,7 +77,18 @@ const LEDGER_ID: &str = "ledger_id";
 /// 2: a chain head's hash is the receipt's link hash (SHA-256 of its JWS signing input,
 /// receipt format 2) instead of the compact string's; a version-1 file is migrated on
 /// open by recomputing every chain head from its stored receipt.
-pub const SCHEMA_VERSION: u64 = 2;
+///
+/// 3: receipts stored once, as compact binary bodies (table `receipts_v3`), idempotency
+/// records point at them; a version-2 file's receipts are moved over as they are
+/// (signed) on open.
+pub const SCHEMA_VERSION: u64 = 3;
+
+/// redb's page cache (bounded, so the process's memory does not grow with the file).
+pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Signatures waiting to be stored beyond this many are dropped (their receipts are
+/// signed again when read).
+const SIGNATURE_BACKLOG: usize = 16 * 1024;
 
 /// Commands waiting for the writer beyond this many are refused with
 /// [`LedgerError::Unavailable`] ("ledger busy") rather than queued without bound.
@@ -165,13 +187,94 @@ pub struct LedgerSummary {
 
 type ClaimAnswer = Result<Result<Claim, Refusal>, LedgerError>;
 
+/// The writer's answer to a claim: committed, but the receipt not signed yet.
+type WriterAnswer = Result<Result<Committed, Refusal>, LedgerError>;
+
+/// A committed claim (or a replay) whose receipt the caller signs.
+#[derive(Debug)]
+struct Committed {
+    receipt: StoredReceipt,
+    replayed: bool,
+    remaining: Option<u64>,
+    alerts: Vec<AlertRecord>,
+}
+
+/// A signature to store with a later batch: `(family, seq, signature)`.
+type SignatureBack = (Vec<u8>, u64, [u8; 64]);
+
+/// The receipt keys of this ledger: the one signing now (last) and any it signed with
+/// before in this process (a rotation), so a stored body is signed by its own key.
+#[derive(Debug)]
+pub(crate) struct SignerRing {
+    keys: std::sync::RwLock<Vec<Arc<ReceiptSigner>>>,
+}
+
+impl SignerRing {
+    fn new(current: Arc<ReceiptSigner>) -> Self {
+        Self {
+            keys: std::sync::RwLock::new(vec![current]),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<ReceiptSigner>>> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The key new receipts are signed with.
+    pub(crate) fn current(&self) -> Arc<ReceiptSigner> {
+        // Never empty: created with one key, and keys are only ever added.
+        let keys = self.read();
+        Arc::clone(&keys[keys.len() - 1])
+    }
+
+    /// Makes `signer` the current key; earlier keys stay for bodies they must sign.
+    #[allow(dead_code)] // for receipt key rotation
+    pub(crate) fn set_current(&self, signer: Arc<ReceiptSigner>) {
+        let mut keys = self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        keys.retain(|k| k.key_id() != signer.key_id());
+        keys.push(signer);
+    }
+
+    /// Signs a stored receipt (a signed one is returned as is).
+    fn sign(&self, stored: StoredReceipt) -> Result<Receipt, LedgerError> {
+        match stored {
+            StoredReceipt::Signed(r) => Ok(r),
+            StoredReceipt::Unsigned(prepared) => {
+                let signer = self
+                    .read()
+                    .iter()
+                    .rev()
+                    .find(|k| k.key_id() == prepared.body().kid)
+                    .cloned()
+                    .ok_or_else(|| {
+                        LedgerError::Signing(format!(
+                            "receipt {} of family {} is stored unsigned and its key {} is not \
+                             this ledger's receipt key",
+                            prepared.body().seq,
+                            prepared.body().family,
+                            prepared.body().kid
+                        ))
+                    })?;
+                signer
+                    .sign_prepared(prepared)
+                    .map_err(|e| LedgerError::Signing(e.to_string()))
+            }
+        }
+    }
+}
+
 // One short-lived command per request; boxing the claim would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Command {
     Claim {
         req: ClaimRequest,
         idempotency_key: String,
-        reply: oneshot::Sender<ClaimAnswer>,
+        reply: oneshot::Sender<WriterAnswer>,
     },
     Admin {
         op: AdminOp,
@@ -209,7 +312,7 @@ impl Command {
 // One short-lived answer per command; boxing the large variant would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Answer {
-    Claim(ClaimAnswer),
+    Claim(WriterAnswer),
     Admin(Result<AdminAnswer, LedgerError>),
 }
 
@@ -222,6 +325,10 @@ pub struct EmbeddedLedger {
     writer: Option<JoinHandle<()>>,
     claim_timeout: Duration,
     faults: Arc<Faults>,
+    /// Signs receipts after their commit, and stored bodies when they are read.
+    signers: Arc<SignerRing>,
+    /// Signatures for the writer to store with a later batch (dropped when full).
+    signatures: Option<SyncSender<SignatureBack>>,
 }
 
 impl std::fmt::Debug for EmbeddedLedger {
@@ -259,11 +366,13 @@ impl EmbeddedLedger {
         let db = Arc::new(db);
         let faults = Arc::new(Faults::default());
         let (commands, queue) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let (signatures, signatures_queue) = mpsc::sync_channel(SIGNATURE_BACKLOG);
+        let signers = Arc::new(SignerRing::new(config.signer));
         let writer = Writer {
             ledger_id: ledger_id.clone(),
             db: Arc::clone(&db),
-            kid: config.signer.key_id().to_owned(),
-            signer: config.signer,
+            signers: Arc::clone(&signers),
+            signatures: signatures_queue,
             alerts: config.alerts,
             proxy_id: config.proxy_id,
             max_batch: config.max_batch.max(1),
@@ -284,6 +393,8 @@ impl EmbeddedLedger {
             writer: Some(handle),
             claim_timeout: config.claim_timeout,
             faults,
+            signers,
+            signatures: Some(signatures),
         })
     }
 
@@ -303,6 +414,19 @@ impl EmbeddedLedger {
     #[doc(hidden)]
     pub fn faults(&self) -> crate::fault::FaultInjector {
         crate::fault::FaultInjector::new(Arc::clone(&self.faults))
+    }
+
+    /// Queues a receipt's signature for the writer (best effort: a full queue drops it,
+    /// and the stored body is signed again when read).
+    fn store_signature(&self, receipt: &Receipt) {
+        let Some(queue) = &self.signatures else {
+            return;
+        };
+        let sig = *receipt.signature();
+        let Ok(family) = hex::decode(&receipt.body().family) else {
+            return;
+        };
+        let _ = queue.try_send((family, receipt.body().seq, sig));
     }
 
     fn send(&self, command: Command) -> Result<(), LedgerError> {
@@ -363,6 +487,7 @@ impl Drop for EmbeddedLedger {
         // injected freeze so it can get there, then wait so the file lock is released
         // when `drop` returns (a reopen right after must not see `Locked`).
         self.commands = None;
+        self.signatures = None;
         self.faults.release();
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
@@ -382,7 +507,23 @@ impl Ledger for EmbeddedLedger {
                 idempotency_key,
                 reply,
             })?;
-            self.wait(answer).await?
+            let committed = match self.wait(answer).await?? {
+                Ok(committed) => committed,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            // Committed: sign here, off the writer, and hand the signature back so the
+            // stored receipt need not be signed again when read.
+            let unsigned = matches!(committed.receipt, StoredReceipt::Unsigned(_));
+            let receipt = self.signers.sign(committed.receipt)?;
+            if unsigned {
+                self.store_signature(&receipt);
+            }
+            Ok(Ok(Claim {
+                receipt,
+                replayed: committed.replayed,
+                remaining: committed.remaining,
+                alerts: committed.alerts,
+            }))
         })
     }
 
@@ -542,6 +683,7 @@ impl Ledger for EmbeddedLedger {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
         let family = family.to_vec();
+        let signers = Arc::clone(&self.signers);
         Box::pin(self.read(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let table = txn.open_table(RECEIPTS).map_err(unavailable)?;
@@ -553,13 +695,10 @@ impl Ledger for EmbeddedLedger {
                     break;
                 }
                 let (key, value) = entry.map_err(unavailable)?;
-                let receipt = Receipt::parse(value.value()).map_err(|e| {
-                    LedgerError::Corrupt(format!(
-                        "stored receipt {} is unreadable: {e}",
-                        key.value().1
-                    ))
+                let stored = stored::decode_receipt(value.value(), &family).map_err(|e| {
+                    LedgerError::Corrupt(format!("stored receipt {}: {e}", key.value().1))
                 })?;
-                out.push(receipt);
+                out.push(signers.sign(stored)?);
             }
             Ok(out)
         }))
@@ -613,10 +752,13 @@ fn open_database(
         )));
     }
     let mut db = match contained("opening", || {
-        Database::create(path).map_err(|e| match e {
-            DatabaseError::DatabaseAlreadyOpen => "locked".to_owned(),
-            other => other.to_string(),
-        })
+        Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                DatabaseError::DatabaseAlreadyOpen => "locked".to_owned(),
+                other => other.to_string(),
+            })
     }) {
         Ok(db) => db,
         Err(reason) if reason == "locked" => return Err(LedgerError::Locked { path: shown }),
@@ -715,6 +857,12 @@ fn prepare(db: &Database, binding: &LedgerBinding) -> Result<Option<String>, Str
             Some(SCHEMA_VERSION) => {}
             Some(1) => {
                 migrate_chain_heads(&txn)?;
+                migrate_receipts(&txn)?;
+                meta.insert("schema_version", SCHEMA_VERSION)
+                    .map_err(|x| e(x.into()))?;
+            }
+            Some(2) => {
+                migrate_receipts(&txn)?;
                 meta.insert("schema_version", SCHEMA_VERSION)
                     .map_err(|x| e(x.into()))?;
             }
@@ -874,7 +1022,6 @@ fn consistency(db: &Database) -> Result<LedgerSummary, String> {
         Err(redb::TableError::TableDoesNotExist(_)) => None,
         Err(x) => return Err(e(x.into())),
     };
-    let receipts = txn.open_table(RECEIPTS).map_err(|x| e(x.into()))?;
     let heads = txn.open_table(CHAIN_HEADS).map_err(|x| e(x.into()))?;
     let counters = txn.open_table(COUNTERS).map_err(|x| e(x.into()))?;
     let revoked = txn.open_table(REVOKED).map_err(|x| e(x.into()))?;
@@ -887,8 +1034,8 @@ fn consistency(db: &Database) -> Result<LedgerSummary, String> {
         counters: counters.len().map_err(|x| e(x.into()))?,
         revoked: revoked.len().map_err(|x| e(x.into()))?,
     };
-    let mut previous: Option<(Vec<u8>, Receipt)> = None;
-    let finish = |family: &[u8], last: &Receipt| -> Result<(), String> {
+    let mut previous: Option<(Vec<u8>, StoredReceipt)> = None;
+    let finish = |family: &[u8], last: &StoredReceipt| -> Result<(), String> {
         let fam = hex::encode(family);
         let seq = last.body().seq;
         let head = heads
@@ -896,11 +1043,7 @@ fn consistency(db: &Database) -> Result<LedgerSummary, String> {
             .map_err(|x| e(x.into()))?
             .map(|v| (v.value().0, v.value().1.to_owned()))
             .ok_or_else(|| format!("family {fam}: receipts but no chain head"))?;
-        let want = if schema_version >= 2 {
-            last.hash_hex()
-        } else {
-            hex::encode(last.compact_hash())
-        };
+        let want = last.link_for_version(if schema_version >= 2 { 2 } else { 1 });
         if head != (seq, want) {
             return Err(format!(
                 "family {fam}: the chain head does not name its last receipt (seq {seq})"
@@ -917,15 +1060,39 @@ fn consistency(db: &Database) -> Result<LedgerSummary, String> {
         }
         Ok(())
     };
-    for entry in receipts.iter().map_err(|x| e(x.into()))? {
-        let (key, value) = entry.map_err(|x| e(x.into()))?;
-        let (family, seq) = key.value();
-        let receipt = Receipt::parse(value.value()).map_err(|x| {
-            format!(
-                "family {}: stored receipt {seq} is unreadable: {x}",
-                hex::encode(family)
-            )
-        })?;
+    // Schema 1 and 2 files (a copy checked before `till serve` migrated them) keep
+    // compact JWS in `receipts`; schema 3 keeps stored bodies in `receipts_v3`.
+    let unreadable = |family: &[u8], seq: u64, x: String| {
+        format!(
+            "family {}: stored receipt {seq} is unreadable: {x}",
+            hex::encode(family)
+        )
+    };
+    let legacy;
+    let current;
+    type Entries<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, u64, StoredReceipt), String>> + 'a>;
+    let entries: Entries<'_> = if schema_version < 3 {
+        legacy = txn.open_table(RECEIPTS_V2).map_err(|x| e(x.into()))?;
+        Box::new(legacy.iter().map_err(|x| e(x.into()))?.map(|entry| {
+            let (key, value) = entry.map_err(|x| e(x.into()))?;
+            let (family, seq) = key.value();
+            let receipt = Receipt::parse(value.value())
+                .map_err(|x| unreadable(family, seq, x.to_string()))?;
+            Ok((family.to_vec(), seq, StoredReceipt::Signed(receipt)))
+        }))
+    } else {
+        current = txn.open_table(RECEIPTS).map_err(|x| e(x.into()))?;
+        Box::new(current.iter().map_err(|x| e(x.into()))?.map(|entry| {
+            let (key, value) = entry.map_err(|x| e(x.into()))?;
+            let (family, seq) = key.value();
+            let receipt = stored::decode_receipt(value.value(), family)
+                .map_err(|x| unreadable(family, seq, x.to_string()))?;
+            Ok((family.to_vec(), seq, receipt))
+        }))
+    };
+    for entry in entries {
+        let (family, seq, receipt) = entry?;
+        let family = family.as_slice();
         let body = receipt.body();
         if body.seq != seq || body.family != hex::encode(family) {
             return Err(format!(
@@ -1052,7 +1219,7 @@ pub fn repair_file(path: &Path, backup: &Path) -> Result<RepairOutcome, LedgerEr
 /// receipt, format 2, names that in `prev`). One read and one write per family, in the
 /// open transaction: either every head is migrated or none is.
 fn migrate_chain_heads(txn: &redb::WriteTransaction) -> Result<(), String> {
-    let receipts = txn.open_table(RECEIPTS).map_err(|e| e.to_string())?;
+    let receipts = txn.open_table(RECEIPTS_V2).map_err(|e| e.to_string())?;
     let mut heads = txn.open_table(CHAIN_HEADS).map_err(|e| e.to_string())?;
     let mut updated: Vec<(Vec<u8>, u64, String)> = Vec::new();
     for entry in heads.iter().map_err(|e| e.to_string())? {
@@ -1080,11 +1247,40 @@ fn migrate_chain_heads(txn: &redb::WriteTransaction) -> Result<(), String> {
     Ok(())
 }
 
+/// Schema 2 → 3: every receipt moves from `receipts` (compact JWS) to `receipts_v3`,
+/// as it is (signed, [`stored::TAG_SIGNED`]); the old table is deleted. Schema 2's
+/// idempotency records (JSON with a copy of the receipt) stay and are still read. In
+/// the open transaction: all or nothing.
+fn migrate_receipts(txn: &redb::WriteTransaction) -> Result<(), String> {
+    let e = |x: redb::Error| x.to_string();
+    {
+        let old = match txn.open_table(RECEIPTS_V2) {
+            Ok(t) => t,
+            Err(redb::TableError::TableTypeMismatch { .. }) => {
+                return Err("table `receipts` has an unexpected type".into())
+            }
+            Err(x) => return Err(e(x.into())),
+        };
+        let mut new = txn.open_table(RECEIPTS).map_err(|x| e(x.into()))?;
+        for entry in old.iter().map_err(|x| e(x.into()))? {
+            let (key, value) = entry.map_err(|x| e(x.into()))?;
+            let (family, seq) = key.value();
+            let mut stored = Vec::with_capacity(value.value().len() + 1);
+            stored.push(stored::TAG_SIGNED);
+            stored.extend_from_slice(value.value().as_bytes());
+            new.insert((family, seq), stored.as_slice())
+                .map_err(|x| e(x.into()))?;
+        }
+    }
+    txn.delete_table(RECEIPTS_V2).map_err(|x| e(x.into()))?;
+    Ok(())
+}
+
 /// Read-only tables for the admin read models.
 struct ReadTables {
     counters: redb::ReadOnlyTable<&'static [u8], u64>,
     revoked: redb::ReadOnlyTable<&'static [u8], u64>,
-    receipts: redb::ReadOnlyTable<(&'static [u8], u64), &'static str>,
+    receipts: redb::ReadOnlyTable<(&'static [u8], u64), &'static [u8]>,
     chain_heads: redb::ReadOnlyTable<&'static [u8], (u64, &'static str)>,
     blocks: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     family_blocks: redb::ReadOnlyTable<(&'static [u8], &'static [u8]), ()>,
@@ -1140,7 +1336,7 @@ impl ReadTables {
         let Some(v) = self.receipts.get((family, seq)).map_err(unavailable)? else {
             return Ok(None);
         };
-        let receipt = Receipt::parse(v.value()).map_err(|e| {
+        let receipt = stored::decode_receipt(v.value(), family).map_err(|e| {
             LedgerError::Corrupt(format!("stored receipt {seq} is unreadable: {e}"))
         })?;
         Ok(Some(receipt.body().iat))
@@ -1247,6 +1443,25 @@ fn record_activity(
     Ok(())
 }
 
+/// Stores callers' signatures next to the bodies they sign (a body already signed, or
+/// gone, is left alone).
+#[allow(clippy::result_large_err)] // see `Tables`
+fn store_signatures(
+    receipts: &mut redb::Table<'_, (&'static [u8], u64), &'static [u8]>,
+    signatures: &[SignatureBack],
+) -> Result<(), redb::Error> {
+    for (family, seq, sig) in signatures {
+        let key = (family.as_slice(), *seq);
+        let signed = receipts
+            .get(key)?
+            .and_then(|v| stored::with_signature(v.value(), sig));
+        if let Some(value) = signed {
+            receipts.insert(key, value.as_slice())?;
+        }
+    }
+    Ok(())
+}
+
 /// Records every block of `key` not yet known (and marks known ones `minted` when
 /// `minted`). Returns whether anything was written.
 #[allow(clippy::result_large_err)] // see `Tables`
@@ -1315,9 +1530,11 @@ struct Writer {
     /// Goes into every receipt this writer signs.
     ledger_id: Option<String>,
     db: Arc<Database>,
-    signer: Arc<ReceiptSigner>,
+    /// Only for the key id of new receipts: the writer does not sign.
+    signers: Arc<SignerRing>,
+    /// Signatures from the callers, stored with the next batch.
+    signatures: Receiver<SignatureBack>,
     alerts: AlertPolicy,
-    kid: String,
     proxy_id: String,
     max_batch: usize,
     faults: Arc<Faults>,
@@ -1329,7 +1546,7 @@ struct Writer {
 struct Tables<'txn> {
     counters: redb::Table<'txn, &'static [u8], u64>,
     revoked: redb::Table<'txn, &'static [u8], u64>,
-    receipts: redb::Table<'txn, (&'static [u8], u64), &'static str>,
+    receipts: redb::Table<'txn, (&'static [u8], u64), &'static [u8]>,
     chain_heads: redb::Table<'txn, &'static [u8], (u64, &'static str)>,
     idempotency: redb::Table<'txn, (&'static [u8], &'static str), &'static [u8]>,
     blocks: redb::Table<'txn, &'static [u8], &'static [u8]>,
@@ -1367,6 +1584,8 @@ struct Applied {
 
 impl Writer {
     fn run(self, queue: Receiver<Command>) {
+        // Never waits when idle: blocks for the first command only, then takes what is
+        // already queued.
         while let Ok(first) = queue.recv() {
             let mut batch = vec![first];
             while batch.len() < self.max_batch {
@@ -1379,6 +1598,20 @@ impl Writer {
             batch.retain(|command| !command.abandoned());
             if !batch.is_empty() {
                 self.process(batch);
+            }
+        }
+        // Shutting down: store the signatures still queued (best effort).
+        let signatures: Vec<SignatureBack> = self.signatures.try_iter().collect();
+        if !signatures.is_empty() {
+            if let Ok(mut txn) = self.db.begin_write() {
+                txn.set_durability(Durability::Immediate);
+                let stored = match txn.open_table(RECEIPTS) {
+                    Ok(mut table) => store_signatures(&mut table, &signatures).is_ok(),
+                    Err(_) => false,
+                };
+                if stored {
+                    let _ = txn.commit();
+                }
             }
         }
     }
@@ -1462,6 +1695,11 @@ impl Writer {
         batch: &[Command],
     ) -> Result<Vec<Applied>, redb::Error> {
         let mut tables = Tables::open(txn)?;
+        // Signatures of receipts committed by earlier batches ride along (no fsync of
+        // their own); if this batch fails they are lost, which only means signing again
+        // on read.
+        let signatures: Vec<SignatureBack> = self.signatures.try_iter().collect();
+        store_signatures(&mut tables.receipts, &signatures)?;
         let mut applied = Vec::with_capacity(batch.len());
         for command in batch {
             applied.push(match command {
@@ -1596,20 +1834,30 @@ impl Writer {
         req: &ClaimRequest,
         idempotency_key: &str,
     ) -> Result<Applied, redb::Error> {
-        let nothing = |answer: ClaimAnswer| Applied {
+        let nothing = |answer: WriterAnswer| Applied {
             answer: Answer::Claim(answer),
             wrote: false,
         };
         let family = req.levels[0].revocation_id.as_slice();
         let scope = plan::idempotency_scope(req);
 
-        let idempotency = match t.idempotency.get((scope, idempotency_key))? {
+        let record = match t.idempotency.get((scope, idempotency_key))? {
             None => None,
-            Some(bytes) => match StoredIdempotency::from_bytes(bytes.value()) {
+            Some(bytes) => match stored::decode_idempotency(bytes.value(), scope) {
                 Ok(record) => Some(record),
                 Err(e) => return Ok(nothing(Err(e))),
             },
         };
+        // The planner compares fingerprints and counts replays; the receipt itself is
+        // loaded (through the pointer) only for a replay.
+        let idempotency = record.as_ref().map(|r| match r {
+            IdempotencyRecord::Pointer(p) => StoredIdempotency {
+                request: p.request.clone(),
+                receipt: String::new(),
+                replays: p.replays,
+            },
+            IdempotencyRecord::Legacy(l) => l.clone(),
+        });
         let mut revoked = Vec::with_capacity(req.levels.len());
         let mut counts = Vec::with_capacity(req.levels.len());
         for level in &req.levels {
@@ -1630,9 +1878,10 @@ impl Writer {
             chain_head,
             minute_count,
         };
+        let signer = self.signers.current();
         let ctx = ClaimContext {
             proxy_id: &self.proxy_id,
-            kid: &self.kid,
+            kid: signer.key_id(),
             idempotency_key,
             alerts: &self.alerts,
         };
@@ -1641,22 +1890,43 @@ impl Writer {
             Err(e) => Ok(nothing(Err(e))),
             Ok(Plan::Refuse(refusal)) => Ok(nothing(Ok(Err(refusal)))),
             Ok(Plan::Replay {
-                receipt,
-                record,
+                receipt: _,
+                record: replayed,
                 remaining,
             }) => {
-                let receipt = match Receipt::parse(&receipt) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        return Ok(nothing(Err(LedgerError::Corrupt(format!(
-                            "stored idempotent receipt is unreadable: {e}"
-                        )))))
+                let (receipt, value) = match record {
+                    Some(IdempotencyRecord::Pointer(p)) => {
+                        let Some(value) = t.receipts.get((p.family.as_slice(), p.seq))? else {
+                            return Ok(nothing(Err(LedgerError::Corrupt(format!(
+                                "idempotency record points at receipt {} of family {}, which \
+                                 is missing",
+                                p.seq,
+                                hex::encode(&p.family)
+                            )))));
+                        };
+                        let receipt = match stored::decode_receipt(value.value(), &p.family) {
+                            Ok(r) => r,
+                            Err(e) => return Ok(nothing(Err(e))),
+                        };
+                        let pointer = Pointer {
+                            replays: replayed.replays,
+                            ..p
+                        };
+                        (receipt, stored::encode_pointer(&pointer, scope))
                     }
+                    _ => match Receipt::parse(&replayed.receipt) {
+                        Ok(r) => (StoredReceipt::Signed(r), replayed.to_bytes()),
+                        Err(e) => {
+                            return Ok(nothing(Err(LedgerError::Corrupt(format!(
+                                "stored idempotent receipt is unreadable: {e}"
+                            )))))
+                        }
+                    },
                 };
                 t.idempotency
-                    .insert((scope, idempotency_key), record.to_bytes().as_slice())?;
+                    .insert((scope, idempotency_key), value.as_slice())?;
                 Ok(Applied {
-                    answer: Answer::Claim(Ok(Ok(Claim {
+                    answer: Answer::Claim(Ok(Ok(Committed {
                         receipt,
                         replayed: true,
                         remaining,
@@ -1673,27 +1943,41 @@ impl Writer {
                 alerts,
             }) => {
                 body.ledger.clone_from(&self.ledger_id);
-                let signed = if self.faults.signing_should_fail() {
+                // Everything that could make signing fail is checked here, before the
+                // commit (the key id is the signer's; `PreparedReceipt::new` checks the
+                // version and the size): after the commit, signing cannot fail.
+                let prepared = if self.faults.signing_should_fail() {
                     Err("injected signing failure".to_owned())
                 } else {
-                    self.signer.sign(&body).map_err(|e| e.to_string())
+                    PreparedReceipt::new(body).map_err(|e| e.to_string())
                 };
-                let receipt = match signed {
-                    Ok(r) => r,
+                let prepared = match prepared {
+                    Ok(p) => p,
                     Err(e) => {
                         tracing::error!(error = %e, "ledger: receipt signing failed");
                         return Ok(nothing(Err(LedgerError::Signing(e))));
                     }
                 };
-                let hash = receipt.hash_hex();
+                let seq = prepared.body().seq;
+                let hash = prepared.hash_hex();
                 for (level, count) in req.levels.iter().zip(&new_counts) {
                     t.counters.insert(level.revocation_id.as_slice(), *count)?;
                 }
-                t.receipts.insert((family, body.seq), receipt.compact())?;
-                t.chain_heads.insert(family, (body.seq, hash.as_str()))?;
-                let record = StoredIdempotency::original(&req.request, receipt.compact());
-                t.idempotency
-                    .insert((scope, idempotency_key), record.to_bytes().as_slice())?;
+                t.receipts.insert(
+                    (family, seq),
+                    stored::encode_body(prepared.body(), family).as_slice(),
+                )?;
+                t.chain_heads.insert(family, (seq, hash.as_str()))?;
+                let pointer = Pointer {
+                    family: family.to_vec(),
+                    seq,
+                    request: plan::request_fingerprint(&req.request),
+                    replays: 0,
+                };
+                t.idempotency.insert(
+                    (scope, idempotency_key),
+                    stored::encode_pointer(&pointer, scope).as_slice(),
+                )?;
                 record_activity(t, family, minute, minute_count)?;
                 if let Some(meta) = &req.meta {
                     let key = KeyBlocks {
@@ -1713,8 +1997,8 @@ impl Writer {
                     }
                 }
                 Ok(Applied {
-                    answer: Answer::Claim(Ok(Ok(Claim {
-                        receipt,
+                    answer: Answer::Claim(Ok(Ok(Committed {
+                        receipt: StoredReceipt::Unsigned(prepared),
                         replayed: false,
                         remaining,
                         alerts: fired,

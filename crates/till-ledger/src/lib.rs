@@ -77,6 +77,7 @@ mod error;
 pub mod family;
 mod fault;
 pub mod plan;
+mod stored;
 
 pub use alert::{AlertOutcome, AlertPolicy, AlertRecord};
 pub use family::{BlockMeta, FamilyDetail, FamilyView, KeyBlocks};

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use till_ledger::conformance::claim_request;
 use till_ledger::{EmbeddedConfig, EmbeddedLedger, Ledger, LedgerError, Level, Refusal};
-use till_receipt::{audit_chain, ReceiptKeySet, ReceiptSigner};
+use till_receipt::{audit_chain, Receipt, ReceiptKeySet, ReceiptSigner};
 
 fn signer() -> Arc<ReceiptSigner> {
     Arc::new(ReceiptSigner::from_seed([42; 32]))
@@ -322,7 +322,8 @@ async fn schema_1_chain_heads_are_migrated_to_the_link_hash() {
         }
         ledger.receipts(&family, 1, 10).await.unwrap()
     };
-    // Rewrite the file into the schema-1 layout: version 1, heads by compact hash.
+    // Rewrite the file into the schema-1 layout: version 1, heads by compact hash,
+    // receipts as compact JWS in `receipts`.
     {
         let db = redb::Database::open(&path).unwrap();
         let txn = db.begin_write().unwrap();
@@ -331,6 +332,7 @@ async fn schema_1_chain_heads_are_migrated_to_the_link_hash() {
                 .unwrap()
                 .insert("schema_version", 1)
                 .unwrap();
+            to_schema_2_receipts(&txn, &family, &receipts);
             let compact = hex::encode(receipts[1].compact_hash());
             txn.open_table(CHAIN_HEADS)
                 .unwrap()
@@ -359,6 +361,84 @@ async fn schema_1_chain_heads_are_migrated_to_the_link_hash() {
     let head = heads.get(family.as_slice()).unwrap().unwrap();
     assert_eq!(head.value(), (3, third.receipt.hash_hex().as_str()));
     assert_eq!(heads.iter().unwrap().count(), 1);
+}
+
+/// Moves a family's receipts back into schema 2's table (`receipts`: compact JWS).
+fn to_schema_2_receipts(txn: &redb::WriteTransaction, family: &[u8], receipts: &[Receipt]) {
+    use redb::TableDefinition;
+    const V2: TableDefinition<(&[u8], u64), &str> = TableDefinition::new("receipts");
+    const V3: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("receipts_v3");
+    let mut v2 = txn.open_table(V2).unwrap();
+    for r in receipts {
+        v2.insert((family, r.body().seq), r.compact()).unwrap();
+    }
+    drop(v2);
+    txn.delete_table(V3).unwrap();
+}
+
+/// Schema 2 → 3: receipts move to `receipts_v3` as they are (signed), a JSON idempotency
+/// record of schema 2 still replays, and new claims continue the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_2_receipts_are_migrated() {
+    use redb::TableDefinition;
+    const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    const IDEM: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("idempotency");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let token = levels(&[Some(10)]);
+    let family = token[0].revocation_id.clone();
+    let keyed = claim_request(&token, Some("k-1"), "chat");
+    let receipts = {
+        let ledger = open(&path, 1, Duration::from_secs(10));
+        ledger.claim(keyed.clone()).await.unwrap().unwrap();
+        ledger
+            .claim(claim_request(&token, None, "chat"))
+            .await
+            .unwrap()
+            .unwrap();
+        ledger.receipts(&family, 1, 10).await.unwrap()
+    };
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 2)
+                .unwrap();
+            to_schema_2_receipts(&txn, &family, &receipts);
+            let legacy = serde_json::json!({
+                "request": till_ledger::plan::request_fingerprint(&keyed.request),
+                "receipt": receipts[0].compact(),
+                "replays": 0,
+            });
+            txn.open_table(IDEM)
+                .unwrap()
+                .insert(
+                    (family.as_slice(), "k-1"),
+                    serde_json::to_vec(&legacy).unwrap().as_slice(),
+                )
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let ledger = open(&path, 1, Duration::from_secs(10));
+    assert_eq!(ledger.receipts(&family, 1, 10).await.unwrap(), receipts);
+    let replay = ledger.claim(keyed).await.unwrap().unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.receipt, receipts[0]);
+    let third = ledger
+        .claim(claim_request(&token, None, "chat"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(third.receipt.body().prev, Some(receipts[1].hash_hex()));
+    assert_eq!(chain_len(&ledger, &family).await, 3);
+    drop(ledger);
+    let checked = till_ledger::check_file(&path, &dir.path().join("scratch")).unwrap();
+    assert_eq!(checked.schema_version, till_ledger::SCHEMA_VERSION);
+    assert_eq!(checked.receipts, 3);
 }
 
 fn open_with(path: &Path, checks: &till_ledger::OpenChecks) -> Result<EmbeddedLedger, LedgerError> {
@@ -535,4 +615,78 @@ async fn integrity_failure_mark_is_sticky_until_repair() {
     assert!(backup.exists());
     let ledger = open_with(&path, &checks).unwrap();
     assert_eq!(chain_len(&ledger, &token[0].revocation_id).await, 1);
+}
+
+/// Issue 11: the writer stores bodies unsigned; the callers' signatures are stored back
+/// with later batches (and at shutdown), and what is read back is what was returned —
+/// signed again from the body where the signature is not stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_are_stored_back_and_bodies_sign_alike() {
+    use redb::{ReadableTable as _, TableDefinition};
+    const V3: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("receipts_v3");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let token = levels(&[None, Some(100)]);
+    let family = token[0].revocation_id.clone();
+    let mut returned = Vec::new();
+    {
+        let ledger = open(&path, 64, Duration::from_secs(10));
+        for _ in 0..10 {
+            let claim = ledger
+                .claim(claim_request(&token, None, "chat"))
+                .await
+                .unwrap()
+                .unwrap();
+            returned.push(claim.receipt);
+        }
+        assert_eq!(ledger.receipts(&family, 1, 100).await.unwrap(), returned);
+    }
+    let tags: Vec<u8> = {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(V3).unwrap();
+        let tags = table
+            .iter()
+            .unwrap()
+            .map(|e| e.unwrap().1.value()[0])
+            .collect();
+        tags
+    };
+    // Every signature was stored back (the last ones at shutdown).
+    assert_eq!(tags, vec![3; 10]);
+    // Drop the signatures: the bodies sign to the very same receipts.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(V3).unwrap();
+            for seq in 1..=10u64 {
+                let value = table
+                    .get((family.as_slice(), seq))
+                    .unwrap()
+                    .unwrap()
+                    .value()
+                    .to_vec();
+                let mut unsigned = value[..value.len() - 64].to_vec();
+                unsigned[0] = 2;
+                table
+                    .insert((family.as_slice(), seq), unsigned.as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let ledger = open(&path, 64, Duration::from_secs(10));
+    assert_eq!(ledger.receipts(&family, 1, 100).await.unwrap(), returned);
+    drop(ledger);
+    // Another receipt key cannot sign them: a clear error, not a wrong receipt.
+    let other = EmbeddedLedger::open(
+        &path,
+        EmbeddedConfig::new(Arc::new(ReceiptSigner::from_seed([5; 32])), "test"),
+    )
+    .unwrap();
+    assert!(matches!(
+        other.receipts(&family, 1, 100).await,
+        Err(LedgerError::Signing(_))
+    ));
 }

@@ -161,6 +161,11 @@ impl Receipt {
         &self.body
     }
 
+    /// The signature (decoded third part).
+    pub fn signature(&self) -> &[u8; SIGNATURE_LEN] {
+        &self.signature
+    }
+
     /// The JWS signing input, `BASE64URL(header) "." BASE64URL(payload)`: the bytes the
     /// signature covers.
     pub fn signing_input(&self) -> &str {
@@ -310,6 +315,24 @@ impl PreparedReceipt {
     pub fn hash_hex(&self) -> String {
         hex::encode(self.hash())
     }
+
+    /// The receipt with this signature (as [`Receipt::parse`] would give for its compact
+    /// form; not verified — use [`Receipt::verify`]).
+    pub fn with_signature(self, signature: [u8; SIGNATURE_LEN]) -> Receipt {
+        let Self {
+            signing_input: mut compact,
+            body,
+        } = self;
+        let signing_input_len = compact.len();
+        compact.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, &mut compact);
+        Receipt {
+            compact,
+            body,
+            signature,
+            signing_input_len,
+        }
+    }
 }
 
 /// `"." BASE64URL(signature)`: 1 + 86 characters.
@@ -339,21 +362,8 @@ impl ReceiptSigner {
                 body: prepared.body.kid.clone(),
             });
         }
-        let PreparedReceipt {
-            signing_input: mut compact,
-            body,
-        } = prepared;
-        let signing_input_len = compact.len();
-        let signature = self.signing.sign(compact.as_bytes()).to_bytes();
-        compact.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature, &mut compact);
-        debug_assert_eq!(compact.len(), signing_input_len + SIGNED_TAIL);
-        Ok(Receipt {
-            compact,
-            body,
-            signature,
-            signing_input_len,
-        })
+        let signature = self.signing.sign(prepared.signing_input.as_bytes()).to_bytes();
+        Ok(prepared.with_signature(signature))
     }
 }
 
@@ -865,6 +875,10 @@ mod tests {
         assert_eq!(prepared.hash_hex(), signed.hash_hex());
         let again = s.sign_prepared(prepared.clone()).unwrap();
         assert_eq!(again, signed);
+        assert_eq!(
+            prepared.clone().with_signature(*signed.signature()),
+            signed
+        );
         assert_eq!(Receipt::parse(again.compact()).unwrap(), signed);
         // Only a key mismatch can fail signing a prepared receipt.
         let other = ReceiptSigner::from_seed([7; 32]);
