@@ -34,6 +34,7 @@ use crate::alert::{self, AlertOutcome, AlertPolicy, AlertRecord};
 use crate::family::{self, Activity, BlockRecord, BlockView, FamilyDetail, FamilyView, KeyBlocks};
 use crate::fault::Faults;
 use crate::plan::{self, ClaimContext, ClaimState, Plan, StoredIdempotency};
+use crate::retention::{self, Checkpoint, CheckpointBody, Retention};
 use crate::stored::{self, IdempotencyRecord, Pointer, StoredReceipt};
 use crate::{
     BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Refusal, Revoked,
@@ -69,6 +70,9 @@ const OUTBOX: TableDefinition<&str, u64> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Text metadata: `ledger_id` → this ledger's id (see [`LedgerBinding`]).
 const META_TEXT: TableDefinition<&str, &str> = TableDefinition::new("meta_text");
+/// Checkpoints of pruned receipt ranges: (family id, last pruned seq) → signed
+/// [`Checkpoint`] (JSON line). Never pruned.
+const CHECKPOINTS: TableDefinition<(&[u8], u64), &str> = TableDefinition::new("checkpoints");
 const INTEGRITY_FAILED: &str = "integrity_failed";
 const LEDGER_ID: &str = "ledger_id";
 
@@ -288,6 +292,28 @@ enum AdminOp {
     Record { key: KeyBlocks, at: u64 },
     Lease { now: u64, lease: u64, limit: usize },
     Settle { id: String, outcome: AlertOutcome },
+    Prune { ranges: Vec<PruneRange> },
+}
+
+/// One family's exported range to prune, with its signed checkpoint.
+struct PruneRange {
+    family: Vec<u8>,
+    from_seq: u64,
+    to_seq: u64,
+    checkpoint: Checkpoint,
+}
+
+/// What [`EmbeddedLedger::export_and_prune`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExportReport {
+    /// Families with a range exported and pruned.
+    pub families: u64,
+    /// Receipts written to the export files (receipts already there are not rewritten).
+    pub exported: u64,
+    /// Receipts pruned from the ledger.
+    pub pruned: u64,
+    /// Idempotency records of pruned receipts removed.
+    pub idempotency_removed: u64,
 }
 
 // One short-lived answer per command; boxing would only add an allocation.
@@ -296,6 +322,7 @@ enum AdminAnswer {
     Revoked(Revoked),
     Done,
     Leased(Vec<AlertRecord>),
+    Pruned { receipts: u64, idempotency: u64 },
 }
 
 impl Command {
@@ -406,6 +433,202 @@ impl EmbeddedLedger {
     /// This ledger's id (see [`LedgerBinding`]); `None` for a ledger never bound.
     pub fn ledger_id(&self) -> Option<&str> {
         self.ledger_id.as_deref()
+    }
+
+    /// Exports the receipts beyond `retention` to `dir` and prunes them, leaving a signed
+    /// checkpoint per pruned range (`spec/ledger.md` §10). Per family: the receipts go to
+    /// `<family>.jsonl` (appended and fsync'd first; receipts already there are not
+    /// written again), then ONE write transaction deletes every range — after checking
+    /// each is still exactly what was exported — with its checkpoint and the idempotency
+    /// records pointing into it, then the checkpoints are appended to
+    /// `<family>.checkpoints.jsonl`. Counters, revocations and chain heads stay. Safe
+    /// while claims go on (they only append at the head, which is never pruned).
+    pub async fn export_and_prune(
+        &self,
+        retention: Retention,
+        dir: &Path,
+        now: u64,
+    ) -> Result<ExportReport, LedgerError> {
+        let mut report = ExportReport::default();
+        let io = |e: String| LedgerError::Unavailable(format!("export: {e}"));
+        std::fs::create_dir_all(dir).map_err(|e| io(format!("{}: {e}", dir.display())))?;
+        // Checkpoints committed by an export that stopped before copying them out.
+        self.copy_checkpoints(dir).await?;
+        if retention.is_unbounded() {
+            return Ok(report);
+        }
+        let plans = self
+            .read(move |db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let heads = txn.open_table(CHAIN_HEADS).map_err(unavailable)?;
+                let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
+                let mut plans = Vec::new();
+                for entry in heads.iter().map_err(unavailable)? {
+                    let (family, head) = entry.map_err(unavailable)?;
+                    let (family, head) = (family.value(), head.value().0);
+                    let Some(first) = receipts
+                        .range((family, 0)..=(family, u64::MAX))
+                        .map_err(unavailable)?
+                        .next()
+                        .transpose()
+                        .map_err(unavailable)?
+                        .map(|(k, _)| k.value().1)
+                    else {
+                        continue;
+                    };
+                    let mut to = 0;
+                    if let Some(keep) = retention.keep {
+                        to = head.saturating_sub(keep.max(1));
+                    }
+                    if let Some(age) = retention.max_age_secs {
+                        let cutoff = now.saturating_sub(age);
+                        for entry in receipts
+                            .range((family, first)..(family, head))
+                            .map_err(unavailable)?
+                        {
+                            let (k, v) = entry.map_err(unavailable)?;
+                            let seq = k.value().1;
+                            if seq <= to {
+                                continue;
+                            }
+                            if stored::decode_receipt(v.value(), family)?.body().iat >= cutoff {
+                                break;
+                            }
+                            to = seq;
+                        }
+                    }
+                    let to = to.min(head.saturating_sub(1));
+                    if to >= first {
+                        plans.push((family.to_vec(), first, to));
+                    }
+                }
+                Ok(plans)
+            })
+            .await?;
+        let signer = self.signers.current();
+        let mut ranges = Vec::new();
+        for (family, from, to) in plans {
+            let family_hex = hex::encode(&family);
+            let already = retention::exported_up_to(dir, &family_hex).map_err(io)?;
+            if from > 1 && already + 1 < from {
+                return Err(io(format!(
+                    "{} ends at receipt {already}, but receipts up to {} were pruned before:                      restore the export file (the chain could not be audited with a gap)",
+                    retention::receipts_file(dir, &family_hex).display(),
+                    from - 1
+                )));
+            }
+            let mut chain = Vec::new();
+            let mut next = from;
+            while next <= to {
+                let page = self.receipts(&family, next, 1024).await?;
+                if page.is_empty() {
+                    break;
+                }
+                for r in page {
+                    if r.body().seq > to {
+                        break;
+                    }
+                    next = r.body().seq + 1;
+                    chain.push(r);
+                }
+            }
+            let linked = chain.len() as u64 == to - from + 1
+                && chain
+                    .iter()
+                    .enumerate()
+                    .all(|(i, r)| r.body().seq == from + i as u64)
+                && chain
+                    .windows(2)
+                    .all(|w| w[1].body().prev.as_deref() == Some(w[0].hash_hex().as_str()));
+            let (Some(first), Some(last)) = (chain.first(), chain.last()) else {
+                continue;
+            };
+            if !linked {
+                return Err(LedgerError::Corrupt(format!(
+                    "family {family_hex}: receipts {from}..={to} are not a linked chain;                      nothing exported"
+                )));
+            }
+            let lines: Vec<String> = chain
+                .iter()
+                .filter(|r| r.body().seq > already)
+                .map(retention::receipt_line)
+                .collect();
+            report.exported += lines.len() as u64;
+            retention::append_durably(&retention::receipts_file(dir, &family_hex), &lines)
+                .map_err(io)?;
+            let checkpoint = Checkpoint::sign(
+                CheckpointBody {
+                    v: 1,
+                    family: family_hex.clone(),
+                    from_seq: from,
+                    to_seq: to,
+                    count: to - from + 1,
+                    head: last.hash_hex(),
+                    first_prev: first.body().prev.clone(),
+                    file: format!("{family_hex}.jsonl"),
+                    ledger: self.ledger_id.clone(),
+                    kid: String::new(),
+                    iat: now,
+                },
+                &signer,
+            );
+            ranges.push(PruneRange {
+                family,
+                from_seq: from,
+                to_seq: to,
+                checkpoint,
+            });
+        }
+        if ranges.is_empty() {
+            return Ok(report);
+        }
+        report.families = ranges.len() as u64;
+        match self.admin(AdminOp::Prune { ranges }).await? {
+            AdminAnswer::Pruned {
+                receipts,
+                idempotency,
+            } => {
+                report.pruned = receipts;
+                report.idempotency_removed = idempotency;
+            }
+            _ => return Err(LedgerError::Unavailable("internal mismatch".into())),
+        }
+        self.copy_checkpoints(dir).await?;
+        Ok(report)
+    }
+
+    /// Appends to each family's checkpoints file the ledger's checkpoints it lacks.
+    async fn copy_checkpoints(&self, dir: &Path) -> Result<(), LedgerError> {
+        let all: Vec<(Vec<u8>, u64, String)> = self
+            .read(|db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+                let mut out = Vec::new();
+                for entry in table.iter().map_err(unavailable)? {
+                    let (k, v) = entry.map_err(unavailable)?;
+                    let (family, to) = k.value();
+                    out.push((family.to_vec(), to, v.value().to_owned()));
+                }
+                Ok(out)
+            })
+            .await?;
+        let io = |e: String| LedgerError::Unavailable(format!("export: {e}"));
+        let mut i = 0;
+        while i < all.len() {
+            let family = &all[i].0;
+            let family_hex = hex::encode(family);
+            let (_, in_file) = retention::read_export_checkpoints(dir, &family_hex).map_err(io)?;
+            let mut lines = Vec::new();
+            while i < all.len() && &all[i].0 == family {
+                if all[i].1 > in_file {
+                    lines.push(all[i].2.clone());
+                }
+                i += 1;
+            }
+            retention::append_durably(&retention::checkpoints_file(dir, &family_hex), &lines)
+                .map_err(io)?;
+        }
+        Ok(())
     }
 
     /// Fault injection for tests of the layers above (proxy: "ledger unavailable → 503,
@@ -676,6 +899,21 @@ impl Ledger for EmbeddedLedger {
         }))
     }
 
+    fn checkpoints(&self, family: &[u8]) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
+        let family = family.to_vec();
+        Box::pin(self.read(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
+            let mut out = Vec::new();
+            let range = (family.as_slice(), 0)..=(family.as_slice(), u64::MAX);
+            for entry in table.range(range).map_err(unavailable)? {
+                let (_, v) = entry.map_err(unavailable)?;
+                out.push(Checkpoint::parse(v.value()).map_err(LedgerError::Corrupt)?);
+            }
+            Ok(out)
+        }))
+    }
+
     fn receipts(
         &self,
         family: &[u8],
@@ -913,6 +1151,7 @@ fn prepare(db: &Database, binding: &LedgerBinding) -> Result<Option<String>, Str
         txn.open_table(ACTIVITY).map_err(|x| e(x.into()))?;
         txn.open_table(ALERTS).map_err(|x| e(x.into()))?;
         txn.open_table(OUTBOX).map_err(|x| e(x.into()))?;
+        txn.open_table(CHECKPOINTS).map_err(|x| e(x.into()))?;
     }
     txn.commit().map_err(|x| e(x.into()))?;
     Ok(ledger_id)
@@ -1024,6 +1263,11 @@ fn consistency(db: &Database) -> Result<LedgerSummary, String> {
     };
     let heads = txn.open_table(CHAIN_HEADS).map_err(|x| e(x.into()))?;
     let counters = txn.open_table(COUNTERS).map_err(|x| e(x.into()))?;
+    let checkpoints = match txn.open_table(CHECKPOINTS) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(x) => return Err(e(x.into())),
+    };
     let revoked = txn.open_table(REVOKED).map_err(|x| e(x.into()))?;
 
     let mut summary = LedgerSummary {
@@ -1116,13 +1360,29 @@ fn consistency(db: &Database) -> Result<LedgerSummary, String> {
                     finish(prev_family, prev)?;
                 }
                 summary.families += 1;
-                if seq != 1 {
-                    return Err(format!(
-                        "family {}: the first receipt is {seq}, not 1",
-                        hex::encode(family)
-                    ));
+                if seq == 1 {
+                    None
+                } else {
+                    // Receipts before it were exported and pruned: a checkpoint of the
+                    // range ending at `seq - 1` names the link.
+                    let checkpoint = match &checkpoints {
+                        Some(t) => t
+                            .get((family, seq - 1))
+                            .map_err(|x| e(x.into()))?
+                            .and_then(|v| Checkpoint::parse(v.value()).ok()),
+                        None => None,
+                    };
+                    match checkpoint {
+                        Some(c) => Some(c.body.head),
+                        None => {
+                            return Err(format!(
+                                "family {}: the first receipt is {seq}, not 1, and no \
+                                 checkpoint covers the receipts before it",
+                                hex::encode(family)
+                            ))
+                        }
+                    }
                 }
-                None
             }
         };
         if body.prev != expected_prev {
@@ -1443,6 +1703,80 @@ fn record_activity(
     Ok(())
 }
 
+/// Deletes exported receipt ranges, after checking each is still exactly what was
+/// exported (first stored seq is `from_seq`, the receipt at `to_seq` hashes to the
+/// checkpoint's head), stores their checkpoints and removes the idempotency records that
+/// point into them. `Ok(Err(_))`: refused, nothing written (the batch goes on).
+#[allow(clippy::result_large_err)] // see `Tables`
+fn prune(
+    t: &mut Tables<'_>,
+    ranges: &[PruneRange],
+) -> Result<Result<(u64, u64), LedgerError>, redb::Error> {
+    for r in ranges {
+        let family = r.family.as_slice();
+        let first = t
+            .receipts
+            .range((family, 0)..=(family, u64::MAX))?
+            .next()
+            .transpose()?
+            .map(|(k, _)| k.value().1);
+        let head = t.chain_heads.get(family)?.map(|v| v.value().0);
+        let last = match t.receipts.get((family, r.to_seq))? {
+            Some(v) => stored::decode_receipt(v.value(), family).map(|s| s.link_for_version(2)),
+            None => Err(LedgerError::Corrupt("missing".into())),
+        };
+        let ok = first == Some(r.from_seq)
+            && head.is_some_and(|h| h > r.to_seq)
+            && last.as_ref().is_ok_and(|h| *h == r.checkpoint.body.head);
+        if !ok {
+            return Ok(Err(LedgerError::InvalidRequest(format!(
+                "family {}: receipts {}..={} are no longer what was exported; nothing pruned",
+                hex::encode(family),
+                r.from_seq,
+                r.to_seq
+            ))));
+        }
+    }
+    let mut receipts = 0;
+    for r in ranges {
+        let family = r.family.as_slice();
+        for seq in r.from_seq..=r.to_seq {
+            if t.receipts.remove((family, seq))?.is_some() {
+                receipts += 1;
+            }
+        }
+        t.checkpoints
+            .insert((family, r.to_seq), r.checkpoint.to_line().as_str())?;
+    }
+    // Idempotency records have no index by receipt: one scan for all the ranges.
+    let mut doomed: Vec<(Vec<u8>, String)> = Vec::new();
+    for entry in t.idempotency.iter()? {
+        let (key, value) = entry?;
+        let (scope, idem) = key.value();
+        let target = match stored::decode_idempotency(value.value(), scope) {
+            Ok(IdempotencyRecord::Pointer(p)) => Some((p.family, p.seq)),
+            Ok(IdempotencyRecord::Legacy(l)) => Receipt::parse(&l.receipt).ok().and_then(|r| {
+                hex::decode(&r.body().family)
+                    .ok()
+                    .map(|f| (f, r.body().seq))
+            }),
+            Err(_) => None,
+        };
+        if let Some((family, seq)) = target {
+            if ranges
+                .iter()
+                .any(|r| r.family == family && (r.from_seq..=r.to_seq).contains(&seq))
+            {
+                doomed.push((scope.to_vec(), idem.to_owned()));
+            }
+        }
+    }
+    for (scope, idem) in &doomed {
+        t.idempotency.remove((scope.as_slice(), idem.as_str()))?;
+    }
+    Ok(Ok((receipts, doomed.len() as u64)))
+}
+
 /// Stores callers' signatures next to the bodies they sign (a body already signed, or
 /// gone, is left alone).
 #[allow(clippy::result_large_err)] // see `Tables`
@@ -1555,6 +1889,7 @@ struct Tables<'txn> {
     activity: redb::Table<'txn, (&'static [u8], u64), u64>,
     alerts: redb::Table<'txn, &'static str, &'static [u8]>,
     outbox: redb::Table<'txn, &'static str, u64>,
+    checkpoints: redb::Table<'txn, (&'static [u8], u64), &'static str>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -1572,6 +1907,7 @@ impl<'txn> Tables<'txn> {
             activity: txn.open_table(ACTIVITY)?,
             alerts: txn.open_table(ALERTS)?,
             outbox: txn.open_table(OUTBOX)?,
+            checkpoints: txn.open_table(CHECKPOINTS)?,
         })
     }
 }
@@ -1802,6 +2138,19 @@ impl Writer {
                 }
                 let wrote = !leased.is_empty();
                 Ok(done(Ok(AdminAnswer::Leased(leased)), wrote))
+            }
+            AdminOp::Prune { ranges } => {
+                let (receipts, idempotency) = match prune(t, ranges)? {
+                    Ok(counts) => counts,
+                    Err(e) => return Ok(done(Err(e), false)),
+                };
+                Ok(done(
+                    Ok(AdminAnswer::Pruned {
+                        receipts,
+                        idempotency,
+                    }),
+                    receipts > 0,
+                ))
             }
             AdminOp::Settle { id, outcome } => {
                 let Some(bytes) = t.alerts.get(id.as_str())?.map(|v| v.value().to_vec()) else {

@@ -77,14 +77,15 @@ mod error;
 pub mod family;
 mod fault;
 pub mod plan;
+pub mod retention;
 mod stored;
 
 pub use alert::{AlertOutcome, AlertPolicy, AlertRecord};
 pub use family::{BlockMeta, FamilyDetail, FamilyView, KeyBlocks};
 
 pub use embedded::{
-    check_file, new_ledger_id, repair_file, EmbeddedConfig, EmbeddedLedger, LedgerBinding,
-    LedgerSummary, OpenChecks, RepairOutcome, QUEUE_CAPACITY, SCHEMA_VERSION,
+    check_file, new_ledger_id, repair_file, EmbeddedConfig, EmbeddedLedger, ExportReport,
+    LedgerBinding, LedgerSummary, OpenChecks, RepairOutcome, QUEUE_CAPACITY, SCHEMA_VERSION,
 };
 pub use error::{LedgerError, Refusal};
 #[cfg(feature = "fault-injection")]
@@ -204,6 +205,16 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         from_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>>;
+
+    /// The signed checkpoints of a family's exported and pruned receipt ranges, in `seq`
+    /// order (`spec/ledger.md` §10). Default: none (a backend that never prunes).
+    fn checkpoints(
+        &self,
+        family: &[u8],
+    ) -> BoxFuture<'_, Result<Vec<retention::Checkpoint>, LedgerError>> {
+        let _ = family;
+        Box::pin(async { Ok(Vec::new()) })
+    }
 
     /// Records a key's blocks (admin-API mint or attenuate) so the family is listed
     /// before its first use. Existing records are kept, only marked `minted`.

@@ -690,3 +690,121 @@ async fn signatures_are_stored_back_and_bodies_sign_alike() {
         Err(LedgerError::Signing(_))
     ));
 }
+
+/// Issue 11: a bounded ledger. Receipts beyond the retention are exported to JSON lines
+/// and pruned with a signed checkpoint; the exported files plus the checkpoints and what
+/// stays prove the whole chain; counters stay; a second export continues the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_prune_keeps_an_auditable_chain() {
+    use till_ledger::retention::{check_checkpoints, read_export, Retention};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let export = dir.path().join("receipts");
+    let token = levels(&[None, Some(100)]);
+    let family = token[0].revocation_id.clone();
+    let family_hex = hex::encode(&family);
+    let other = levels(&[Some(50)]);
+    let ledger = open(&path, 64, Duration::from_secs(10));
+    for i in 0..10 {
+        let key = format!("k-{i}");
+        ledger
+            .claim(claim_request(&token, Some(&key), "chat"))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    ledger
+        .claim(claim_request(&other, None, "chat"))
+        .await
+        .unwrap()
+        .unwrap();
+    let keep3 = Retention {
+        keep: Some(3),
+        max_age_secs: None,
+    };
+    let report = ledger
+        .export_and_prune(keep3, &export, 2_000)
+        .await
+        .unwrap();
+    assert_eq!((report.families, report.exported, report.pruned), (1, 7, 7));
+    assert_eq!(report.idempotency_removed, 7);
+    let kept = ledger.receipts(&family, 1, 100).await.unwrap();
+    assert_eq!(
+        kept.iter().map(|r| r.body().seq).collect::<Vec<_>>(),
+        vec![8, 9, 10]
+    );
+    // Counters are never pruned.
+    let usage = ledger.usage(&token).await.unwrap();
+    assert_eq!((usage[0].used, usage[1].used), (10, 10));
+    // A pruned receipt's idempotency key is free again (a fresh claim), a kept one replays.
+    let replay = ledger
+        .claim(claim_request(&token, Some("k-9"), "chat"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(replay.replayed);
+    let fresh = ledger
+        .claim(claim_request(&token, Some("k-0"), "chat"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!fresh.replayed);
+    assert_eq!(fresh.receipt.body().seq, 11);
+
+    let audit = |extra: Vec<till_receipt::Receipt>,
+                 cps: Vec<till_ledger::retention::Checkpoint>| {
+        let (mut chain, file_cps) = read_export(&export, &family_hex).unwrap();
+        chain.extend(extra);
+        audit_chain(&chain, &keys()).unwrap();
+        assert_eq!(file_cps, cps);
+        check_checkpoints(&chain, &cps, &keys()).unwrap()
+    };
+    let cps = ledger.checkpoints(&family).await.unwrap();
+    assert_eq!(cps.len(), 1);
+    assert_eq!(
+        audit(ledger.receipts(&family, 1, 100).await.unwrap(), cps),
+        7
+    );
+
+    // Again: the next range continues the first, nothing is written twice.
+    let report = ledger
+        .export_and_prune(keep3, &export, 2_000)
+        .await
+        .unwrap();
+    assert_eq!((report.exported, report.pruned), (1, 1));
+    let cps = ledger.checkpoints(&family).await.unwrap();
+    assert_eq!(cps.len(), 2);
+    assert_eq!(
+        audit(ledger.receipts(&family, 1, 100).await.unwrap(), cps.clone()),
+        8
+    );
+    // A forged or missing range is caught.
+    let (chain, _) = read_export(&export, &family_hex).unwrap();
+    assert!(check_checkpoints(&chain[1..], &cps, &keys()).is_err());
+    assert!(check_checkpoints(&chain, &cps[1..], &keys()).is_err());
+
+    // By age: everything older than the cutoff but the newest receipt of each family.
+    let by_age = Retention {
+        keep: None,
+        max_age_secs: Some(0),
+    };
+    let report = ledger
+        .export_and_prune(by_age, &export, 4_000_000_000)
+        .await
+        .unwrap();
+    assert_eq!(report.pruned, 2);
+    assert_eq!(ledger.receipts(&family, 1, 100).await.unwrap().len(), 1);
+    drop(ledger);
+    let checked = till_ledger::check_file(&path, &dir.path().join("scratch")).unwrap();
+    assert_eq!(checked.receipts, 2);
+    // Reopened, claims continue the chain after the pruned ranges.
+    let ledger = open(&path, 64, Duration::from_secs(10));
+    let next = ledger
+        .claim(claim_request(&token, None, "chat"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.receipt.body().seq, 12);
+    let cps = ledger.checkpoints(&family).await.unwrap();
+    audit(ledger.receipts(&family, 1, 100).await.unwrap(), cps);
+}
