@@ -65,6 +65,9 @@ const ACTIVITY: TableDefinition<(&[u8], u64), u64> = TableDefinition::new("activ
 const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
 /// Outbox: alert id → Unix time fired, while its delivery is pending.
 const OUTBOX: TableDefinition<&str, u64> = TableDefinition::new("outbox");
+/// `(revocation id, window seconds)` → 16 bytes `(start, count)` big-endian: a block's
+/// windowed-cap counter (spec/ledger.md §3.4), overwritten when a new window begins.
+const WINDOWS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("windows");
 /// Metadata: `schema_version` → [`SCHEMA_VERSION`]; `integrity_failed` → Unix time of a
 /// failed integrity check (present until `till ledger repair` clears it).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -1152,6 +1155,7 @@ fn prepare(db: &Database, binding: &LedgerBinding) -> Result<Option<String>, Str
         txn.open_table(ALERTS).map_err(|x| e(x.into()))?;
         txn.open_table(OUTBOX).map_err(|x| e(x.into()))?;
         txn.open_table(CHECKPOINTS).map_err(|x| e(x.into()))?;
+        txn.open_table(WINDOWS).map_err(|x| e(x.into()))?;
     }
     txn.commit().map_err(|x| e(x.into()))?;
     Ok(ledger_id)
@@ -1890,6 +1894,7 @@ struct Tables<'txn> {
     alerts: redb::Table<'txn, &'static str, &'static [u8]>,
     outbox: redb::Table<'txn, &'static str, u64>,
     checkpoints: redb::Table<'txn, (&'static [u8], u64), &'static str>,
+    windows: redb::Table<'txn, (&'static [u8], u64), &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -1908,6 +1913,7 @@ impl<'txn> Tables<'txn> {
             alerts: txn.open_table(ALERTS)?,
             outbox: txn.open_table(OUTBOX)?,
             checkpoints: txn.open_table(CHECKPOINTS)?,
+            windows: txn.open_table(WINDOWS)?,
         })
     }
 }
@@ -2227,6 +2233,23 @@ impl Writer {
             chain_head,
             minute_count,
         };
+        // Windowed caps (spec/ledger.md §3.4): each window's stored counter, read in this
+        // transaction (a claim earlier in the batch may have written it).
+        let mut stored_windows = Vec::with_capacity(req.windows.len());
+        for w in &req.windows {
+            let Some(level) = req.levels.get(w.level) else {
+                stored_windows.push(None); // plan::validate refuses the request
+                continue;
+            };
+            let key = (level.revocation_id.as_slice(), w.secs);
+            stored_windows.push(match t.windows.get(key)? {
+                None => None,
+                Some(bytes) => match plan::WindowCount::from_bytes(bytes.value()) {
+                    Ok(count) => Some(count),
+                    Err(e) => return Ok(nothing(Err(e))),
+                },
+            });
+        }
         let signer = self.signers.current();
         let ctx = ClaimContext {
             proxy_id: &self.proxy_id,
@@ -2235,7 +2258,12 @@ impl Writer {
             alerts: &self.alerts,
         };
 
-        match plan::plan_claim(req, &state, &ctx) {
+        let planned = plan::plan_claim_windowed(req, &state, &stored_windows, &ctx);
+        let window_writes = planned
+            .as_ref()
+            .map(|(_, writes)| writes.clone())
+            .unwrap_or_default();
+        match planned.map(|(plan, _)| plan) {
             Err(e) => Ok(nothing(Err(e))),
             Ok(Plan::Refuse(refusal)) => Ok(nothing(Ok(Err(refusal)))),
             Ok(Plan::Replay {
@@ -2311,6 +2339,12 @@ impl Writer {
                 let hash = prepared.hash_hex();
                 for (level, count) in req.levels.iter().zip(&new_counts) {
                     t.counters.insert(level.revocation_id.as_slice(), *count)?;
+                }
+                for (w, count) in req.windows.iter().zip(&window_writes) {
+                    if let Some(level) = req.levels.get(w.level) {
+                        let key = (level.revocation_id.as_slice(), w.secs);
+                        t.windows.insert(key, count.to_bytes().as_slice())?;
+                    }
                 }
                 t.receipts.insert(
                     (family, seq),
