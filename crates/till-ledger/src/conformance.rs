@@ -81,6 +81,8 @@ where
     threshold_alerts_exactly_once(make().await).await;
     alert_outbox_lease_and_settle(make().await).await;
     revocation_alert_once(make().await).await;
+    windowed_caps_exact_under_concurrency(make().await).await;
+    windowed_refusal_writes_nothing(make().await).await;
 }
 
 async fn bounded(name: &str, case: impl Future<Output = ()>) {

@@ -67,6 +67,8 @@ cases!(
         threshold_alerts_exactly_once,
         alert_outbox_lease_and_settle,
         revocation_alert_once,
+        windowed_caps_exact_under_concurrency,
+        windowed_refusal_writes_nothing,
     ]
 );
 
@@ -90,6 +92,8 @@ cases!(
         threshold_alerts_exactly_once,
         alert_outbox_lease_and_settle,
         revocation_alert_once,
+        windowed_caps_exact_under_concurrency,
+        windowed_refusal_writes_nothing,
     ]
 );
 
