@@ -74,6 +74,10 @@ fi
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/interop
 unset TILL_INTEROP_REQUIRE_NODE
 
+say "official OpenAI and Anthropic Python SDKs against a live till serve (per-call ceilings, windowed caps)"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/sdk
+
 if [ -n "${TILL_FDB_CLUSTER_FILE:-}" ]; then
   say "FoundationDB conformance + fleet tests against $TILL_FDB_CLUSTER_FILE"
   cargo test --locked -p till-ledger-fdb

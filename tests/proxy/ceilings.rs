@@ -382,3 +382,60 @@ async fn bodies_are_forwarded_unchanged() {
     assert_eq!(s, 200);
     assert_eq!(upstream.seen()[0].body, body.as_bytes());
 }
+
+/// Windowed caps through the proxy: 429 `rate_limited` with `Retry-After` (seconds until
+/// the window frees) and `x-should-retry: true`, nothing forwarded or charged; the receipt
+/// of an allowed call records the ceilings that applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windowed_cap_is_429_with_retry_after_and_receipts_record_ceilings() {
+    let (upstream, till) = start().await;
+    let key = till.mint(Caveats {
+        upstream: Some("openai".into()),
+        cap: Some(10),
+        max_output_tokens: Some(64),
+        windows: Some(vec![till_token::Window { secs: 3600, max: 2 }]),
+        ..Caveats::default()
+    });
+    let body = r#"{"model":"m","max_tokens":64}"#;
+    let path = format!("{}/openai/v1/chat/completions", till.url);
+    let mut receipt = None;
+    for _ in 0..2 {
+        let resp = client()
+            .post(&path)
+            .bearer_auth(&key)
+            .header("content-type", JSON)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        receipt = resp
+            .headers()
+            .get("till-receipt")
+            .map(|v| v.to_str().unwrap().to_string());
+    }
+    let resp = client()
+        .post(&path)
+        .bearer_auth(&key)
+        .header("content-type", JSON)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["x-should-retry"], "true");
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3600).contains(&retry_after), "{retry_after}");
+    assert_eq!(error_code(resp).await, "rate_limited");
+    assert_eq!(upstream.hits(), 2);
+    assert_eq!(till.usage(&key).await, vec![2]);
+
+    let receipt = till_receipt::Receipt::parse(&receipt.unwrap()).unwrap();
+    let ceilings = receipt.body().ceilings.clone().unwrap();
+    assert_eq!(ceilings.max_output_tokens, Some(64));
+    assert_eq!(ceilings.windows, Some(vec![[3600, 2]]));
+}
