@@ -72,6 +72,7 @@ pub fn sample_tokens() -> Vec<String> {
             methods: Some(vec!["POST".into()]),
             expires: Some(4_000_000_000),
             label: None,
+            ..Caveats::default()
         },
     );
     let Ok(minted) = minted else {
