@@ -439,3 +439,89 @@ async fn windowed_cap_is_429_with_retry_after_and_receipts_record_ceilings() {
     assert_eq!(ceilings.max_output_tokens, Some(64));
     assert_eq!(ceilings.windows, Some(vec![[3600, 2]]));
 }
+
+/// `till mint`/`attenuate` flags for the new caveats and `till inspect`'s worst case, through
+/// the real binary (offline: no server).
+#[test]
+fn cli_flags_and_inspect_worst_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let till = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_till"))
+            .arg("--dir")
+            .arg(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap().trim().to_string(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    assert_eq!(till(&["keygen"]).0, Some(0));
+    let (code, key, err) = till(&[
+        "mint",
+        "--upstream",
+        "openai",
+        "--cap",
+        "100",
+        "--max-output-tokens",
+        "1000",
+        "--rate",
+        "60/m",
+        "--window",
+        "1000/d",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, sub, err) = till(&[
+        "attenuate",
+        &key,
+        "--cap",
+        "10",
+        "--max-output-tokens",
+        "2000",
+        "--json-max",
+        "/n=1",
+        "--json-allow",
+        "/model=b,a",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    // A wider ceiling is a warning, not a widening.
+    assert!(err.contains("max_output_tokens 2000 is above"), "{err}");
+    let (code, out, err) = till(&["inspect", &sub, "--json", "--price-per-1k-output", "0.5"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let w = &v["worst_case"];
+    assert_eq!(w["activations"], 10);
+    assert_eq!(w["output_tokens_per_call"], 1000);
+    assert_eq!(w["output_tokens"], 10_000);
+    assert_eq!(w["output_cost"], 5.0);
+    assert_eq!(
+        w["windows"],
+        serde_json::json!([{"secs": 60, "max": 60}, {"secs": 86400, "max": 1000}])
+    );
+    assert_eq!(
+        v["effective"]["json_allow"]["/model"],
+        serde_json::json!(["a", "b"])
+    );
+    let (code, text, _) = till(&["inspect", &sub, "--price-per-1k-output", "0.5"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        text.contains("output tokens: 10000 (1000 per call)"),
+        "{text}"
+    );
+    assert!(text.contains("at most 60 per minute"), "{text}");
+    // Without a cap the worst case is unbounded, and says so.
+    let (_, uncapped, _) = till(&["mint", "--upstream", "openai", "--max-output-tokens", "5"]);
+    let (_, text, _) = till(&["inspect", &uncapped]);
+    assert!(text.contains("activations:   unbounded"), "{text}");
+    // Bad flags are usage errors (exit 2).
+    for bad in [
+        &["attenuate", key.as_str(), "--rate", "5/x"][..],
+        &["attenuate", key.as_str(), "--json-max", "/n"][..],
+        &["attenuate", key.as_str(), "--repo", "no-slash"][..],
+        &["attenuate", key.as_str(), "--currency", "dollars"][..],
+    ] {
+        assert_eq!(till(bad).0, Some(2), "{bad:?}");
+    }
+}
