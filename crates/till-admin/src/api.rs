@@ -240,7 +240,7 @@ pub(crate) async fn do_mint(
     state: &AdminState,
     req: MintRequest,
 ) -> Result<(String, VerifiedToken), AdminError> {
-    let root = state.root.as_ref().ok_or(AdminError::MintUnavailable)?;
+    let root = state.root.load().ok_or(AdminError::MintUnavailable)?;
     let caveats = req.caveats.caveats(req.label)?;
     if caveats.upstream.as_deref() == Some(auth::ADMIN_UPSTREAM) {
         return Err(AdminError::BadRequest(
@@ -254,7 +254,7 @@ pub(crate) async fn do_mint(
             ));
         }
     }
-    let key = mint(root, caveats)
+    let key = mint(&root, caveats)
         .and_then(|t| t.to_key_string())
         .map_err(AdminError::BadKey)?;
     let token = verify_key(state, &key)?;
@@ -589,7 +589,7 @@ pub(crate) async fn do_audit(
             },
         }));
     }
-    match audit_chain(&all, &state.receipt_keys) {
+    match audit_chain(&all, &state.receipt_keys.load()) {
         Err(e) => Ok(json!({
             "clean": false, "report": null, "error": e.to_string(), "mismatches": []
         })),
@@ -675,4 +675,28 @@ pub(crate) async fn openapi() -> Response {
 
 pub(crate) async fn not_found(req: Request) -> Response {
     AdminError::NotFound(format!("{} {}", req.method(), req.uri().path())).into_response()
+}
+
+/// `POST /admin/v1/reload`: re-read the data dir's keys (root key rotation and
+/// retirement, receipt key rotation) and the credential store, and swap them into the
+/// running server without a restart (`spec/admin.md`, "Reload"). All or nothing: a
+/// failure (e.g. a tampered credential store) changes nothing and says why.
+pub(crate) async fn reload(
+    State(state): State<Arc<AdminState>>,
+    req: Request,
+) -> Result<Response, AdminError> {
+    let _ = admit(&state, req).await?;
+    match state.reload().await {
+        Ok(report) => {
+            tracing::info!("admin: reloaded keys and credentials");
+            Ok(Json(report).into_response())
+        }
+        Err(message) => {
+            tracing::warn!(error = %message, "admin: reload failed; nothing changed");
+            let body = json!({
+                "error": { "type": "api_error", "code": "reload_failed", "message": message }
+            });
+            Ok((http::StatusCode::CONFLICT, Json(body)).into_response())
+        }
+    }
 }

@@ -46,6 +46,7 @@ pub mod webhook;
 
 use std::sync::Arc;
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use axum::routing::{get, post};
 use axum::Router;
 use till_ledger::{AlertRecord, Ledger};
@@ -93,8 +94,9 @@ impl AdminMetrics {
 pub struct AdminState {
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) keys: KeyRing,
-    pub(crate) root: Option<RootKey>,
-    pub(crate) receipt_keys: ReceiptKeySet,
+    pub(crate) root: MintKey,
+    pub(crate) receipt_keys: ArcSwap<ReceiptKeySet>,
+    pub(crate) reloader: std::sync::OnceLock<Reloader>,
     pub(crate) limits: Limits,
     pub(crate) events: EventBus,
     pub(crate) alerts: AlertSettings,
@@ -108,6 +110,7 @@ impl std::fmt::Debug for AdminState {
         f.debug_struct("AdminState")
             .field("ledger", &self.ledger)
             .field("can_mint", &self.root.is_some())
+            .field("can_reload", &self.reloader.get().is_some())
             .field("alerts", &self.alerts)
             .finish_non_exhaustive()
     }
@@ -127,7 +130,66 @@ impl AdminState {
     pub fn metrics(&self) -> &AdminMetrics {
         &self.metrics
     }
+
+    pub(crate) async fn reload(&self) -> Result<serde_json::Value, String> {
+        let reloader = self
+            .reloader
+            .get()
+            .ok_or("this server cannot reload (no reloader installed)")?;
+        let reloaded = reloader().await?;
+        self.root.replace(reloaded.root);
+        self.receipt_keys.store(Arc::new(reloaded.receipt_keys));
+        Ok(reloaded.report)
+    }
 }
+
+/// The private root key the admin plane mints with, swappable by a reload (root key
+/// rotation) while requests read it.
+#[derive(Default)]
+pub struct MintKey(ArcSwapOption<RootKey>);
+
+impl std::fmt::Debug for MintKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("MintKey")
+            .field(&self.0.load().as_ref().map(|k| k.id()))
+            .finish()
+    }
+}
+
+impl MintKey {
+    /// Whether this server may mint.
+    pub fn is_some(&self) -> bool {
+        self.0.load().is_some()
+    }
+
+    /// The key now.
+    pub fn load(&self) -> Option<Arc<RootKey>> {
+        self.0.load_full()
+    }
+
+    /// Mints with `root` from now on (`None`: minting is off).
+    pub fn replace(&self, root: Option<RootKey>) {
+        self.0.store(root.map(Arc::new));
+    }
+}
+
+/// What a reload ([`AdminPlane::reload`], `POST /admin/v1/reload`, SIGHUP) produced. The
+/// server's own reloader has already swapped the proxy's keys, signer and credentials;
+/// the admin plane then takes its part (the minting key and the receipt keys for audits).
+#[derive(Debug)]
+pub struct Reloaded {
+    /// What changed, for the caller (key ids, credential names; never a secret).
+    pub report: serde_json::Value,
+    /// The root key to mint with now, if this server holds one.
+    pub root: Option<RootKey>,
+    /// The receipt public keys audits trust now.
+    pub receipt_keys: ReceiptKeySet,
+}
+
+/// The server's reload: re-reads keys and credentials and swaps them in, all or nothing.
+/// An `Err` (a message naming what is wrong, never a secret) changed nothing.
+pub type Reloader =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<Reloaded, String>> + Send + Sync>;
 
 /// What the admin plane is built from.
 #[derive(Debug)]
@@ -163,8 +225,9 @@ impl AdminPlane {
         let state = AdminState {
             ledger: config.ledger,
             keys: config.keys,
-            root: config.root,
-            receipt_keys: config.receipt_keys,
+            root: MintKey(ArcSwapOption::from(config.root.map(Arc::new))),
+            receipt_keys: ArcSwap::from_pointee(config.receipt_keys),
+            reloader: std::sync::OnceLock::new(),
             limits: Limits::default(),
             events: config.events,
             alerts: config.alerts,
@@ -183,6 +246,18 @@ impl AdminPlane {
     /// The shared state.
     pub fn state(&self) -> &Arc<AdminState> {
         &self.state
+    }
+
+    /// Installs the server's reload (once; later calls are ignored): enables
+    /// `POST /admin/v1/reload` and [`AdminPlane::reload`].
+    pub fn set_reloader(&self, reloader: Reloader) {
+        let _ = self.state.reloader.set(reloader);
+    }
+
+    /// Runs the server's reload and takes the admin plane's part of it. Used by
+    /// `POST /admin/v1/reload` and by `till serve` on SIGHUP.
+    pub async fn reload(&self) -> Result<serde_json::Value, String> {
+        self.state.reload().await
     }
 
     /// The router (tests drive it with `oneshot`).
@@ -226,6 +301,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/admin/v1/families/{id}/receipts", get(api::receipts))
         .route("/admin/v1/families/{id}/audit", get(api::audit))
         .route("/admin/v1/alerts", get(api::alerts))
+        .route("/admin/v1/reload", post(api::reload))
         .route("/admin/v1/events", get(sse::events))
         .merge(dashboard::routes(Arc::clone(&state)))
         .fallback(api::not_found)

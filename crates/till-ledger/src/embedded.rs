@@ -237,7 +237,6 @@ impl SignerRing {
     }
 
     /// Makes `signer` the current key; earlier keys stay for bodies they must sign.
-    #[allow(dead_code)] // for receipt key rotation
     pub(crate) fn set_current(&self, signer: Arc<ReceiptSigner>) {
         let mut keys = self
             .keys
@@ -426,6 +425,18 @@ impl EmbeddedLedger {
             signers,
             signatures: Some(signatures),
         })
+    }
+
+    /// Signs every later receipt with `signer` (a receipt key rotation, picked up by a
+    /// running server). Claims already being applied finish with the key they started
+    /// with; the ledger id is unchanged (it names the ledger, not the signing key).
+    pub fn set_signer(&self, signer: Arc<ReceiptSigner>) {
+        self.signers.set_current(signer);
+    }
+
+    /// The key id receipts are signed with now.
+    pub fn signer_key_id(&self) -> String {
+        self.signers.current().key_id().to_owned()
     }
 
     /// The ledger file.

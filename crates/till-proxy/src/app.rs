@@ -117,6 +117,17 @@ impl Config {
     pub fn build(self, keys: KeyRing, ledger: Arc<dyn Ledger>) -> Result<App, ConfigError> {
         let mut clients = HashMap::new();
         for (name, up) in &self.upstreams {
+            if let Some(record) = &up.credential_store {
+                if up.credential.current().expose().is_empty() {
+                    return Err(ConfigError::Invalid {
+                        key: format!("upstreams.{name}.credential"),
+                        reason: format!(
+                            "store record `{record}` was not opened \
+                             (Config::resolve_store_credentials)"
+                        ),
+                    });
+                }
+            }
             clients.insert(name.clone(), upstream_client(up, &self)?);
         }
         let cache = VerifyCache::new(self.limits.verify_cache_entries);
@@ -334,16 +345,15 @@ impl AppState {
             facts.alerts.clone_from(&claim.alerts);
         }
         let till_headers = till_headers(&claim)?;
-        let forwarded = match self.upstream_request(upstream, &target, &parts, body) {
+        // One snapshot of the credential for this request: a rotation meanwhile
+        // (`till credential rotate`) reaches the next request, never half of this one.
+        let credential = upstream.credential.current();
+        let forwarded = match self.upstream_request(upstream, &credential, &target, &parts, body) {
             Ok(request) => self.forward(upstream, request).await,
             Err(e) => Err(e),
         };
         match forwarded {
-            Ok(response) => Ok(response_filter(
-                response,
-                till_headers,
-                upstream.credential.expose(),
-            )),
+            Ok(response) => Ok(response_filter(response, till_headers, credential.expose())),
             // The claim committed: the client gets its receipt with the error, so it can
             // prove what it was charged.
             Err(e) => {
@@ -401,7 +411,13 @@ impl AppState {
     ) -> Result<VerifiedToken, ProxyError> {
         let (_, key) = hygiene::find_key(headers, query).ok_or(ProxyError::KeyMissing)?;
         let digest = key_digest(&key);
-        if let Some(t) = self.cache.get(&digest) {
+        // A cached key whose root key was retired since (a reload replaced the ring)
+        // is verified again, and refused.
+        if let Some(t) = self
+            .cache
+            .get(&digest)
+            .filter(|t| self.keys.contains(t.root_key_id()))
+        {
             self.metrics.cache_lookup(true);
             return Ok(t);
         }
@@ -603,6 +619,7 @@ impl AppState {
     fn upstream_request(
         &self,
         upstream: &Upstream,
+        credential: &crate::secret::Secret,
         target: &Target,
         parts: &http::request::Parts,
         body: Bytes,
@@ -613,10 +630,7 @@ impl AppState {
         };
         let mut query = hygiene::forward_query(parts.uri.query(), query_param);
         if let Some(param) = query_param {
-            let pair = format!(
-                "{param}={}",
-                hygiene::form_encode(upstream.credential.expose())
-            );
+            let pair = format!("{param}={}", hygiene::form_encode(credential.expose()));
             query = Some(match query {
                 Some(q) => format!("{q}&{pair}"),
                 None => pair,
@@ -640,8 +654,8 @@ impl AppState {
         let mut headers = hygiene::request_headers(&parts.headers, credential_header);
         if let Auth::Header { name, scheme } = &upstream.auth {
             let text = match scheme {
-                Some(s) => format!("{s} {}", upstream.credential.expose()),
-                None => upstream.credential.expose().to_string(),
+                Some(s) => format!("{s} {}", credential.expose()),
+                None => credential.expose().to_string(),
             };
             let mut value = HeaderValue::from_str(&text).map_err(|_| ProxyError::Internal)?;
             value.set_sensitive(true);

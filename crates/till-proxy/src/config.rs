@@ -18,7 +18,7 @@ use crate::admin_config::{
 };
 use crate::error::ConfigError;
 use crate::preset::{Auth, ModelSource, Preset, ENV_PRESETS};
-use crate::secret::Secret;
+use crate::secret::{Credential, Secret};
 
 /// `listen` from the environment.
 pub const ENV_LISTEN: &str = "TILL_LISTEN";
@@ -153,6 +153,9 @@ pub struct RawConfig {
     /// Usage alerts.
     #[serde(default)]
     pub alerts: RawAlerts,
+    /// Root public keys this proxy trusts besides its data dir's: each a public JWK file
+    /// (`root.pub.jwk` from the owner) or the 64-hex public key `till keygen` prints.
+    pub trusted_root_keys: Option<Vec<String>>,
 }
 
 /// `[limits]` as written. Durations are humantime strings (`"10s"`, `"2m"`).
@@ -192,6 +195,8 @@ pub struct RawUpstream {
     pub credential_env: Option<String>,
     /// File holding the real credential (trailing newline trimmed).
     pub credential_file: Option<PathBuf>,
+    /// `store:NAME`: the record NAME of the data dir's encrypted credential store.
+    pub credential: Option<String>,
     /// How to inject the credential.
     pub auth: Option<RawAuth>,
     /// Extra PEM CA certificate(s) trusted for this upstream (private upstreams).
@@ -262,8 +267,11 @@ pub struct Upstream {
     pub base_url: String,
     /// How the credential is injected.
     pub auth: Auth,
-    /// The real credential.
-    pub credential: Secret,
+    /// The real credential (swappable: `till credential rotate`, SIGHUP).
+    pub credential: Credential,
+    /// The credential store record it comes from (`credential = "store:NAME"`); the value
+    /// is filled in by [`Config::resolve_store_credentials`].
+    pub credential_store: Option<String>,
     /// Where the credential came from (`env OPENAI_API_KEY`, `file /run/key`), for humans.
     pub credential_source: String,
     /// Extra trusted CA certificates (PEM).
@@ -289,8 +297,12 @@ pub struct Config {
     pub admin: AdminSettings,
     /// Usage alerts.
     pub alerts: AlertSettings,
+    /// Root public keys trusted besides the data dir's (`trusted_root_keys`).
+    pub trusted_root_keys: Vec<till_token::RootPublicKey>,
     /// The file it was read from, if any.
     pub file: Option<PathBuf>,
+    /// `trusted_root_keys` entries that are relative file paths (read by `load`).
+    trusted_root_key_files: Vec<Option<PathBuf>>,
 }
 
 impl Config {
@@ -316,9 +328,60 @@ impl Config {
             }
             None => RawConfig::default(),
         };
+        let base = file.and_then(Path::parent).map(Path::to_path_buf);
         let mut config = Self::validate(raw, flags, env)?;
         config.file = file.map(Path::to_path_buf);
+        // Relative key files are relative to the config file, like a distributed bundle.
+        if let Some(base) = base {
+            for (i, k) in config.trusted_root_key_files.iter().enumerate() {
+                if let Some(rel) = k {
+                    let key = read_trusted_root_key(&base.join(rel))
+                        .map_err(|r| invalid(&format!("trusted_root_keys[{i}]"), r))?;
+                    config.trusted_root_keys.push(key);
+                }
+            }
+        }
         Ok(config)
+    }
+
+    /// The upstreams whose credential comes from the credential store:
+    /// `(upstream, record)`.
+    pub fn store_credentials(&self) -> Vec<(String, String)> {
+        self.upstreams
+            .values()
+            .filter_map(|u| {
+                u.credential_store
+                    .as_ref()
+                    .map(|r| (u.name.clone(), r.clone()))
+            })
+            .collect()
+    }
+
+    /// Fills in (or, on reload, swaps) every `credential = "store:NAME"` from `open`,
+    /// all or nothing: every value is opened and checked first, then all are swapped.
+    pub fn resolve_store_credentials(
+        &self,
+        open: &dyn Fn(&str) -> Result<Secret, String>,
+    ) -> Result<(), ConfigError> {
+        let mut opened = Vec::new();
+        for u in self.upstreams.values() {
+            let Some(record) = &u.credential_store else {
+                continue;
+            };
+            let key = format!("upstreams.{}.credential", u.name);
+            let secret = open(record).map_err(|r| invalid(&key, r))?;
+            if !credential_fits(&u.auth, secret.expose()) {
+                return Err(invalid(
+                    &key,
+                    format!("the credential from store record `{record}` is empty or contains spaces or control characters"),
+                ));
+            }
+            opened.push((u, secret));
+        }
+        for (u, secret) in opened {
+            u.credential.replace(secret);
+        }
+        Ok(())
     }
 
     /// Parses `till.toml` text (no validation).
@@ -365,6 +428,24 @@ impl Config {
         let limits = validate_limits(raw.limits, env)?;
         let admin = validate_admin(raw.admin, flags.admin_listen.clone(), env)?;
         let alerts = validate_alerts(raw.alerts, env)?;
+        // Hex keys now; key files once the config file's directory is known (`load`).
+        let mut trusted_root_keys = Vec::new();
+        let mut trusted_root_key_files = Vec::new();
+        for (i, entry) in raw.trusted_root_keys.unwrap_or_default().iter().enumerate() {
+            if entry.len() == 64 && entry.bytes().all(|b| b.is_ascii_hexdigit()) {
+                let key = till_token::RootPublicKey::from_hex(entry)
+                    .map_err(|e| invalid(&format!("trusted_root_keys[{i}]"), e.to_string()))?;
+                trusted_root_keys.push(key);
+                trusted_root_key_files.push(None);
+            } else if Path::new(entry).is_absolute() {
+                let key = read_trusted_root_key(Path::new(entry))
+                    .map_err(|r| invalid(&format!("trusted_root_keys[{i}]"), r))?;
+                trusted_root_keys.push(key);
+                trusted_root_key_files.push(None);
+            } else {
+                trusted_root_key_files.push(Some(PathBuf::from(entry)));
+            }
+        }
         let upstreams = match raw.upstreams {
             Some(table) => {
                 let mut out = BTreeMap::new();
@@ -390,6 +471,8 @@ impl Config {
             upstreams,
             admin,
             alerts,
+            trusted_root_keys,
+            trusted_root_key_files,
             file: None,
         })
     }
@@ -677,6 +760,39 @@ fn validate_upstream(name: &str, raw: RawUpstream, env: &dyn Env) -> Result<Upst
             .auth()
             .ok_or_else(|| invalid(&key("auth"), "required for a generic upstream, e.g. { header = \"authorization\", scheme = \"Bearer\" }".into()))?,
     };
+    if let Some(spec) = raw.credential {
+        let record = spec
+            .strip_prefix(crate::credstore::STORE_PREFIX)
+            .ok_or_else(|| {
+                invalid(
+                    &key("credential"),
+                    format!(
+                        "`{spec}`: expected store:NAME (a record of `till credential set NAME`)"
+                    ),
+                )
+            })?;
+        crate::credstore::validate_name(record)
+            .map_err(|e| invalid(&key("credential"), e.to_string()))?;
+        if raw.credential_env.is_some() || raw.credential_file.is_some() {
+            return Err(invalid(
+                &key("credential"),
+                "set one of credential, credential_env and credential_file".into(),
+            ));
+        }
+        return finish_upstream(
+            name,
+            preset,
+            base_url,
+            auth,
+            raw.ca_file,
+            raw.model.as_deref(),
+            (
+                Credential::new(Secret::new(String::new())),
+                Some(record.to_owned()),
+                format!("store {record}"),
+            ),
+        );
+    }
     let (credential, credential_source) = match (raw.credential_file, raw.credential_env) {
         (Some(_), Some(_)) => {
             return Err(invalid(
@@ -715,28 +831,66 @@ fn validate_upstream(name: &str, raw: RawUpstream, env: &dyn Env) -> Result<Upst
         }
     };
     // The credential goes into a header or query: refuse bytes that could split it.
-    let header_ok = match &auth {
-        Auth::Header { scheme, .. } => {
-            let full = match scheme {
-                Some(s) => format!("{s} {credential}"),
-                None => credential.clone(),
-            };
-            HeaderValue::from_str(&full).is_ok()
-        }
-        Auth::Query { .. } => true,
-    };
-    if credential.is_empty()
-        || !header_ok
-        || credential
-            .bytes()
-            .any(|b| b.is_ascii_control() || b == b' ')
-    {
+    if !credential_fits(&auth, &credential) {
         return Err(invalid(
             &key("credential"),
             format!("the credential from {credential_source} is empty or contains spaces or control characters"),
         ));
     }
-    let ca_pem = match raw.ca_file {
+    finish_upstream(
+        name,
+        preset,
+        base_url,
+        auth,
+        raw.ca_file,
+        raw.model.as_deref(),
+        (
+            Credential::new(Secret::new(credential)),
+            None,
+            credential_source,
+        ),
+    )
+}
+
+/// Whether `credential` can be injected with `auth` (no bytes that could split a header
+/// or a query).
+fn credential_fits(auth: &Auth, credential: &str) -> bool {
+    let header_ok = match auth {
+        Auth::Header { scheme, .. } => {
+            let full = zeroize::Zeroizing::new(match scheme {
+                Some(s) => format!("{s} {credential}"),
+                None => credential.to_owned(),
+            });
+            HeaderValue::from_str(&full).is_ok()
+        }
+        Auth::Query { .. } => true,
+    };
+    !credential.is_empty()
+        && header_ok
+        && !credential
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b' ')
+}
+
+fn read_trusted_root_key(path: &Path) -> Result<till_token::RootPublicKey, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    till_token::RootPublicKey::from_jwk(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The rest of an upstream, once its credential is known (or known to come from the
+/// store).
+fn finish_upstream(
+    name: &str,
+    preset: Preset,
+    base_url: String,
+    auth: Auth,
+    ca_file: Option<PathBuf>,
+    model: Option<&str>,
+    (credential, credential_store, credential_source): (Credential, Option<String>, String),
+) -> Result<Upstream, ConfigError> {
+    let key = |k: &str| format!("upstreams.{name}.{k}");
+    let ca_pem = match ca_file {
         Some(path) => Some(std::fs::read(&path).map_err(|e| {
             invalid(
                 &key("ca_file"),
@@ -751,7 +905,7 @@ fn validate_upstream(name: &str, raw: RawUpstream, env: &dyn Env) -> Result<Upst
             .filter(|c| !c.is_empty())
             .ok_or_else(|| invalid(&key("ca_file"), "no PEM certificate found".into()))?;
     }
-    let model = match raw.model.as_deref() {
+    let model = match model {
         None => preset.model_source(),
         Some("body") => ModelSource::JsonBody,
         Some("gemini_path") => ModelSource::GeminiPath,
@@ -768,7 +922,8 @@ fn validate_upstream(name: &str, raw: RawUpstream, env: &dyn Env) -> Result<Upst
         preset,
         base_url,
         auth,
-        credential: Secret::new(credential),
+        credential,
+        credential_store,
         credential_source,
         ca_pem,
         model,

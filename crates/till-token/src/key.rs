@@ -3,6 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -134,6 +137,24 @@ impl RootPublicKey {
         self.key.to_bytes_hex()
     }
 
+    /// From the raw 32-byte ed25519 key in hex (what [`RootPublicKey::to_hex`] and
+    /// `till keygen` print).
+    pub fn from_hex(text: &str) -> Result<Self, TokenError> {
+        let bytes = hex::decode(text.trim())
+            .map_err(|_| TokenError::BadKey("not a hex ed25519 public key".into()))?;
+        if bytes.len() != 32 {
+            return Err(TokenError::BadKey(
+                "an ed25519 public key is 32 bytes (64 hex digits)".into(),
+            ));
+        }
+        let key = PublicKey::from_bytes(&bytes, Algorithm::Ed25519)
+            .map_err(|_| TokenError::BadKey("not an ed25519 public key".into()))?;
+        Ok(RootPublicKey {
+            id: key_id(&key),
+            key,
+        })
+    }
+
     /// Public JWK.
     pub fn to_jwk(&self) -> String {
         let jwk = Jwk {
@@ -182,9 +203,24 @@ impl RootPublicKey {
 
 /// The root public keys a verifier trusts, by id. Unknown ids fail closed; keep a retired
 /// key here for as long as keys it minted must keep working.
-#[derive(Debug, Clone, Default)]
+///
+/// A `KeyRing` is a handle: its clones share one set of keys, and [`KeyRing::replace`]
+/// (or `insert` / `remove`) through any clone is seen by all of them at once. That is how
+/// a running server picks up a root key rotation: the proxy and the admin plane hold
+/// clones of one ring and the reload swaps its contents. Readers never block (the set is
+/// an immutable map behind an atomic pointer); a new, independent ring comes from
+/// [`KeyRing::new`] / [`KeyRing::with`] / [`KeyRing::snapshot`].
+#[derive(Clone, Default)]
 pub struct KeyRing {
-    keys: BTreeMap<u32, RootPublicKey>,
+    keys: Arc<ArcSwap<BTreeMap<u32, RootPublicKey>>>,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("ids", &self.ids().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl KeyRing {
@@ -200,31 +236,63 @@ impl KeyRing {
         ring
     }
 
-    /// Trusts `key`.
+    /// Trusts `key` (seen by every clone of this ring).
     pub fn insert(&mut self, key: RootPublicKey) {
-        self.keys.insert(key.id, key);
+        self.keys.rcu(|keys| {
+            let mut keys = BTreeMap::clone(keys);
+            keys.insert(key.id, key.clone());
+            keys
+        });
     }
 
-    /// Stops trusting the key with `id`.
+    /// Stops trusting the key with `id` (seen by every clone of this ring).
     pub fn remove(&mut self, id: u32) -> Option<RootPublicKey> {
-        self.keys.remove(&id)
+        let old = self.keys.load().get(&id).cloned();
+        self.keys.rcu(|keys| {
+            let mut keys = BTreeMap::clone(keys);
+            keys.remove(&id);
+            keys
+        });
+        old
+    }
+
+    /// Replaces every trusted key with `keys`, atomically: a verification running
+    /// meanwhile sees either the old set or the new one, never a mix.
+    pub fn replace(&self, keys: impl IntoIterator<Item = RootPublicKey>) {
+        let map: BTreeMap<u32, RootPublicKey> = keys.into_iter().map(|k| (k.id, k)).collect();
+        self.keys.store(Arc::new(map));
+    }
+
+    /// An independent copy of the current set (later changes to `self` do not reach it).
+    pub fn snapshot(&self) -> KeyRing {
+        KeyRing {
+            keys: Arc::new(ArcSwap::new(self.keys.load_full())),
+        }
     }
 
     /// Whether `id` is trusted.
     pub fn contains(&self, id: u32) -> bool {
-        self.keys.contains_key(&id)
+        self.keys.load().contains_key(&id)
     }
 
     /// Trusted key ids.
-    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.keys.keys().copied()
+    pub fn ids(&self) -> impl Iterator<Item = u32> {
+        let keys = self.keys.load_full();
+        let ids: Vec<u32> = keys.keys().copied().collect();
+        ids.into_iter()
+    }
+
+    /// The trusted keys, by id.
+    pub fn keys(&self) -> Vec<RootPublicKey> {
+        self.keys.load().values().cloned().collect()
     }
 }
 
 impl RootKeyProvider for &KeyRing {
     fn choose(&self, key_id: Option<u32>) -> Result<PublicKey, biscuit_auth::error::Format> {
+        let keys = self.keys.load();
         key_id
-            .and_then(|id| self.keys.get(&id))
+            .and_then(|id| keys.get(&id))
             .map(|k| k.key)
             .ok_or(biscuit_auth::error::Format::UnknownPublicKey)
     }
@@ -265,6 +333,8 @@ mod tests {
         assert_eq!(back.public(), key.public());
         let public = RootPublicKey::from_jwk(&key.public().to_jwk()).unwrap();
         assert_eq!(public, key.public());
+        assert_eq!(RootPublicKey::from_hex(&public.to_hex()).unwrap(), public);
+        assert!(RootPublicKey::from_hex("abcd").is_err());
         let dbg = format!("{key:?}");
         let d = URL_SAFE_NO_PAD.encode([7u8; 32]);
         assert!(!dbg.contains(&d) && !dbg.contains(&hex::encode([7u8; 32])));
@@ -276,5 +346,21 @@ mod tests {
         let key = RootKey::from_seed(&[7; 32]).unwrap();
         let jwk = key.public().to_jwk().replace(&key.id().to_string(), "1");
         assert!(RootPublicKey::from_jwk(&jwk).is_err());
+    }
+
+    #[test]
+    fn clones_of_a_ring_share_its_keys_and_snapshots_do_not() {
+        let a = RootKey::from_seed(&[1; 32]).unwrap().public();
+        let b = RootKey::from_seed(&[2; 32]).unwrap().public();
+        let ring = KeyRing::with(a.clone());
+        let mut held_by_proxy = ring.clone();
+        let frozen = ring.snapshot();
+        ring.replace([a.clone(), b.clone()]);
+        assert!(held_by_proxy.contains(b.id()) && held_by_proxy.contains(a.id()));
+        assert!(!frozen.contains(b.id()));
+        assert_eq!(held_by_proxy.remove(a.id()), Some(a.clone()));
+        assert!(!ring.contains(a.id()));
+        assert_eq!(ring.ids().collect::<Vec<_>>(), vec![b.id()]);
+        assert_eq!(ring.keys(), vec![b]);
     }
 }
