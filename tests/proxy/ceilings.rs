@@ -130,6 +130,29 @@ async fn output_token_ceilings_per_preset() {
             403,
             "max_output_tokens_required",
         ),
+        // Several choices each up to max_tokens: the ceiling bounds their total.
+        (&openai, chat, r#"{"max_tokens":128,"n":2}"#, 200, "ok"),
+        (
+            &openai,
+            chat,
+            r#"{"max_tokens":100,"n":3}"#,
+            403,
+            "max_output_tokens_exceeded",
+        ),
+        (
+            &openai,
+            "/openai/v1/completions",
+            r#"{"max_tokens":100,"best_of":5,"n":1}"#,
+            403,
+            "max_output_tokens_exceeded",
+        ),
+        (
+            &openai,
+            chat,
+            r#"{"max_tokens":10,"n":"2"}"#,
+            400,
+            "body_field_invalid",
+        ),
         (
             &openai,
             chat,
@@ -232,13 +255,18 @@ async fn output_token_ceilings_per_preset() {
             403,
             "max_output_tokens_required",
         ),
+        (
+            r#"{"generationConfig":{"maxOutputTokens":100,"candidateCount":3}}"#,
+            403,
+            "max_output_tokens_exceeded",
+        ),
     ] {
         let (s, c, _) = send(&till, &gemini, "POST", path, JSON, body).await;
         assert_eq!((s, c.as_str()), (status, code), "{body}");
     }
     // Refused requests were neither charged nor forwarded.
-    assert_eq!(upstream.hits(), 6);
-    assert_eq!(till.usage(&openai).await, vec![3]);
+    assert_eq!(upstream.hits(), 7);
+    assert_eq!(till.usage(&openai).await, vec![4]);
     assert_eq!(till.usage(&gemini).await, vec![2]);
 }
 

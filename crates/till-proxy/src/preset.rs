@@ -250,6 +250,22 @@ pub fn output_token_pointers(preset: Preset) -> Option<&'static [&'static [&'sta
     }
 }
 
+/// Body fields that multiply the output of one call: several choices or candidates, each up
+/// to the output-token limit (OpenAI `n`, legacy `best_of`; Gemini `candidateCount`). The
+/// output-token fact is the limit times the largest of them (at least 1).
+pub fn output_multiplier_pointers(preset: Preset) -> &'static [&'static [&'static str]] {
+    match preset {
+        Preset::OpenAi | Preset::Generic => &[&["n"], &["best_of"]],
+        Preset::Gemini => &[
+            &["generationConfig", "candidateCount"],
+            &["generationConfig", "candidate_count"],
+            &["generation_config", "candidateCount"],
+            &["generation_config", "candidate_count"],
+        ],
+        Preset::Anthropic | Preset::GitHub | Preset::Stripe => &[],
+    }
+}
+
 /// Why the per-call facts of a body cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyFactError {
@@ -316,18 +332,19 @@ pub fn call_facts(
     if needs.json_body(preset) {
         if let Some(doc) = strict_json(body)? {
             if needs.output_tokens {
+                let mut limit: Option<u64> = None;
                 for pointer in output_token_pointers(preset).unwrap_or_default() {
-                    match lookup(&doc, pointer.iter().copied(), "output-token limit")? {
-                        None | Some(serde_json::Value::Null) => {}
-                        Some(v) => {
-                            let n = v
-                                .as_u64()
-                                .ok_or(BodyFactError::Invalid("output-token limit"))?;
-                            facts.max_output_tokens =
-                                Some(facts.max_output_tokens.map_or(n, |m| m.max(n)));
-                        }
+                    if let Some(n) = read_count(&doc, pointer, "output-token limit")? {
+                        limit = Some(limit.map_or(n, |m| m.max(n)));
                     }
                 }
+                let mut times = 1u64;
+                for pointer in output_multiplier_pointers(preset) {
+                    if let Some(n) = read_count(&doc, pointer, "choice count (n)")? {
+                        times = times.max(n);
+                    }
+                }
+                facts.max_output_tokens = limit.map(|l| l.saturating_mul(times));
             }
             for pointer in &needs.pointers {
                 let tokens = pointer.split('/').skip(1);
@@ -385,6 +402,18 @@ pub fn call_facts(
         }
     }
     Ok(facts)
+}
+
+/// A non-negative integer member (`null` or absent: `None`); any other value is invalid.
+fn read_count(
+    doc: &serde_json::Value,
+    pointer: &[&str],
+    what: &'static str,
+) -> Result<Option<u64>, BodyFactError> {
+    match lookup(doc, pointer.iter().copied(), what)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or(BodyFactError::Invalid(what)),
+    }
 }
 
 /// The repository of a GitHub path `/repos/{owner}/{name}[/...]`, lower-cased (GitHub
