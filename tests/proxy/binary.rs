@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use crate::support::{client, error_code, Upstream, SECRET};
 
-struct Server {
-    child: Child,
-    stderr: std::path::PathBuf,
-    url: String,
-    banner: Vec<String>,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) stderr: std::path::PathBuf,
+    pub(crate) url: String,
+    pub(crate) banner: Vec<String>,
 }
 
 impl Drop for Server {
@@ -20,14 +20,14 @@ impl Drop for Server {
     }
 }
 
-fn till(dir: &std::path::Path) -> Command {
+pub(crate) fn till(dir: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_till"));
     c.arg("--dir").arg(dir);
     c
 }
 
 /// Starts `till serve` and reads its banner up to the mint hint (bounded to 30 s).
-fn serve(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+pub(crate) fn serve(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
     let mut cmd = till(dir);
     cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(extra);
     // Tests run in parallel: each server's admin plane takes a free port too.
@@ -85,7 +85,7 @@ fn serve(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Server 
     }
 }
 
-fn mint(dir: &std::path::Path, args: &[&str]) -> String {
+pub(crate) fn mint(dir: &std::path::Path, args: &[&str]) -> String {
     let out = till(dir).arg("mint").args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -95,7 +95,7 @@ fn mint(dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-fn stop(mut server: Server) {
+pub(crate) fn stop(mut server: Server) {
     let pid = server.child.id().to_string();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -398,7 +398,7 @@ async fn secrets_never_reach_logs_or_the_data_dir() {
     }
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+pub(crate) fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();

@@ -12,5 +12,6 @@ mod failures;
 mod hygiene;
 mod keys;
 mod limits;
+mod rotation;
 mod streaming;
 mod tls;

@@ -33,10 +33,26 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Create the data dir with a root (minting) key and a receipt key; prints public keys.
+    /// With `--rotate root|receipt`, replace that key in an existing data dir (the old
+    /// public key stays in keys.json; a running server is told to reload).
     Keygen {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Rotate the root or receipt key of an existing data dir.
+        #[arg(long, value_enum, value_name = "root|receipt")]
+        rotate: Option<crate::keys_cmd::RotateWhat>,
+    },
+    /// List the data dir's root and receipt keys, or retire an earlier root key.
+    Keys {
+        #[command(subcommand)]
+        command: crate::keys_cmd::KeysCommand,
+    },
+    /// The encrypted credential store: real upstream credentials, sealed under a master
+    /// key kept outside the data dir.
+    Credential {
+        #[command(subcommand)]
+        command: crate::credential::CredentialCommand,
     },
     /// Mint a key (offline; a signature, no ledger write). Prints only the key.
     Mint {
@@ -152,7 +168,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         cli.dir.is_some() || std::env::var_os(crate::datadir::ENV_DATA_DIR).is_some();
     let dir = DataDir::resolve(cli.dir.as_deref())?;
     match cli.command {
-        Command::Keygen { json } => keys::keygen(&dir, json),
+        Command::Keygen { json, rotate } => match rotate {
+            Some(what) => crate::keys_cmd::rotate(&dir, what, json),
+            None => keys::keygen(&dir, json),
+        },
+        Command::Keys { command } => crate::keys_cmd::keys(&dir, command),
+        Command::Credential { command } => crate::credential::run(&dir, command),
         Command::Mint {
             upstream,
             key,

@@ -8,6 +8,9 @@
 //! - `ledger.redb`      the embedded activation ledger
 //! - `ledger.id`        the id of this data dir's ledger, written when the ledger is
 //!   created (or first bound): an emptied, replaced or foreign `ledger.redb` is refused
+//! - `keys.json`        every root and receipt public key the data dir has had, with its
+//!   state (minting / trusted / retired, signing / verifying): see [`crate::registry`]
+//! - `credentials.json` the encrypted credential store (`till credential`), if used
 //!
 //! Resolution: `--dir`, else `$TILL_DATA_DIR`, else `$XDG_DATA_HOME/till`, else
 //! `$HOME/.local/share/till`.
@@ -82,6 +85,11 @@ impl DataDir {
         &self.path
     }
 
+    /// Creates the directory (mode 0700) if it does not exist; no keys.
+    pub fn ensure_dir(&self) -> Result<()> {
+        create_private_dir(&self.path)
+    }
+
     /// Path of the embedded ledger file.
     pub fn ledger_path(&self) -> PathBuf {
         self.path.join(LEDGER)
@@ -107,9 +115,17 @@ impl DataDir {
     }
 
     /// Which embedded ledger this data dir expects: the recorded one, else (first use, or
-    /// a data dir from before ledger ids) any ledger bound to receipt key `kid`, which
-    /// gets a new id if it has none.
+    /// a data dir from before ledger ids) any ledger bound to this data dir's origin
+    /// receipt key (its first, kept in `keys.json` across rotations; `kid` when there is
+    /// no registry), which gets a new id if it has none. Binding to the origin key, not
+    /// the current one, is what keeps a receipt key rotation from looking like a foreign
+    /// ledger.
     pub fn ledger_binding(&self, kid: &str) -> Result<till_ledger::LedgerBinding> {
+        let origin = match self.path.join(crate::registry::REGISTRY).exists() {
+            true => self.registry()?.origin_receipt_kid().map(str::to_owned),
+            false => None,
+        };
+        let kid = origin.as_deref().unwrap_or(kid);
         Ok(match self.recorded_ledger_id()? {
             Some(id) => till_ledger::LedgerBinding::Expect(id),
             None => till_ledger::LedgerBinding::Adopt {
@@ -174,11 +190,94 @@ impl DataDir {
                 signer.public_key().to_jwk().as_bytes(),
             )?;
         }
-        Ok(if root_exists && receipt_exists {
-            Init::Existing
+        if root_exists && receipt_exists {
+            Ok(Init::Existing)
         } else {
-            Init::Created
-        })
+            // Record the new keys' creation (and, for a data dir that had one pair, the
+            // other) in keys.json.
+            self.registry()?.save(&self.path)?;
+            Ok(Init::Created)
+        }
+    }
+
+    /// The key registry (`keys.json`), reconciled with the current key files.
+    pub fn registry(&self) -> Result<crate::registry::Registry> {
+        let receipt = match self.path.join(RECEIPT_PUB).exists() {
+            true => Some(self.receipt_public()?),
+            false => None,
+        };
+        crate::registry::Registry::load(&self.path, &self.root_public()?, receipt.as_ref())
+    }
+
+    /// Every receipt public key of this data dir, current and earlier (audits).
+    pub fn receipt_key_set(&self) -> Result<till_receipt::ReceiptKeySet> {
+        // The current key must be there (a clear "run till keygen" otherwise).
+        self.receipt_public()?;
+        Ok(self.registry()?.receipt_keys())
+    }
+
+    /// Root key rotation: a new private root key replaces `root.key.jwk` (the old private
+    /// key is gone); the old public key stays trusted in `keys.json` until retired.
+    pub fn rotate_root(&self) -> Result<RootPublicKey> {
+        let mut registry = self.registry()?;
+        let new = RootKey::generate();
+        let public = new.public();
+        self.replace_pair(
+            ROOT_KEY,
+            ROOT_PUB,
+            &new.to_private_jwk(),
+            &public.to_jwk(),
+            || {
+                registry.add_root(&public);
+                registry.save(&self.path)
+            },
+        )?;
+        Ok(public)
+    }
+
+    /// Receipt key rotation: a new private receipt key replaces `receipt.key.jwk`; the old
+    /// public key stays in `keys.json` so the receipts it signed keep verifying.
+    pub fn rotate_receipt(&self) -> Result<ReceiptPublicKey> {
+        let mut registry = self.registry()?;
+        let new = ReceiptSigner::generate();
+        let public = new.public_key();
+        let private = zeroize::Zeroizing::new(new.to_private_jwk());
+        self.replace_pair(RECEIPT_KEY, RECEIPT_PUB, &private, &public.to_jwk(), || {
+            registry.add_receipt(&public);
+            registry.save(&self.path)
+        })?;
+        Ok(public)
+    }
+
+    /// Writes `<name>.new` files, runs `record` (the registry update), then renames them
+    /// over the current pair. A crash before the renames leaves the old pair current (the
+    /// registry is reconciled with the key files on every read).
+    fn replace_pair(
+        &self,
+        private_name: &str,
+        public_name: &str,
+        private_jwk: &str,
+        public_jwk: &str,
+        record: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        // Both keys must be there and readable before anything changes.
+        self.root_key()?;
+        self.receipt_signer()?;
+        let private_new = self.path.join(format!("{private_name}.new"));
+        let public_new = self.path.join(format!("{public_name}.new"));
+        let _ = fs::remove_file(&private_new);
+        write_secret(&private_new, private_jwk.as_bytes())?;
+        fs::write(&public_new, format!("{public_jwk}\n"))
+            .with_context(|| format!("creating {}", public_new.display()))?;
+        record()?;
+        fs::rename(&public_new, self.path.join(public_name))
+            .with_context(|| format!("replacing {public_name}"))?;
+        fs::rename(&private_new, self.path.join(private_name))
+            .with_context(|| format!("replacing {private_name}"))?;
+        if let Ok(d) = fs::File::open(&self.path) {
+            let _ = d.sync_all();
+        }
+        Ok(())
     }
 
     /// Refuses to create keys unless the data dir holds no Till state: no key file of
@@ -223,9 +322,10 @@ impl DataDir {
         load_root_public(&self.path.join(ROOT_PUB))
     }
 
-    /// The root keys this data dir trusts (its own).
+    /// The root keys this data dir trusts: its minting key and every earlier root key not
+    /// retired (`keys.json`).
     pub fn key_ring(&self) -> Result<KeyRing> {
-        Ok(KeyRing::with(self.root_public()?))
+        Ok(self.registry()?.key_ring())
     }
 
     /// The private receipt-signing key.
@@ -270,7 +370,15 @@ fn read_key_file(path: &Path, hint: &str) -> Result<String> {
 
 /// Files that are Till state: either key pair, and the ledger with its companions.
 fn is_state(name: &str) -> bool {
-    [ROOT_KEY, ROOT_PUB, RECEIPT_KEY, RECEIPT_PUB].contains(&name) || name.starts_with("ledger")
+    [
+        ROOT_KEY,
+        ROOT_PUB,
+        RECEIPT_KEY,
+        RECEIPT_PUB,
+        crate::registry::REGISTRY,
+    ]
+    .contains(&name)
+        || name.starts_with("ledger")
 }
 
 /// Refuses a private key file that group or others may read or write (ssh's rule).

@@ -196,10 +196,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Reads a key's blocks; the signature must verify against the data dir's root key.
+/// Reads a key's blocks; the signature must verify against one of the data dir's root
+/// keys — retired ones included: a retired key's family can still be audited, its usage
+/// read and its keys revoked.
 fn key_blocks(dir: &DataDir, token: &str) -> Result<Vec<BlockInfo>> {
     let key = arg_or_stdin(token)?;
-    let ring = dir.key_ring()?;
+    let ring = dir.registry()?.key_ring_with_retired();
     let report = inspect(&key, Some(&ring), &Limits::default()).map_err(Failure::invalid)?;
     if let SignatureStatus::Invalid { message, .. } = report.signature {
         bail!(Failure::invalid_msg(message));
@@ -314,7 +316,9 @@ pub fn usage(dir: &DataDir, args: UsageArgs) -> Result<ExitCode> {
 fn receipt_keys(dir: &DataDir, files: &[PathBuf]) -> Result<ReceiptKeySet> {
     let mut keys = ReceiptKeySet::new();
     if files.is_empty() {
-        keys.insert(dir.receipt_public()?);
+        // Every receipt key the data dir has had (keys.json), so chains that span a
+        // receipt key rotation verify.
+        keys = dir.receipt_key_set()?;
     }
     for f in files {
         keys.insert(load_receipt_public(f)?);
@@ -446,8 +450,17 @@ pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
         }
     }
     let clean = mismatches.is_empty();
+    let segments = key_segments(&receipts);
     if args.json {
-        let out = json!({ "clean": clean, "report": report, "mismatches": mismatches });
+        let out = json!({
+            "clean": clean,
+            "report": report,
+            "mismatches": mismatches,
+            "receipt_keys": segments
+                .iter()
+                .map(|(kid, from, to)| json!({ "kid": kid, "from_seq": from, "to_seq": to }))
+                .collect::<Vec<_>>(),
+        });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("family:   {}", report.family);
@@ -464,6 +477,17 @@ pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
                 cap
             );
         }
+        let runs: Vec<String> = segments
+            .iter()
+            .map(|(kid, from, to)| format!("{kid} (seq {from}-{to})"))
+            .collect();
+        println!("signed by: {}", runs.join(", "));
+        for pair in segments.windows(2) {
+            println!(
+                "  receipt key rotation at seq {}: {} -> {}",
+                pair[1].1, pair[0].0, pair[1].0
+            );
+        }
         for m in &mismatches {
             println!("MISMATCH: {m}");
         }
@@ -474,6 +498,20 @@ pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
     } else {
         Err(Failure::invalid_msg("the ledger's counters disagree with its receipts").into())
     }
+}
+
+/// Runs of consecutive receipts signed by one key: `(kid, first seq, last seq)`. A new
+/// run is a receipt key rotation (or, in a fleet, another proxy's key).
+fn key_segments(receipts: &[Receipt]) -> Vec<(String, u64, u64)> {
+    let mut out: Vec<(String, u64, u64)> = Vec::new();
+    for r in receipts {
+        let b = r.body();
+        match out.last_mut() {
+            Some((kid, _, to)) if *kid == b.kid => *to = b.seq,
+            _ => out.push((b.kid.clone(), b.seq, b.seq)),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

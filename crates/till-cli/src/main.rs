@@ -13,14 +13,18 @@ use clap::Parser as _;
 
 mod admin;
 mod cli;
+mod credential;
 mod datadir;
 #[cfg(feature = "fdb")]
 mod fleet;
 mod input;
 mod keys;
+mod keys_cmd;
 mod ledger_check;
 mod ledger_cmds;
 mod mock;
+mod registry;
+mod reload;
 mod serve;
 
 fn main() -> ExitCode {

@@ -16,6 +16,7 @@ use till_proxy::config::ENV_CONFIG;
 use till_proxy::preset::ENV_PRESETS;
 use till_proxy::{Config, Overrides, SystemEnv};
 use till_receipt::ReceiptSigner;
+use till_token::KeyRing;
 
 use crate::cli::Failure;
 use crate::datadir::DataDir;
@@ -81,6 +82,10 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         admin_listen: args.admin_listen.clone(),
     };
     let config = Config::load(file.as_deref(), &flags, &SystemEnv).map_err(Failure::usage_from)?;
+    // `credential = "store:NAME"`: decrypt now, so a wrong master key or a tampered store
+    // is a startup (and --check-config) error naming the record, exit 2.
+    crate::reload::resolve_store_credentials(&config, &data)
+        .map_err(|e| Failure::usage(format!("{e:#}")))?;
     if args.check_config {
         println!(
             "config OK{}",
@@ -93,13 +98,27 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         println!("ledger: {}", describe_ledger(&config.ledger));
         println!("admin: {}", describe_admin(&config));
         println!("alerts: {}", describe_alerts(&config));
+        if !config.trusted_root_keys.is_empty() {
+            let ids: Vec<String> = config
+                .trusted_root_keys
+                .iter()
+                .map(|k| k.id().to_string())
+                .collect();
+            println!("trusted root keys (till.toml): {}", ids.join(", "));
+        }
         print_upstreams(&config);
         return Ok(ExitCode::SUCCESS);
     }
     init_logging(args.log_format);
     data.init()?;
     crate::admin::ensure_admin_key(&data)?;
-    let keys = data.key_ring()?;
+    // One ring for the proxy and the admin plane: a reload swaps its contents for both.
+    let keys = KeyRing::new();
+    keys.replace(crate::reload::trusted_roots(
+        &data,
+        &config.trusted_root_keys,
+    )?);
+    let config_roots = config.trusted_root_keys.clone();
     let signer = Arc::new(data.receipt_signer()?);
     let mut ledger_config = EmbeddedConfig::new(Arc::clone(&signer), config.proxy_id.clone());
     ledger_config.claim_timeout = config.limits.ledger_claim_timeout;
@@ -108,6 +127,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let mut embedded: Option<Arc<till_ledger::EmbeddedLedger>> = None;
         let ledger: Arc<dyn Ledger> = match &config.ledger {
             LedgerChoice::Fdb {
                 cluster_file,
@@ -124,13 +144,18 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
             }
             // The data dir's own ledger, after its id and an integrity check (a damaged,
             // emptied or foreign ledger.redb is refused, never started over).
-            _ => Arc::new(crate::ledger_check::open_embedded(&data, ledger_config, true)?),
+            _ => {
+                let opened = Arc::new(crate::ledger_check::open_embedded(&data, ledger_config, true)?);
+                embedded = Some(Arc::clone(&opened));
+                opened
+            }
         };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let signal = shutdown_signal()?;
+        let mut hangups = reload_signal()?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             signal.await;
@@ -173,10 +198,18 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         }
         let alerts = config.alerts.clone();
         let app = config.build(keys.clone(), Arc::clone(&ledger)).map_err(Failure::usage_from)?;
+        let swappable = Arc::new(crate::reload::Swappable {
+            data: data.clone(),
+            ring: keys.clone(),
+            config_roots,
+            config_source: Some((file.clone(), flags.clone())),
+            embedded,
+            app: Some(Arc::clone(app.state())),
+        });
         let admin = match admin_listener {
             None => None,
             Some(admin_listener) => {
-                let mut receipt_keys = till_receipt::ReceiptKeySet::new();
+                let mut receipt_keys = data.receipt_key_set()?;
                 receipt_keys.insert(signer.public_key());
                 let plane = till_admin::AdminPlane::new(till_admin::AdminConfig {
                     ledger: Arc::clone(&ledger),
@@ -187,6 +220,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
                     alerts,
                     alert_counters: app.state().metrics().alerts().clone(),
                 });
+                plane.set_reloader(swappable.reloader());
                 let admin_addr = admin_listener.local_addr()?;
                 let url = format!("http://{admin_addr}");
                 crate::admin::write_discovery(&data, &url)?;
@@ -198,6 +232,23 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
                 Some((plane, serving, deliverer))
             }
         };
+        // SIGHUP: the same reload as POST /admin/v1/reload.
+        {
+            let plane = admin.as_ref().map(|(plane, _, _)| plane.clone());
+            let reloader = swappable.reloader();
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    let outcome = match &plane {
+                        Some(plane) => plane.reload().await.map(|_| ()),
+                        None => reloader().await.map(|_| ()),
+                    };
+                    match outcome {
+                        Ok(()) => tracing::info!("SIGHUP: reloaded keys and credentials"),
+                        Err(e) => tracing::warn!(error = %e, "SIGHUP: reload failed; nothing changed"),
+                    }
+                }
+            });
+        }
         let mut proxy_stop = stop_rx.clone();
         let served = app
             .serve(listener, async move {
@@ -306,6 +357,28 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// SIGHUP, registered now (like the shutdown signals) so one sent right after the banner
+/// is not lost. Yields once per signal.
+#[cfg(unix)]
+fn reload_signal() -> Result<tokio::sync::mpsc::Receiver<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            // A reload already pending covers this signal too.
+            let _ = tx.try_send(());
+        }
+    });
+    Ok(rx)
+}
+
+#[cfg(not(unix))]
+fn reload_signal() -> Result<tokio::sync::mpsc::Receiver<()>> {
+    let (_tx, rx) = tokio::sync::mpsc::channel(1);
+    Ok(rx)
 }
 
 /// Registers SIGINT/SIGTERM handlers now (before the banner announces the server, so a

@@ -990,6 +990,79 @@ mod tests {
     }
 
     #[test]
+    fn store_credentials_are_filled_in_all_or_nothing() {
+        let toml = "[upstreams.openai]\ncredential = \"store:oa\"\n\n[upstreams.github]\ncredential = \"store:gh\"\n";
+        let c = Config::validate(
+            Config::parse(toml).unwrap(),
+            &Overrides::default(),
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.upstreams["openai"].credential_source, "store oa");
+        let mut wanted = c.store_credentials();
+        wanted.sort();
+        assert_eq!(
+            wanted,
+            [
+                ("github".into(), "gh".into()),
+                ("openai".into(), "oa".into())
+            ]
+        );
+        // One record fails to open: nothing is swapped in.
+        let err = c
+            .resolve_store_credentials(&|name| match name {
+                "oa" => Ok(Secret::new("sk-1")),
+                _ => Err("record `gh` does not decrypt".into()),
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("gh"), "{err}");
+        assert_eq!(c.upstreams["openai"].credential.current().expose(), "");
+        // A value that could split a header is refused.
+        assert!(c
+            .resolve_store_credentials(&|_| Ok(Secret::new("sk 1")))
+            .is_err());
+        c.resolve_store_credentials(&|name| Ok(Secret::new(format!("sk-{name}"))))
+            .unwrap();
+        assert_eq!(c.upstreams["github"].credential.current().expose(), "sk-gh");
+        for bad in [
+            "credential = \"env:X\"",
+            "credential = \"store:bad name\"",
+            "credential = \"store:x\"\ncredential_env = \"X\"",
+        ] {
+            let toml = format!("[upstreams.openai]\n{bad}\n");
+            let raw = Config::parse(&toml).unwrap();
+            assert!(
+                Config::validate(raw, &Overrides::default(), &env(&[("X", "v")])).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn trusted_root_keys_take_hex_and_jwk_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = till_token::RootKey::from_seed(&[1; 32]).unwrap().public();
+        let b = till_token::RootKey::from_seed(&[2; 32]).unwrap().public();
+        std::fs::write(dir.path().join("b.pub.jwk"), b.to_jwk()).unwrap();
+        let file = dir.path().join("till.toml");
+        std::fs::write(
+            &file,
+            format!("trusted_root_keys = [\"{}\", \"b.pub.jwk\"]\n", a.to_hex()),
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            &Overrides::default(),
+            &env(&[("OPENAI_API_KEY", "k")]),
+        )
+        .unwrap();
+        assert_eq!(c.trusted_root_keys, [a, b]);
+        std::fs::write(&file, "trusted_root_keys = [\"missing.jwk\"]\n").unwrap();
+        let err = Config::load(Some(&file), &Overrides::default(), &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("trusted_root_keys[0]"), "{err}");
+    }
+
+    #[test]
     fn no_config_enables_presets_from_the_environment() {
         let e = env(&[
             ("OPENAI_API_KEY", "sk-1"),
