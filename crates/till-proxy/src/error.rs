@@ -241,18 +241,21 @@ impl ProxyError {
 
     /// Whether retrying the same request may succeed without a second charge: only the
     /// 503s that are refused before any claim (`ledger_unavailable`,
-    /// `body_budget_exceeded`) and the 429 `rate_limited` (nothing charged; the window
-    /// frees after `Retry-After`). Sent as `x-should-retry` (which the OpenAI and Anthropic
-    /// SDKs obey) on every error, with `Retry-After` when true. Everything else is
-    /// permanent for this request, or happened after a committed claim (502/504,
+    /// `body_budget_exceeded`) and a 429 `rate_limited` whose window frees within
+    /// [`MAX_SDK_RETRY_WAIT_SECS`] (nothing charged; SDKs wait `Retry-After` up to about a
+    /// minute, then fall back to their own short backoff, which a longer window would
+    /// only refuse again). Sent as `x-should-retry` (which the OpenAI and Anthropic SDKs
+    /// obey) on every error, with `Retry-After` when true (and on every 429). Everything
+    /// else is permanent for this request, or happened after a committed claim (502/504,
     /// `internal_error`), where a retry would be charged again.
     pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::LedgerUnavailable
-                | ProxyError::BodyBudgetExceeded
-                | ProxyError::LedgerRefused(till_ledger::Refusal::RateLimited { .. })
-        )
+        match self {
+            ProxyError::LedgerUnavailable | ProxyError::BodyBudgetExceeded => true,
+            ProxyError::LedgerRefused(till_ledger::Refusal::RateLimited {
+                retry_after, ..
+            }) => *retry_after <= MAX_SDK_RETRY_WAIT_SECS,
+            _ => false,
+        }
     }
 
     /// `Retry-After` seconds of a retryable error: until the window frees for a
@@ -274,6 +277,10 @@ impl ProxyError {
     }
 }
 
+/// The longest `Retry-After` of a `rate_limited` answer that still says
+/// `x-should-retry: true`: the OpenAI and Anthropic SDKs honour `Retry-After` up to 60 s.
+pub const MAX_SDK_RETRY_WAIT_SECS: u64 = 60;
+
 /// Seconds a client should wait before retrying a 503.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
@@ -287,7 +294,7 @@ impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
         let h = resp.headers_mut();
-        if self.retryable() {
+        if self.retryable() || self.status() == StatusCode::TOO_MANY_REQUESTS {
             h.insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after()));
         }
         h.insert(
@@ -365,6 +372,7 @@ mod tests {
             (ProxyError::UpstreamTimeout("x".into()), "false"),
             (ProxyError::Internal, "false"),
             (ProxyError::ContentTypeNotJson, "false"),
+            (ProxyError::BodyFieldInvalid("amount"), "false"),
         ];
         for (e, want) in cases {
             let code = e.code();
@@ -380,6 +388,32 @@ mod tests {
         assert_eq!(ProxyError::BodyBudgetExceeded.status(), 503);
         assert_eq!(ProxyError::ContentTypeNotJson.status(), 415);
         assert_eq!(ProxyError::MethodNotSupported("TRACE".into()).status(), 405);
+    }
+
+    /// Issue 13: a windowed cap is a free retry when it frees within a minute, and always
+    /// says when it frees.
+    #[test]
+    fn rate_limited_is_429_with_retry_after() {
+        let limited = |retry_after| {
+            ProxyError::LedgerRefused(till_ledger::Refusal::RateLimited {
+                block: 1,
+                max: 5,
+                secs: 60,
+                retry_after,
+            })
+        };
+        for (secs, retry) in [(1, "true"), (60, "true"), (61, "false"), (86_000, "false")] {
+            let e = limited(secs);
+            assert_eq!(e.status(), 429);
+            assert_eq!(e.code(), "rate_limited");
+            assert_eq!(e.kind(), "rate_limit_error");
+            let resp = e.into_response();
+            assert_eq!(resp.headers()[HEADER_SHOULD_RETRY], retry, "{secs}");
+            assert_eq!(
+                resp.headers()[header::RETRY_AFTER],
+                secs.to_string().as_str()
+            );
+        }
     }
 
     #[test]
