@@ -8,3 +8,4 @@ mod fleet_shapes;
 mod fleet_shapes_shared;
 mod keys;
 mod ledger;
+mod lifecycle;
