@@ -32,7 +32,7 @@ pub struct Swappable {
     /// `trusted_root_keys` from it).
     pub config_source: Option<(Option<std::path::PathBuf>, till_proxy::Overrides)>,
     /// The embedded ledger, whose signer a receipt key rotation swaps (`None` on
-    /// FoundationDB: a new receipt key is used after a restart).
+    /// FoundationDB, whose key space is bound to the fleet's receipt key: not rotated).
     pub embedded: Option<Arc<EmbeddedLedger>>,
     /// The proxy (its config holds the credential slots).
     pub app: Option<Arc<AppState>>,
@@ -107,7 +107,7 @@ impl Swappable {
                 json!({ "id": kid, "signing": true })
             }
             None => {
-                json!({ "id": kid, "signing": false, "note": "FoundationDB ledger: restart to sign with this key" })
+                json!({ "id": kid, "signing": false, "note": "FoundationDB ledger: the key space is bound to the fleet's receipt key; this key is not used" })
             }
         };
         let root_keys: Vec<_> = registry
