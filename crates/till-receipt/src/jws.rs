@@ -362,7 +362,10 @@ impl ReceiptSigner {
                 body: prepared.body.kid.clone(),
             });
         }
-        let signature = self.signing.sign(prepared.signing_input.as_bytes()).to_bytes();
+        let signature = self
+            .signing
+            .sign(prepared.signing_input.as_bytes())
+            .to_bytes();
         Ok(prepared.with_signature(signature))
     }
 }
@@ -875,10 +878,7 @@ mod tests {
         assert_eq!(prepared.hash_hex(), signed.hash_hex());
         let again = s.sign_prepared(prepared.clone()).unwrap();
         assert_eq!(again, signed);
-        assert_eq!(
-            prepared.clone().with_signature(*signed.signature()),
-            signed
-        );
+        assert_eq!(prepared.clone().with_signature(*signed.signature()), signed);
         assert_eq!(Receipt::parse(again.compact()).unwrap(), signed);
         // Only a key mismatch can fail signing a prepared receipt.
         let other = ReceiptSigner::from_seed([7; 32]);
