@@ -255,7 +255,7 @@ impl AppState {
         let (parts, body) = req.into_parts();
         let (target, upstream) = self.request_filter(&parts)?;
         log.upstream = Some(target.upstream.clone());
-        let token = self.authenticate(&parts.headers, parts.uri.query())?;
+        let (token, cached) = self.authenticate(&parts.headers, parts.uri.query())?;
         log.family = Some(short_hex(token.family_id()));
         log.block = token.blocks().len().checked_sub(1);
         if self.events.has_subscribers() {
@@ -313,6 +313,7 @@ impl AppState {
         };
         self.authorize(
             &token,
+            cached,
             &target,
             parts.method.as_str(),
             model.as_deref(),
@@ -403,12 +404,13 @@ impl AppState {
         Ok((target, upstream))
     }
 
-    /// Phase 2: find and verify the key. Only successful verifications are cached.
+    /// Phase 2: find and verify the key. Only successful verifications are cached. The
+    /// flag says whether it came from the cache (then authorization skips the Datalog).
     fn authenticate(
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
-    ) -> Result<VerifiedToken, ProxyError> {
+    ) -> Result<(VerifiedToken, bool), ProxyError> {
         let (_, key) = hygiene::find_key(headers, query).ok_or(ProxyError::KeyMissing)?;
         let digest = key_digest(&key);
         // A cached key whose root key was retired since (a reload replaced the ring)
@@ -419,12 +421,12 @@ impl AppState {
             .filter(|t| self.keys.contains(t.root_key_id()))
         {
             self.metrics.cache_lookup(true);
-            return Ok(t);
+            return Ok((t, true));
         }
         self.metrics.cache_lookup(false);
         let token = verify(&key, &self.keys, &self.token_limits).map_err(ProxyError::Key)?;
         self.cache.insert(digest, token.clone());
-        Ok(token)
+        Ok((token, false))
     }
 
     /// Phase 3 (part): every scope caveat that needs no body — upstream, expiry, method,
@@ -518,9 +520,11 @@ impl AppState {
     }
 
     /// Phase 4: scope caveats with no counts (the ledger enforces caps in the claim).
+    #[allow(clippy::too_many_arguments)]
     fn authorize(
         &self,
         token: &VerifiedToken,
+        cached: bool,
         target: &Target,
         method: &str,
         model: Option<&str>,
@@ -534,6 +538,11 @@ impl AppState {
             model,
             now: i64::try_from(now).unwrap_or(i64::MAX),
         };
+        if cached {
+            // A key verified before: its Datalog already ran once, and for a verified key
+            // the pure check decides alike (crate::cache::pure_authorize).
+            return crate::cache::pure_authorize(token, &facts, call).map_err(ProxyError::Refused);
+        }
         token
             .authorize_call(&facts, call, None, &self.token_limits)
             .map_err(|e| match e {
