@@ -103,6 +103,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ledger_cmds::ReceiptCommand,
     },
+    /// Export and prune receipts beyond a retention (a bounded ledger).
+    Receipts {
+        #[command(subcommand)]
+        command: crate::receipts_export::ReceiptsCommand,
+    },
     /// Verify a key family's whole receipt chain: signatures, no gap, no fork, no over-cap.
     Audit(ledger_cmds::AuditArgs),
     /// Check or repair the data dir's embedded ledger file.
@@ -205,6 +210,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Revoke(args) => ledger_cmds::revoke(&dir, args),
         Command::Usage(args) => ledger_cmds::usage(&dir, args),
         Command::Receipt { command } => ledger_cmds::receipt(&dir, command),
+        Command::Receipts { command } => crate::receipts_export::run(&dir, command),
         Command::Audit(args) => ledger_cmds::audit(&dir, args),
         Command::Ledger { command } => crate::ledger_check::run(&dir, command),
         Command::MockUpstream(args) => mock::run(args),

@@ -76,6 +76,10 @@ pub struct AuditArgs {
     /// Receipt public key file(s) to trust (default: the data dir's receipt.pub.jwk).
     #[arg(long = "public-key", value_name = "FILE")]
     pub public_keys: Vec<PathBuf>,
+    /// Where `till receipts export` wrote the family's pruned receipts (default: the
+    /// data dir's `receipts/`).
+    #[arg(long = "exported", value_name = "DIR")]
+    pub exported: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -420,9 +424,9 @@ pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
     let rt = runtime()?;
     let ledger = rt.block_on(open_ledger(dir, &args.ledger))?;
     let family = blocks[0].revocation_id.clone();
-    let mut receipts = Vec::new();
+    let mut receipts: Vec<Receipt> = Vec::new();
     loop {
-        let from = receipts.len() as u64 + 1;
+        let from = receipts.last().map_or(1, |r| r.body().seq + 1);
         let page = rt.block_on(ledger.receipts(&family, from, AUDIT_PAGE))?;
         let n = page.len();
         receipts.extend(page);
@@ -430,6 +434,17 @@ pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
             break;
         }
     }
+    // Receipts exported and pruned (spec/ledger.md §10) come from the export files,
+    // checked against the signed checkpoints.
+    let checkpoints = rt.block_on(ledger.checkpoints(&family))?;
+    let exported = crate::receipts_export::export_dir(dir, args.exported.as_deref());
+    let (receipts, _) = crate::receipts_export::whole_chain(
+        &exported,
+        &hex::encode(&family),
+        receipts,
+        checkpoints,
+        &keys,
+    )?;
     let usage = rt.block_on(ledger.usage(&levels(&blocks)))?;
     let report = audit_chain(&receipts, &keys)
         .map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")))?;

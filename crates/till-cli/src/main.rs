@@ -23,6 +23,7 @@ mod keys_cmd;
 mod ledger_check;
 mod ledger_cmds;
 mod mock;
+mod receipts_export;
 mod registry;
 mod reload;
 mod serve;

@@ -1,0 +1,154 @@
+//! `till receipts export`: a bounded ledger (spec/ledger.md §10). Receipts beyond the
+//! retention go to append-only JSON-lines files and leave the ledger, each pruned range
+//! leaving a signed checkpoint; `till audit` proves the chain from both.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use till_ledger::retention::{check_checkpoints, read_export, Checkpoint, Retention};
+use till_ledger::{EmbeddedConfig, LedgerError};
+use till_receipt::{Receipt, ReceiptKeySet};
+
+use crate::cli::Failure;
+use crate::datadir::DataDir;
+
+/// The export directory's name in the data dir (the default of `--dir` and of
+/// `till audit --exported`).
+pub const EXPORT_DIR: &str = "receipts";
+
+/// `till receipts` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum ReceiptsCommand {
+    /// Export the receipts beyond a retention to append-only JSON-lines files
+    /// (`<family>.jsonl`) and prune them from the embedded ledger, leaving a signed
+    /// checkpoint per pruned range. Counters and revocations are never pruned. Needs the
+    /// ledger file (stop `till serve` first).
+    Export(ExportArgs),
+}
+
+/// `till receipts export` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// Keep this many newest receipts of every family (at least 1 is always kept).
+    #[arg(long, value_name = "N")]
+    pub keep: Option<u64>,
+    /// Keep receipts younger than this (e.g. `30d`, `12h`).
+    #[arg(long = "max-age", value_name = "DURATION")]
+    pub max_age: Option<humantime::Duration>,
+    /// Export directory (default: the data dir's `receipts/`).
+    #[arg(long = "export-dir", value_name = "DIR")]
+    pub export_dir: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The export directory: `--export-dir`, else the data dir's.
+pub fn export_dir(dir: &DataDir, explicit: Option<&Path>) -> PathBuf {
+    explicit.map_or_else(|| dir.path().join(EXPORT_DIR), Path::to_path_buf)
+}
+
+/// `till receipts ...`.
+pub fn run(dir: &DataDir, cmd: ReceiptsCommand) -> Result<ExitCode> {
+    let ReceiptsCommand::Export(args) = cmd;
+    if args.keep.is_none() && args.max_age.is_none() {
+        return Err(Failure::usage("give --keep N and/or --max-age DURATION").into());
+    }
+    let retention = Retention {
+        keep: args.keep,
+        max_age_secs: args.max_age.map(|d| d.as_secs()),
+    };
+    let out = export_dir(dir, args.export_dir.as_deref());
+    let signer = Arc::new(dir.receipt_signer()?);
+    let config = EmbeddedConfig::new(signer, "till-cli");
+    let ledger = match crate::ledger_check::open_embedded(dir, config, true) {
+        Ok(l) => l,
+        Err(LedgerError::Locked { .. }) => {
+            return Err(Failure::invalid_msg(format!(
+                "{} is in use (a running till serve?): stop it to export",
+                dir.ledger_path().display()
+            ))
+            .into())
+        }
+        Err(e) => return Err(anyhow::Error::new(e)),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = rt.block_on(ledger.export_and_prune(retention, &out, now))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "exported {} receipts to {}, pruned {} from the ledger ({} families, {} idempotency \
+             records)",
+            report.exported,
+            out.display(),
+            report.pruned,
+            report.families,
+            report.idempotency_removed
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A family's whole chain for `till audit`: the exported receipts that the ledger no
+/// longer holds, then the ledger's own (`kept`, in seq order), checked against the
+/// checkpoints (the ledger's and the export directory's). Returns the chain and the last
+/// pruned seq (0: nothing was pruned).
+pub fn whole_chain(
+    export: &Path,
+    family_hex: &str,
+    kept: Vec<Receipt>,
+    ledger_checkpoints: Vec<Checkpoint>,
+    keys: &ReceiptKeySet,
+) -> Result<(Vec<Receipt>, u64)> {
+    let mut checkpoints = ledger_checkpoints;
+    let first_kept = kept.first().map(|r| r.body().seq);
+    if checkpoints.is_empty() && first_kept.is_none_or(|s| s == 1) {
+        return Ok((kept, 0));
+    }
+    let (exported, file_checkpoints) = read_export(export, family_hex)
+        .map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")))?;
+    for c in file_checkpoints {
+        if !checkpoints.contains(&c) {
+            checkpoints.push(c);
+        }
+    }
+    let mut chain: Vec<Receipt> = Vec::with_capacity(exported.len() + kept.len());
+    for r in exported {
+        // Exported but not pruned yet (an export stopped before pruning): the ledger's
+        // copy must be the same receipt.
+        if first_kept.is_some_and(|s| r.body().seq >= s) {
+            let i = usize::try_from(r.body().seq - first_kept.unwrap_or(0)).unwrap_or(usize::MAX);
+            if kept.get(i) != Some(&r) {
+                return Err(Failure::invalid_msg(format!(
+                    "audit failed: exported receipt {} differs from the ledger's",
+                    r.body().seq
+                ))
+                .into());
+            }
+            continue;
+        }
+        chain.push(r);
+    }
+    chain.extend(kept);
+    let pruned = check_checkpoints(&chain, &checkpoints, keys)
+        .map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")))?;
+    if let Some(first) = first_kept {
+        if first != pruned + 1 {
+            return Err(Failure::invalid_msg(format!(
+                "audit failed: the ledger's receipts start at {first}, but checkpoints cover \
+                 only 1..={pruned}"
+            ))
+            .into());
+        }
+    }
+    Ok((chain, pruned))
+}
