@@ -7,11 +7,13 @@
 # rate with oha (default 1000 req/s, latency-corrected) for nginx proxy_pass and Till.
 # All on loopback. Prints throughput, p50/p99 and the ratios to nginx proxy_pass.
 #
+# TILL_BIN=/path/to/till measures that binary instead of building one.
 # TILL_BEFORE=/path/to/older/till runs the Till cases for that binary too, in the same
 # run, against the same upstream and with the same keys (before/after comparisons).
 #
 # Usage: benches/load.sh   (DURATION=10s CONNECTIONS=32 THREADS=2 KEYS=1000 RATE=1000
-#                           RATE_DURATION=10s LITELLM=1; LITELLM=0 skips LiteLLM)
+#                           RATE_DURATION=10s LITELLM=1; LITELLM=0 skips LiteLLM,
+#                           RATE=0 the fixed-rate runs)
 # Needs root for apt-get (nginx, wrk) when they are missing; installs oha with
 # `cargo install --locked` and LiteLLM with pip into target/bench-venv when missing.
 # Every step is bounded in time; the whole run takes about 3-4 minutes once installed.
@@ -56,7 +58,7 @@ if ((${#need[@]})); then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
-if [[ ! -x "$OHA" ]]; then
+if [[ "$RATE" != 0 && ! -x "$OHA" ]]; then
     echo "installing oha (cargo install --locked; a few minutes, once)..." >&2
     timeout 1200 cargo install oha --locked -q >&2
 fi
@@ -69,9 +71,13 @@ if [[ "$LITELLM" == 1 ]]; then
     fi
 fi
 
-echo "building till (release)..." >&2
-(cd "$ROOT" && timeout 1800 cargo build --release -p till-cli --bin till -q)
-TILL="$ROOT/target/release/till"
+if [[ -n "${TILL_BIN:-}" ]]; then
+    TILL=$TILL_BIN # a prebuilt binary (e.g. a copy, while the target dir is being rebuilt)
+else
+    echo "building till (release)..." >&2
+    (cd "$ROOT" && timeout 1800 cargo build --release -p till-cli --bin till -q)
+    TILL="$ROOT/target/release/till"
+fi
 
 mkdir -p "$WORK"/{body,proxy,fastcgi,uwsgi,scgi}
 sed -e "s#@PREFIX@#$WORK#g" -e "s#@UPSTREAM_PORT@#$UPSTREAM_PORT#g" -e "s#@PROXY_PORT@#$PROXY_PORT#g" \
@@ -85,6 +91,26 @@ base_url = "http://127.0.0.1:$UPSTREAM_PORT"
 credential_env = "BENCH_UPSTREAM_SECRET"
 auth = { header = "authorization", scheme = "Bearer" }
 TOML
+
+if [[ "$LITELLM" == 1 ]]; then
+    cat >"$WORK/litellm.yaml" <<YAML
+model_list:
+  - model_name: bench
+    litellm_params:
+      model: openai/bench
+      api_base: http://127.0.0.1:$UPSTREAM_PORT/v1
+      api_key: sk-bench
+general_settings:
+  master_key: sk-bench-master
+litellm_settings:
+  telemetry: false
+YAML
+    # Own process group (setsid), so cleanup ends its workers too.
+    LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_LOG=ERROR setsid timeout 600 "$VENV/bin/litellm" \
+        --config "$WORK/litellm.yaml" --host 127.0.0.1 --port "$LITELLM_PORT" --num_workers 2 \
+        >"$WORK/litellm.out" 2>&1 &
+    LITELLM_PID=$!
+fi
 
 # One root key for every Till binary measured: the keys minted once work for all.
 timeout 30 "$TILL" --dir "$WORK/keys" keygen >/dev/null
@@ -151,6 +177,7 @@ run() { # name, wrk args...
 : >"$WORK/lat.txt"
 fixed_rate() { # name, oha args... : latency at a fixed rate, corrected for coordinated omission
     local name=$1; shift
+    [[ "$RATE" != 0 ]] || return 0
     timeout 120 "$OHA" -z "$RATE_DURATION" -q "$RATE" -c "$CONNECTIONS" --latency-correction \
         --no-tui --output-format json "$@" >"$WORK/oha.json" 2>"$WORK/oha.err" || {
         echo "oha failed for $name:" >&2; cat "$WORK/oha.err" >&2; return 0; }
@@ -172,31 +199,15 @@ run "direct upstream" "http://127.0.0.1:$UPSTREAM_PORT/v1/x"
 run "nginx proxy_pass" "http://127.0.0.1:$PROXY_PORT/bench/v1/x"
 
 if [[ "$LITELLM" == 1 ]]; then
-    cat >"$WORK/litellm.yaml" <<YAML
-model_list:
-  - model_name: bench
-    litellm_params:
-      model: openai/bench
-      api_base: http://127.0.0.1:$UPSTREAM_PORT/v1
-      api_key: sk-bench
-general_settings:
-  master_key: sk-bench-master
-litellm_settings:
-  telemetry: false
-YAML
-    # Own process group, so cleanup ends the workers too.
-    LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_LOG=ERROR setsid timeout 600 "$VENV/bin/litellm" \
-        --config "$WORK/litellm.yaml" --host 127.0.0.1 --port "$LITELLM_PORT" --num_workers 2 \
-        >"$WORK/litellm.out" 2>&1 &
-    LITELLM_PID=$!
+    # Started before minting (it takes tens of seconds to come up); idle until measured.
     code=none
-    for _ in $(seq 1 180); do
+    for _ in $(seq 1 150); do
         code=$(curl -s -m 5 -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
             -H 'Authorization: Bearer sk-bench-master' \
             -d '{"model":"bench","messages":[{"role":"user","content":"hi"}]}' \
-            "http://127.0.0.1:$LITELLM_PORT/v1/chat/completions" 2>/dev/null || echo none)
+            "http://127.0.0.1:$LITELLM_PORT/v1/chat/completions" 2>/dev/null) || code=none
         [[ "$code" == 200 ]] && break
-        sleep 0.5
+        sleep 1
     done
     if [[ "$code" == 200 ]]; then
         run "litellm (2 workers, POST chat)" -s "$WORK/chat.lua" "http://127.0.0.1:$LITELLM_PORT/v1/chat/completions"
