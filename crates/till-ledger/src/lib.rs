@@ -20,9 +20,10 @@
 //! per-minute activity per family, and usage alerts with their delivery outbox
 //! ([`alert`]), decided inside the claim that crosses a threshold so each fires once.
 //!
-//! Non-features: no retention or compaction of receipts and idempotency records (kept
-//! forever for now); no multi-process access to one embedded ledger file (use the admin
-//! API of the running server, or the FoundationDB backend for a fleet).
+//! Receipts (and the idempotency records pointing at them) are kept until exported and
+//! pruned ([`EmbeddedLedger::export_and_prune`], [`retention`]). Non-feature: no
+//! multi-process access to one embedded ledger file (use the admin API of the running
+//! server, or the FoundationDB backend for a fleet).
 //!
 //! Nothing here logs or returns token material other than revocation ids, or any key.
 //!
