@@ -280,6 +280,9 @@ enum Command {
     Claim {
         req: ClaimRequest,
         idempotency_key: String,
+        /// [`plan::request_fingerprint`] of `req.request`, computed by the caller (off the
+        /// writer).
+        fingerprint: String,
         reply: oneshot::Sender<WriterAnswer>,
     },
     Admin {
@@ -738,10 +741,12 @@ impl Ledger for EmbeddedLedger {
             plan::validate(&req)?;
             // Generated once, before the transaction: a retried transaction reuses it.
             let idempotency_key = plan::resolve_idempotency_key(&req);
+            let fingerprint = plan::request_fingerprint(&req.request);
             let (reply, answer) = oneshot::channel();
             self.send(Command::Claim {
                 req,
                 idempotency_key,
+                fingerprint,
                 reply,
             })?;
             let committed = match self.wait(answer).await?? {
@@ -2059,8 +2064,9 @@ impl Writer {
                 Command::Claim {
                     req,
                     idempotency_key,
+                    fingerprint,
                     ..
-                } => self.apply_claim(&mut tables, req, idempotency_key)?,
+                } => self.apply_claim(&mut tables, req, idempotency_key, fingerprint)?,
                 Command::Admin { op, .. } => self.apply_admin(&mut tables, op)?,
             });
         }
@@ -2199,6 +2205,7 @@ impl Writer {
         t: &mut Tables<'_>,
         req: &ClaimRequest,
         idempotency_key: &str,
+        fingerprint: &str,
     ) -> Result<Applied, redb::Error> {
         let nothing = |answer: WriterAnswer| Applied {
             answer: Answer::Claim(answer),
@@ -2365,7 +2372,7 @@ impl Writer {
                 let pointer = Pointer {
                     family: family.to_vec(),
                     seq,
-                    request: plan::request_fingerprint(&req.request),
+                    request: fingerprint.to_owned(),
                     replays: 0,
                 };
                 t.idempotency.insert(
@@ -2373,7 +2380,13 @@ impl Writer {
                     stored::encode_pointer(&pointer, scope).as_slice(),
                 )?;
                 record_activity(t, family, minute, minute_count)?;
-                if let Some(meta) = &req.meta {
+                // A key's blocks are recorded together, and a block's revocation id fixes
+                // its ancestors: once the presented block is known, so is the rest.
+                let known = match req.levels.last() {
+                    Some(last) => t.blocks.get(last.revocation_id.as_slice())?.is_some(),
+                    None => true,
+                };
+                if let (Some(meta), false) = (&req.meta, known) {
                     let key = KeyBlocks {
                         blocks: req
                             .levels
