@@ -152,3 +152,108 @@ pub fn whole_chain(
     }
     Ok((chain, pruned))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use till_ledger::{ClaimRequest, EmbeddedLedger, Ledger, Level, RequestDigest};
+    use till_receipt::ReceiptSigner;
+
+    use super::*;
+
+    fn request(levels: &[Level]) -> ClaimRequest {
+        ClaimRequest {
+            levels: levels.to_vec(),
+            idempotency_key: None,
+            request: RequestDigest {
+                method: "GET".into(),
+                upstream: "u".into(),
+                path: "/".into(),
+                body_sha256: "00".repeat(32),
+                model: None,
+                query: None,
+                content_type: None,
+            },
+            now: 1_000,
+            not_after: None,
+            meta: None,
+            windows: Vec::new(),
+            ceilings: None,
+        }
+    }
+
+    /// `till audit`'s chain: the exported receipts plus the ledger's, checked against the
+    /// checkpoints; an export interrupted before pruning (receipts in both) is accepted
+    /// when both copies agree; a missing export file or a deleted range is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn whole_chain_joins_export_and_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join("receipts");
+        let signer = Arc::new(ReceiptSigner::from_seed([8; 32]));
+        let keys: ReceiptKeySet = [signer.public_key()].into_iter().collect();
+        let ledger = EmbeddedLedger::open(
+            dir.path().join("ledger.redb"),
+            EmbeddedConfig::new(Arc::clone(&signer), "t"),
+        )
+        .unwrap();
+        let levels = vec![Level {
+            revocation_id: vec![3; 64],
+            cap: None,
+        }];
+        let family = hex::encode(&levels[0].revocation_id);
+        for _ in 0..6 {
+            ledger.claim(request(&levels)).await.unwrap().unwrap();
+        }
+        let all = ledger
+            .receipts(&levels[0].revocation_id, 1, 100)
+            .await
+            .unwrap();
+        // Nothing pruned: the ledger's chain as it is.
+        let (chain, pruned) =
+            whole_chain(&export, &family, all.clone(), Vec::new(), &keys).unwrap();
+        assert_eq!((chain.len(), pruned), (6, 0));
+
+        let keep = Retention {
+            keep: Some(2),
+            max_age_secs: None,
+        };
+        ledger.export_and_prune(keep, &export, 2_000).await.unwrap();
+        let kept = ledger
+            .receipts(&levels[0].revocation_id, 1, 100)
+            .await
+            .unwrap();
+        let checkpoints = ledger.checkpoints(&levels[0].revocation_id).await.unwrap();
+        let (chain, pruned) =
+            whole_chain(&export, &family, kept.clone(), checkpoints.clone(), &keys).unwrap();
+        assert_eq!(pruned, 4);
+        assert_eq!(chain, all);
+        till_receipt::audit_chain(&chain, &keys).unwrap();
+        // Exported but not pruned yet (an interrupted export): both copies agree.
+        let file = till_ledger::retention::receipts_file(&export, &family);
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text.push_str(&format!(
+            "{{\"seq\":{},\"receipt\":\"{}\"}}\n",
+            kept[0].body().seq,
+            kept[0].compact()
+        ));
+        std::fs::write(&file, text).unwrap();
+        let (chain, _) =
+            whole_chain(&export, &family, kept.clone(), checkpoints.clone(), &keys).unwrap();
+        assert_eq!(chain, all);
+        // The ledger's checkpoints alone (the checkpoints file lost) still suffice.
+        std::fs::remove_file(till_ledger::retention::checkpoints_file(&export, &family)).unwrap();
+        assert!(whole_chain(&export, &family, kept.clone(), checkpoints.clone(), &keys).is_ok());
+        // Receipts gone from the ledger without a checkpoint: refused.
+        assert!(whole_chain(
+            &export,
+            &family,
+            kept[1..].to_vec(),
+            checkpoints.clone(),
+            &keys
+        )
+        .is_err());
+        // The export file lost: refused.
+        std::fs::remove_file(till_ledger::retention::receipts_file(&export, &family)).unwrap();
+        assert!(whole_chain(&export, &family, kept, checkpoints, &keys).is_err());
+    }
+}
