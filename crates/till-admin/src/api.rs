@@ -207,13 +207,13 @@ pub(crate) fn verify_key(state: &AdminState, key: &str) -> Result<VerifiedToken,
     till_token::verify(key, &state.keys, &state.limits).map_err(AdminError::BadKey)
 }
 
-async fn minted_response(
+/// The `201` answer for a key [`do_mint`] or [`do_attenuate`] verified and recorded.
+fn minted_response(
     state: &AdminState,
     key: String,
+    token: &VerifiedToken,
     warnings: Vec<String>,
 ) -> Result<Response, AdminError> {
-    let token = verify_key(state, &key)?;
-    state.ledger.record_key(key_blocks(&token), now()).await?;
     let report = inspect(&key, Some(&state.keys), &state.limits).map_err(AdminError::BadKey)?;
     let body = MintedKey {
         family: hex::encode(token.family_id()),
@@ -268,21 +268,27 @@ pub(crate) async fn mint_key(
 ) -> Result<Response, AdminError> {
     let (_, body) = admit(&state, req).await?;
     let body: MintRequest = json_body(body).await?;
-    let (key, _) = do_mint(&state, body).await?;
-    minted_response(&state, key, Vec::new()).await
+    let (key, token) = do_mint(&state, body).await?;
+    minted_response(&state, key, &token, Vec::new())
 }
 
-/// Attenuates a key (it must verify against this server's root keys). Shared with the
-/// dashboard.
+/// Attenuates a key (it must verify against this server's root keys) and records the
+/// new block, so it shows in its family's tree. Shared with the dashboard.
 pub(crate) async fn do_attenuate(
     state: &AdminState,
     req: AttenuateRequest,
-) -> Result<(String, Vec<String>), AdminError> {
+) -> Result<(String, VerifiedToken, Vec<String>), AdminError> {
     verify_key(state, req.key.trim())?;
     let caveats = req.caveats.caveats(None)?;
     let (key, warnings) =
         attenuate_str(req.key.trim(), caveats, &state.limits).map_err(AdminError::BadKey)?;
-    Ok((key, warnings.into_iter().map(|w| w.message).collect()))
+    let token = verify_key(state, &key)?;
+    state.ledger.record_key(key_blocks(&token), now()).await?;
+    Ok((
+        key,
+        token,
+        warnings.into_iter().map(|w| w.message).collect(),
+    ))
 }
 
 pub(crate) async fn attenuate_key(
@@ -291,8 +297,8 @@ pub(crate) async fn attenuate_key(
 ) -> Result<Response, AdminError> {
     let (_, body) = admit(&state, req).await?;
     let body: AttenuateRequest = json_body(body).await?;
-    let (key, warnings) = do_attenuate(&state, body).await?;
-    minted_response(&state, key, warnings).await
+    let (key, token, warnings) = do_attenuate(&state, body).await?;
+    minted_response(&state, key, &token, warnings)
 }
 
 pub(crate) async fn inspect_key(

@@ -43,8 +43,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::api::{
-    do_attenuate, do_audit, do_mint, do_revoke, family_id, key_blocks, now, recent_receipts,
-    verify_key, RevokeRequest, MAX_BODY_BYTES, MAX_PAGE,
+    do_attenuate, do_audit, do_mint, do_revoke, family_id, now, recent_receipts, RevokeRequest,
+    MAX_BODY_BYTES, MAX_PAGE,
 };
 use crate::auth::{authenticate, presented_key};
 use crate::error::AdminError;
@@ -600,16 +600,13 @@ async fn attenuate(State(d): State<Dash>, req: Request) -> Result<Response, Dash
     };
     // The pasted key is never echoed back into the form.
     f.key.clear();
-    let (key, warnings) = match narrowed {
+    let (key, token, warnings) = match narrowed {
         Ok(k) => k,
         Err(e) if fixable(&e) => {
             return Ok(form_error(&s, &e, "attenuate", &MintForm::default(), &f))
         }
         Err(e) => return Err(e.into()),
     };
-    let token = verify_key(&d.state, &key)?;
-    // Recorded like the API's attenuate, so the new block shows in its family's tree.
-    d.state.ledger.record_key(key_blocks(&token), now()).await?;
     let report = till_token::inspect(&key, Some(&d.state.keys), &d.state.limits)
         .map_err(AdminError::BadKey)?;
     let family = hex::encode(token.family_id());
