@@ -1193,6 +1193,7 @@ fn read_state(
             revoked,
             counts,
             chain_head,
+            voids: 0,
             minute_count,
         },
         record,

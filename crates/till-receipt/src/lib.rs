@@ -65,6 +65,7 @@
 //!     prev: None,
 //!     ledger: None,
 //!     ceilings: None,
+//!     void: None,
 //! };
 //! let receipt = signer.sign(&body)?;
 //!
