@@ -340,6 +340,9 @@ pub struct ExportReport {
     pub pruned: u64,
     /// Idempotency records of pruned receipts removed.
     pub idempotency_removed: u64,
+    /// Void receipts among the receipts exported (each pruned range's checkpoint states
+    /// its own count, spec/ledger.md §10).
+    pub voids: u64,
 }
 
 // One short-lived answer per command; boxing would only add an allocation.
@@ -594,6 +597,10 @@ impl EmbeddedLedger {
                 .map(retention::receipt_line)
                 .collect();
             report.exported += lines.len() as u64;
+            report.voids += chain
+                .iter()
+                .filter(|r| r.body().seq > already && r.body().is_void())
+                .count() as u64;
             retention::append_durably(&retention::receipts_file(dir, &family_hex), &lines)
                 .map_err(io)?;
             let checkpoint = Checkpoint::sign(

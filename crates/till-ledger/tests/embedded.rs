@@ -911,6 +911,7 @@ async fn void_receipts_sign_back_survive_reopen_and_export() {
         .await
         .unwrap();
     assert_eq!(report.pruned, 6);
+    assert_eq!((report.exported, report.voids), (6, 1));
     let cps = ledger.checkpoints(&family).await.unwrap();
     assert_eq!(cps.len(), 1);
     assert_eq!((cps[0].body.count, cps[0].body.voids), (6, 1));
