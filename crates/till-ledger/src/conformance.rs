@@ -1454,6 +1454,11 @@ pub async fn void_restores_exactly_one_slot(h: Harness) {
         assert_eq!(slots, vec![1, 1], "the freed slots are taken again");
         assert_eq!(again.receipt.body().seq, 3);
         assert_eq!(again.receipt.body().prev, Some(voided.receipt.hash_hex()));
+        // Crossing a threshold again after a void fires nothing new: alerts stay exactly
+        // once per block and threshold.
+        assert!(alerts_before > 0, "the first claim used the child's cap up");
+        assert!(again.alerts.is_empty(), "{:?}", again.alerts);
+        assert_eq!(ledger.alerts(100).await.unwrap().len(), alerts_before);
         assert_eq!(
             claim_refused(ledger, claim_request(&levels, Some("v-3"), "void")).await,
             Refusal::CapReached { block: 1, cap: 1 },

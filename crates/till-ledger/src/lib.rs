@@ -20,6 +20,11 @@
 //! per-minute activity per family, and usage alerts with their delivery outbox
 //! ([`alert`]), decided inside the claim that crosses a threshold so each fires once.
 //!
+//! A committed claim whose request never left the proxy (the upstream was unreachable
+//! in the connect phase) can be given back with [`Ledger::void`]: one compensating
+//! transaction that lowers every counter the claim raised and appends a signed void
+//! receipt to the family's chain ([`plan::plan_void`]; `spec/ledger.md` §3.5).
+//!
 //! Receipts (and the idempotency records pointing at them) are kept until exported and
 //! pruned ([`EmbeddedLedger::export_and_prune`], [`retention`]). Non-feature: no
 //! multi-process access to one embedded ledger file (use the admin API of the running
