@@ -413,3 +413,85 @@ async fn replay_to_an_unreachable_upstream_is_not_voided() {
     );
     assert_eq!(family_chain(&till, &receipt).await.len(), 1, "no void");
 }
+
+/// The same with the real `till serve` binary and `till audit`: an unreachable upstream
+/// costs nothing, then the upstream comes up and the cap of 1 holds; the offline audit of
+/// the data dir counts the void.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn till_serve_gives_back_the_slot_of_an_unreachable_upstream() {
+    use crate::binary::{mint, serve, stop, till};
+    let dead = closed_port().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("till.toml");
+    std::fs::write(
+        &config,
+        format!("proxy_id = \"bin-void\"\n{}", flaky_config(dead)),
+    )
+    .unwrap();
+    let server = serve(
+        &data,
+        &["--config", config.to_str().unwrap()],
+        &[("UP_SECRET", crate::support::SECRET)],
+    );
+    let key = mint(&data, &["--upstream", "flaky", "--cap", "1"]);
+    let http = client();
+    let call = || {
+        http.post(format!("{}/flaky/v1/chat/completions", server.url))
+            .bearer_auth(&key)
+            .body(r#"{"model":"m"}"#)
+            .send()
+    };
+    let r = call().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(header(&r, "x-should-retry"), Some("true"));
+    assert_eq!(header(&r, "till-activations-remaining"), Some("1"));
+    let compact = header(&r, "till-receipt").unwrap().to_owned();
+    assert_eq!(Receipt::parse(&compact).unwrap().body().void, Some(1));
+    assert_eq!(error_code(r).await, "upstream_unreachable");
+
+    let hits = serve_on(dead).await;
+    let r = call().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "till-activations-remaining"), Some("0"));
+    let r = call().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "activation_limit_reached");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    stop(server);
+
+    let out = till(&data)
+        .args(["audit", &key, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(a["clean"], true, "{a}");
+    assert_eq!(
+        (
+            &a["report"]["claims"],
+            &a["report"]["voids"],
+            &a["report"]["charged"]
+        ),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(1),
+            &serde_json::json!(1)
+        ),
+        "{a}"
+    );
+    let out = till(&data)
+        .args(["receipt", "verify", &compact])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gives back the slot of claim 1"));
+}
