@@ -11,7 +11,10 @@ Checks, with joserfc (not Till's code) doing the JWS/EdDSA verification:
     {"alg":"EdDSA","kid":<kid>,"typ":"till-receipt+jwt"}, its payload is the listed body,
     and its hash is SHA-256 of the JWS signing input (header "." payload, format v2);
   * the chain: one family, seq 1..n, prev = previous receipt's hash (None for seq 1),
-    slots[0] is the family's level with slot == seq;
+    slots[0] is the family's level with slot == (net count + 1) (== seq without voids);
+  * void receipts (receipts-void.json next to the first file): a void names an earlier,
+    not yet voided claim and repeats its slots, request and idempotency key; the file's
+    audit counts (claims, voids, charged) are what the chain shows;
   * the link is canonical: the signature's last character with its unused bits set is
     the same signature to a lenient decoder, and it changes the compact string's hash
     but not the link (whether joserfc accepts that string is reported, not required);
@@ -86,7 +89,7 @@ class Tally:
             print(f"FAIL: {what}")
 
 
-def check_valid(path: str, t: Tally) -> None:
+def check_valid(path: str, t: Tally, want_void: bool = False) -> None:
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     jwk = data["public_jwk"]
@@ -104,6 +107,9 @@ def check_valid(path: str, t: Tally) -> None:
     t.check(len(receipts) > 0, "file has receipts")
     family = receipts[0]["body"]["family"] if receipts else None
     previous_hash = None
+    net = 0  # the family's activations charged so far (claims minus voids)
+    claims = {}  # claim receipts' bodies by seq
+    voided = set()
     for i, vector in enumerate(receipts, start=1):
         compact = vector["compact"]
         body = vector["body"]
@@ -130,10 +136,27 @@ def check_valid(path: str, t: Tally) -> None:
         t.check(body["seq"] == i, f"{label}: seq == {i}")
         t.check(body["prev"] == previous_hash, f"{label}: prev links to the previous receipt")
         first = body["slots"][0] if body["slots"] else {}
-        t.check(
-            first.get("revocation_id") == family and first.get("slot") == body["seq"],
-            f"{label}: authority slot is the family's, slot == seq",
-        )
+        if "void" in body:
+            of = body["void"]
+            original = claims.get(of)
+            t.check(
+                original is not None and of < body["seq"] and of not in voided,
+                f"{label}: void names an earlier claim not voided before",
+            )
+            t.check(
+                original is not None
+                and all(original[m] == body[m] for m in ("slots", "request", "idempotency_key")),
+                f"{label}: void repeats the claim's slots, request and idempotency key",
+            )
+            voided.add(of)
+            net -= 1
+        else:
+            t.check(
+                first.get("revocation_id") == family and first.get("slot") == net + 1,
+                f"{label}: authority slot is the family's, slot == net count + 1",
+            )
+            claims[body["seq"]] = body
+            net += 1
         previous_hash = digest
 
         # Tampering must fail.
@@ -170,6 +193,15 @@ def check_valid(path: str, t: Tally) -> None:
             accepted = "accepts" if verifies(lax, key) else "rejects"
             print(f"note: joserfc {accepted} a signature with non-zero unused bits")
 
+    audit = data.get("audit", {})
+    t.check(
+        (audit.get("claims"), audit.get("voids"), audit.get("charged"))
+        == (len(claims), len(voided), len(claims) - len(voided)),
+        f"{path}: audit counts claims, voids and charged",
+    )
+    if want_void:
+        t.check(len(voided) > 0, f"{path}: has a void receipt")
+
 
 def check_invalid(path: str, t: Tally) -> None:
     with open(path, encoding="utf-8") as f:
@@ -195,6 +227,11 @@ def main(argv) -> int:
     )
     t = Tally()
     check_valid(valid_path, t)
+    void_path = os.path.join(os.path.dirname(valid_path), "receipts-void.json")
+    if os.path.exists(void_path):
+        check_valid(void_path, t, want_void=True)
+    else:
+        t.check(False, f"{void_path} exists")
     if os.path.exists(invalid_path):
         check_invalid(invalid_path, t)
     else:

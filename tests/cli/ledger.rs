@@ -149,3 +149,49 @@ fn revoke_validates_its_argument() {
         .code();
     assert_ne!(err, 0);
 }
+
+/// Issue 10 item 12: `till audit` counts and lists void receipts (claims given back
+/// because the upstream was unreachable), `till receipt verify` names what a void gives
+/// back, and the ledger's counters agree with the net charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_prints_voids() {
+    let t = Till::new();
+    let key = t.minted(&["--upstream", "openai", "--cap", "2"]);
+    let lk = levels(&t, &key);
+    let void_receipt = {
+        let ledger = open(&t);
+        claim(&ledger, &lk, 1).await.unwrap();
+        claim(&ledger, &lk, 2).await.unwrap();
+        let voided = ledger
+            .void(till_ledger::VoidRequest {
+                family: lk[0].revocation_id.clone(),
+                seq: 1,
+                now: 1_800_000_001,
+                windows: Vec::new(),
+            })
+            .await
+            .unwrap();
+        // The slot given back is taken again: the cap of 2 is exact.
+        claim(&ledger, &lk, 3).await.unwrap();
+        assert!(matches!(
+            claim(&ledger, &lk, 4).await,
+            Err(Refusal::CapReached { block: 0, cap: 2 })
+        ));
+        voided.receipt.compact().to_string()
+    };
+    let a = t.run(&["audit", &key, "--json"]).json();
+    assert_eq!(a["clean"], true, "{a}");
+    assert_eq!(a["report"]["receipts"], 4, "{a}");
+    assert_eq!(a["report"]["claims"], 3, "{a}");
+    assert_eq!(a["report"]["voids"], 1, "{a}");
+    assert_eq!(a["report"]["charged"], 2, "{a}");
+    assert_eq!(a["report"]["levels"][0]["used"], 2, "{a}");
+    assert_eq!(a["voids"][0]["seq"], 3, "{a}");
+    assert_eq!(a["voids"][0]["void"], 1, "{a}");
+    let text = t.run(&["audit", &key]).ok();
+    assert!(text.contains("claims:   3, voids: 1, charged: 2"), "{text}");
+    assert!(text.contains("void at seq 3: claim 1 given back"), "{text}");
+    assert!(text.contains("audit clean"), "{text}");
+    let v = t.run(&["receipt", "verify", &void_receipt]).ok();
+    assert!(v.contains("gives back the slot of claim 1"), "{v}");
+}

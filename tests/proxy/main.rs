@@ -15,3 +15,4 @@ mod limits;
 mod rotation;
 mod streaming;
 mod tls;
+mod voids;

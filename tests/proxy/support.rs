@@ -203,6 +203,16 @@ impl Till {
     }
 
     pub async fn start_with_env(toml: &str, extra_env: &[(&str, &str)]) -> Till {
+        Self::start_wrapped(toml, extra_env, |l| l as Arc<dyn Ledger>).await
+    }
+
+    /// [`Till::start_with_env`] with the proxy talking to `wrap(ledger)` (e.g. a ledger
+    /// that fails one operation); `Till::ledger` stays the embedded ledger underneath.
+    pub async fn start_wrapped(
+        toml: &str,
+        extra_env: &[(&str, &str)],
+        wrap: impl FnOnce(Arc<EmbeddedLedger>) -> Arc<dyn Ledger>,
+    ) -> Till {
         let mut env: HashMap<String, String> = HashMap::new();
         env.insert("UP_SECRET".into(), SECRET.into());
         for (k, v) in extra_env {
@@ -224,9 +234,7 @@ impl Till {
         let ring = KeyRing::with(root.public());
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = config
-            .build(ring.clone(), ledger.clone() as Arc<dyn Ledger>)
-            .unwrap();
+        let app = config.build(ring.clone(), wrap(ledger.clone())).unwrap();
         tokio::spawn(async move { app.serve(listener, std::future::pending()).await.unwrap() });
         Till {
             url: format!("http://{addr}"),

@@ -236,6 +236,16 @@ pub fn human_line(kind: &str, data: &str) -> String {
                 ""
             }
         ),
+        "void" => format!(
+            "void       family {}  seq {} voided by {}  {}  remaining {}",
+            short(&v, "family"),
+            v["seq"],
+            v["void_seq"],
+            v["upstream"].as_str().unwrap_or("-"),
+            v["remaining"]
+                .as_u64()
+                .map_or("unlimited".into(), |n| n.to_string()),
+        ),
         "refusal" => format!(
             "refusal    family {}  {} {}  {}",
             short(&v, "family"),

@@ -358,6 +358,9 @@ pub fn receipt(dir: &DataDir, cmd: ReceiptCommand) -> Result<ExitCode> {
         println!("valid receipt signed by {}", b.kid);
         println!("family:  {}", b.family);
         println!("seq:     {}", b.seq);
+        if let Some(claim) = b.void {
+            println!("void:    gives back the slot of claim {claim} (upstream unreachable, nothing sent)");
+        }
         for s in &b.slots {
             let cap = s.cap.map_or("unlimited".to_string(), |c| c.to_string());
             println!("block {}: slot {} of {}", s.block, s.slot, cap);
@@ -397,8 +400,9 @@ fn receipt_list(
             println!("{line}");
         } else {
             let slot = b.slots.last().map_or(0, |s| s.slot);
+            let void = b.void.map_or(String::new(), |c| format!("  (void of {c})"));
             println!(
-                "{:>6}  {}  slot {:>6}  {} {}{}  {}",
+                "{:>6}  {}  slot {:>6}  {} {}{}  {}{}",
                 b.seq,
                 time::OffsetDateTime::from_unix_timestamp(i64::try_from(b.iat).unwrap_or(0))
                     .ok()
@@ -410,7 +414,8 @@ fn receipt_list(
                 b.request.method,
                 b.request.upstream,
                 b.request.path,
-                b.proxy
+                b.proxy,
+                void
             );
         }
     }
@@ -459,17 +464,26 @@ pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
             .map_or(0, |l| l.used);
         if in_receipts != u.used {
             mismatches.push(format!(
-                "block {}: ledger counter {} but {} receipts",
+                "block {}: ledger counter {} but {} charged in the receipts",
                 b.index, u.used, in_receipts
             ));
         }
     }
     let clean = mismatches.is_empty();
     let segments = key_segments(&receipts);
+    // Void receipts: (void seq, the claim it gave back).
+    let voids: Vec<(u64, u64)> = receipts
+        .iter()
+        .filter_map(|r| r.body().void.map(|claim| (r.body().seq, claim)))
+        .collect();
     if args.json {
         let out = json!({
             "clean": clean,
             "report": report,
+            "voids": voids
+                .iter()
+                .map(|(seq, claim)| json!({ "seq": seq, "void": claim }))
+                .collect::<Vec<_>>(),
             "mismatches": mismatches,
             "receipt_keys": segments
                 .iter()
@@ -483,6 +497,13 @@ pub fn audit(dir: &DataDir, args: AuditArgs) -> Result<ExitCode> {
             "receipts: {} (signatures valid, chain gapless and fork-free)",
             report.receipts
         );
+        println!(
+            "claims:   {}, voids: {}, charged: {}",
+            report.claims, report.voids, report.charged
+        );
+        for (seq, claim) in &voids {
+            println!("  void at seq {seq}: claim {claim} given back (upstream unreachable, nothing sent)");
+        }
         for l in &report.levels {
             let cap = l.cap.map_or("unlimited".to_string(), |c| c.to_string());
             println!(

@@ -86,9 +86,10 @@ pub fn run(dir: &DataDir, cmd: ReceiptsCommand) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "exported {} receipts to {}, pruned {} from the ledger ({} families, {} idempotency \
-             records)",
+            "exported {} receipts ({} of them voids) to {}, pruned {} from the ledger ({} \
+             families, {} idempotency records)",
             report.exported,
+            report.voids,
             out.display(),
             report.pruned,
             report.families,

@@ -8,7 +8,7 @@ use foundationdb::options::{MutationType, TransactionOption};
 use foundationdb::{Database, FdbError, RangeOption, Transaction, TransactionCommitError};
 use till_ledger::{
     AlertOutcome, AlertRecord, BoxFuture, Claim, ClaimRequest, FamilyDetail, FamilyView, KeyBlocks,
-    Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal, Revoked,
+    Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal, Revoked, VoidRequest, Voided,
 };
 
 use crate::config::FdbConfig;
@@ -338,6 +338,10 @@ impl Ledger for FdbLedger {
         req: ClaimRequest,
     ) -> BoxFuture<'_, Result<Result<Claim, Refusal>, LedgerError>> {
         self.inner.claim(req)
+    }
+
+    fn void(&self, req: VoidRequest) -> BoxFuture<'_, Result<Voided, LedgerError>> {
+        self.inner.void(req)
     }
 
     fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<Revoked, LedgerError>> {

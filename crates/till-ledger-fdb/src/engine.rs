@@ -34,6 +34,7 @@ use till_ledger::plan::{self, ClaimContext, ClaimState, Plan, StoredIdempotency}
 use till_ledger::{
     AlertOutcome, AlertPolicy, AlertRecord, BoxFuture, Claim, ClaimRequest, FamilyDetail,
     FamilyView, KeyBlocks, Ledger, LedgerError, Level, LevelUsage, Receipt, Refusal, Revoked,
+    VoidRequest, Voided,
 };
 use till_receipt::ReceiptSigner;
 use tokio::sync::{mpsc, oneshot};
@@ -343,6 +344,23 @@ impl<S: KvStore> Ledger for KvLedger<S> {
                 // it is skipped and writes nothing.
                 Err(_) => Err(LedgerError::Unavailable("timed out".into())),
             }
+        })
+    }
+
+    fn void(&self, req: VoidRequest) -> BoxFuture<'_, Result<Voided, LedgerError>> {
+        Box::pin(async move {
+            if req.family.is_empty() || req.seq == 0 {
+                return Err(LedgerError::InvalidRequest(
+                    "a void names a family and a seq >= 1".into(),
+                ));
+            }
+            let mut work = VoidWork {
+                shared: &self.shared,
+                req,
+                last: None,
+                maybe_committed: false,
+            };
+            self.transact(&mut work).await.map_err(unavailable)?
         })
     }
 
@@ -709,6 +727,9 @@ impl<T: KvTxn> Work<T> for ClaimBatch<'_> {
             wanted.insert(keys.idempotency(scope, &p.idempotency_key));
             let family = p.req.levels[0].revocation_id.as_slice();
             wanted.insert(keys.head(family));
+            // The family's void count (the head is at `count + 2 × voids`); a void writes
+            // it, so a claim and a void of one family conflict like two claims.
+            wanted.insert(keys.void_count(family));
             // The family's current-minute activity (per family: adds no cross-family
             // conflict; every claim of the family already reads and writes its head).
             wanted.insert(keys.activity(family, p.req.now / 60));
@@ -1181,6 +1202,12 @@ fn read_state(
         .map_err(corrupt)?
         .map(|head| chain_head_link(keys, overlay, family, head))
         .transpose()?;
+    let voids = overlay
+        .get(&keys.void_count(family))
+        .map(keys::decode_u64)
+        .transpose()
+        .map_err(corrupt)?
+        .unwrap_or(0);
     let minute_count = overlay
         .get(&keys.activity(family, req.now / 60))
         .map(keys::decode_u64)
@@ -1193,6 +1220,7 @@ fn read_state(
             revoked,
             counts,
             chain_head,
+            voids,
             minute_count,
         },
         record,
@@ -1252,6 +1280,274 @@ fn remaining_of(receipt: &Receipt) -> Option<u64> {
         .iter()
         .filter_map(|s| s.cap.map(|cap| cap.saturating_sub(s.slot)))
         .min()
+}
+
+// ---------------------------------------------------------------------------------------
+// Voids (spec/ledger.md §3.5)
+
+/// One void as one serializable transaction: read the claim, its void marker, its
+/// idempotency record, the family's head and void count, every level's counter and the
+/// claim's window counters; plan ([`plan::plan_void`]); sign; write counters, windows,
+/// the void receipt, head, marker, void count and journal entry, and clear the record.
+/// A retry after `commit_unknown_result` finds its own marker and answers with that
+/// receipt (`newly` still true): nothing is decremented twice.
+struct VoidWork<'s> {
+    shared: &'s Shared,
+    req: VoidRequest,
+    /// The writer id of the last attempt that wrote (see [`keys::encode_voided`]).
+    last: Option<String>,
+    /// An attempt's commit result was unknown.
+    maybe_committed: bool,
+}
+
+impl<T: KvTxn> Work<T> for VoidWork<'_> {
+    type Output = Result<Voided, LedgerError>;
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        let keys = &self.shared.keys;
+        let family = self.req.family.clone();
+        let seq = self.req.seq;
+        let corrupt = |e: KvError| LedgerError::Corrupt(e.to_string());
+        let t: &T = txn;
+        let (((claim, marker), (head, voids)), ledger_id) = futures::future::try_join(
+            futures::future::try_join(
+                futures::future::try_join(
+                    t.get(&keys.receipt(&family, seq)),
+                    t.get(&keys.voided(&family, seq)),
+                ),
+                futures::future::try_join(
+                    t.get(&keys.head(&family)),
+                    t.get(&keys.void_count(&family)),
+                ),
+            ),
+            t.get(&keys.ledger_id()),
+        )
+        .await?;
+        if let Some(id) = self.shared.ledger_id.get() {
+            if ledger_id.as_deref() != Some(id.as_bytes()) {
+                return Ok((
+                    Err(LedgerError::Corrupt(
+                        "the key space's ledger id changed: it was cleared or replaced; \
+                         refusing to void in it"
+                            .into(),
+                    )),
+                    false,
+                ));
+            }
+        }
+        let parse = |bytes: &[u8], at: u64| {
+            std::str::from_utf8(bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|text| Receipt::parse(text).map_err(|e| e.to_string()))
+                .map_err(|e| {
+                    LedgerError::Corrupt(format!(
+                        "receipt {at} of family {} is unreadable: {e}",
+                        hex::encode(&family)
+                    ))
+                })
+        };
+        let claim = match claim.as_deref().map(|b| parse(b, seq)).transpose() {
+            Ok(c) => c,
+            Err(e) => return Ok((Err(e), false)),
+        };
+        let (voided_by, marker_writer) = match marker.as_deref().map(keys::decode_voided) {
+            None => (None, None),
+            Some(Ok((at, writer))) => (Some(at), Some(writer)),
+            Some(Err(e)) => return Ok((Err(corrupt(e)), false)),
+        };
+        let voids = match voids.as_deref().map(keys::decode_u64).transpose() {
+            Ok(v) => v.unwrap_or(0),
+            Err(e) => return Ok((Err(corrupt(e)), false)),
+        };
+        // Second round trip: the levels' counters, the claim's idempotency record, its
+        // window counters, and (for a head from before schema 3) the receipt at the head.
+        let mut ids = Vec::new();
+        let mut wanted = Vec::new();
+        let mut idem_key = None;
+        if let Some(receipt) = &claim {
+            for slot in &receipt.body().slots {
+                let Ok(id) = hex::decode(&slot.revocation_id) else {
+                    return Ok((
+                        Err(LedgerError::Corrupt(format!(
+                            "receipt {seq} names a revocation id that is not hex"
+                        ))),
+                        false,
+                    ));
+                };
+                wanted.push(keys.count(&id));
+                ids.push(id);
+            }
+            if let Some(scope) = ids.last() {
+                let key = keys.idempotency(scope, &receipt.body().idempotency_key);
+                wanted.push(key.clone());
+                idem_key = Some(key);
+            }
+            for w in &self.req.windows {
+                if let Some(id) = ids.get(w.level) {
+                    wanted.push(keys.window(id, w.secs));
+                }
+            }
+        }
+        let decoded_head = match head.as_deref().map(keys::decode_head).transpose() {
+            Ok(h) => h,
+            Err(e) => return Ok((Err(corrupt(e)), false)),
+        };
+        if let Some(h) = &decoded_head {
+            if !h.linked {
+                wanted.push(keys.receipt(&family, h.seq));
+            }
+        }
+        let read = try_join_all(wanted.iter().map(|k| t.get(k))).await?;
+        let overlay = Overlay {
+            values: wanted.into_iter().zip(read).collect(),
+            ..Overlay::default()
+        };
+        let mut counts = Vec::with_capacity(ids.len());
+        for id in &ids {
+            match overlay
+                .get(&keys.count(id))
+                .map(keys::decode_u64)
+                .transpose()
+            {
+                Ok(c) => counts.push(c.unwrap_or(0)),
+                Err(e) => return Ok((Err(corrupt(e)), false)),
+            }
+        }
+        let replays = match idem_key.as_ref().and_then(|k| overlay.get(k)) {
+            None => None,
+            Some(bytes) => match keys::IdemRecord::decode(bytes) {
+                Ok(r) => match r.receipt {
+                    keys::ReceiptRef::At { family: f, seq: s } if f == family && s == seq => {
+                        Some(r.replays)
+                    }
+                    _ => None,
+                },
+                Err(e) => return Ok((Err(corrupt(e)), false)),
+            },
+        };
+        let chain_head = match decoded_head
+            .map(|h| chain_head_link(keys, &overlay, &family, h))
+            .transpose()
+        {
+            Ok(h) => h,
+            Err(e) => return Ok((Err(e), false)),
+        };
+        let state = plan::VoidState {
+            claim: claim.as_ref().map(|r| r.body().clone()),
+            voided_by,
+            replays,
+            counts,
+            chain_head,
+            voids,
+        };
+        let ctx = ClaimContext {
+            proxy_id: &self.shared.proxy_id,
+            kid: &self.shared.kid,
+            idempotency_key: "",
+            alerts: &self.shared.alerts,
+        };
+        let remaining_now = || {
+            state
+                .claim
+                .iter()
+                .flat_map(|c| c.slots.iter().zip(&state.counts))
+                .filter_map(|(slot, &count)| slot.cap.map(|cap| cap.saturating_sub(count)))
+                .min()
+        };
+        match plan::plan_void(&self.req, &state, &ctx) {
+            Err(e) => Ok((Err(e), false)),
+            Ok(plan::VoidPlan::Existing { seq: at }) => {
+                let Some(bytes) = t.get(&keys.receipt(&family, at)).await? else {
+                    return Ok((
+                        Err(LedgerError::Corrupt(format!(
+                            "claim {seq} was voided by receipt {at}, which is missing"
+                        ))),
+                        false,
+                    ));
+                };
+                let receipt = match parse(&bytes, at) {
+                    Ok(r) => r,
+                    Err(e) => return Ok((Err(e), false)),
+                };
+                // Our own earlier attempt landed after all (its result was unknown).
+                let newly =
+                    self.maybe_committed && self.last.is_some() && self.last == marker_writer;
+                let remaining = remaining_now();
+                Ok((
+                    Ok(Voided {
+                        receipt,
+                        newly,
+                        remaining,
+                    }),
+                    false,
+                ))
+            }
+            Ok(plan::VoidPlan::Commit {
+                new_counts,
+                mut body,
+                voids,
+                remaining,
+            }) => {
+                body.ledger = self.shared.ledger_id.get().cloned();
+                let receipt = match self.shared.signer.sign(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "ledger: void receipt signing failed");
+                        return Ok((Err(LedgerError::Signing(e.to_string())), false));
+                    }
+                };
+                let at = body.seq;
+                let writer = writer_id();
+                self.last = Some(writer.clone());
+                for (id, count) in ids.iter().zip(&new_counts) {
+                    txn.set(&keys.count(id), &keys::encode_u64(*count));
+                }
+                let claim_iat = state.claim.as_ref().map_or(0, |c| c.iat);
+                for w in &self.req.windows {
+                    let Some(id) = ids.get(w.level) else {
+                        continue;
+                    };
+                    let key = keys.window(id, w.secs);
+                    let stored = overlay
+                        .get(&key)
+                        .and_then(|b| plan::WindowCount::from_bytes(b).ok());
+                    if let Some(lowered) = plan::void_window(w, claim_iat, stored) {
+                        txn.set(&key, &lowered.to_bytes());
+                    }
+                }
+                txn.set(&keys.receipt(&family, at), receipt.compact().as_bytes());
+                txn.set(
+                    &keys.head(&family),
+                    &keys::encode_head(at, &receipt.hash_hex()),
+                );
+                txn.set(
+                    &keys.voided(&family, seq),
+                    &keys::encode_voided(at, &writer),
+                );
+                txn.set(&keys.void_count(&family), &keys::encode_u64(voids));
+                // A retry with the same idempotency key claims afresh.
+                if let Some(key) = &idem_key {
+                    txn.clear(key);
+                }
+                txn.set_versionstamped_key(
+                    &keys.journal_incomplete(0),
+                    &keys::encode_receipt_ref(&family, at),
+                );
+                Ok((
+                    Ok(Voided {
+                        receipt,
+                        newly: true,
+                        remaining,
+                    }),
+                    true,
+                ))
+            }
+        }
+    }
+
+    fn maybe_committed(&mut self) {
+        self.maybe_committed = true;
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@
 //! | `(ks, "outbox", id)`                | u64 LE: time fired, while delivery is pending  |
 //! | `(ks, "lease", id)`                 | token of the last lease of the alert (pending) |
 //! | `(ks, "window", rid, secs)`         | 16 bytes BE `(start, count)`: windowed cap     |
+//! | `(ks, "voided", family, seq)`       | tuple `(void seq, writer)`: claim `seq` voided |
+//! | `(ks, "voids", family)`             | u64 LE: the family's void receipts (absent: 0) |
 //!
 //! `rid`, `family` and `scope` are raw revocation-id bytes (tuple byte strings); `key` is
 //! the idempotency key (tuple string); `seq` and `slot` are tuple integers (order-preserving,
@@ -105,6 +107,18 @@ impl Keyspace {
     /// `(ks, "slot", rid, slot)`.
     pub fn slot(&self, rid: &[u8], slot: u64) -> Vec<u8> {
         self.root.pack(&("slot", rid, slot))
+    }
+
+    /// `(ks, "voided", family, seq)`: claim `seq` was voided by the receipt whose seq is
+    /// the value (spec/ledger.md §3.5).
+    pub fn voided(&self, family: &[u8], seq: u64) -> Vec<u8> {
+        self.root.pack(&("voided", family, seq))
+    }
+
+    /// `(ks, "voids", family)`: the family's void receipts; its chain head is at
+    /// `count(family) + 2 × voids`.
+    pub fn void_count(&self, family: &[u8]) -> Vec<u8> {
+        self.root.pack(&("voids", family))
     }
 
     /// `(ks, "idem", scope, key)`.
@@ -320,6 +334,17 @@ pub fn decode_head(bytes: &[u8]) -> Result<ChainHead, KvError> {
 /// (tests seed key spaces of older builds with it).
 pub fn encode_legacy_head(seq: u64, hash_hex: &str) -> Vec<u8> {
     pack(&(seq, hash_hex))
+}
+
+/// Encodes a void marker `(void receipt seq, writer id)`: the writer id lets a retry after
+/// `commit_unknown_result` recognise its own void.
+pub fn encode_voided(at: u64, writer: &str) -> Vec<u8> {
+    pack(&(at, writer))
+}
+
+/// Decodes [`encode_voided`].
+pub fn decode_voided(bytes: &[u8]) -> Result<(u64, String), KvError> {
+    unpack::<(u64, String)>(bytes).map_err(|e| KvError::Decode(format!("void marker: {e:?}")))
 }
 
 /// Encodes a pointer to a receipt, `(family, seq)`: the value of a slot-index entry and

@@ -106,6 +106,12 @@ impl Ledger for RoundRobin {
     ) -> till_ledger::BoxFuture<'_, Result<till_ledger::Revoked, till_ledger::LedgerError>> {
         self.pick().revoke(id)
     }
+    fn void(
+        &self,
+        req: till_ledger::VoidRequest,
+    ) -> till_ledger::BoxFuture<'_, Result<till_ledger::Voided, till_ledger::LedgerError>> {
+        self.pick().void(req)
+    }
     fn usage(
         &self,
         levels: &[Level],

@@ -75,6 +75,12 @@ impl Ledger for Fleet {
     fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<Revoked, LedgerError>> {
         self.pick().revoke(revocation_id)
     }
+    fn void(
+        &self,
+        req: till_ledger::VoidRequest,
+    ) -> BoxFuture<'_, Result<till_ledger::Voided, LedgerError>> {
+        self.pick().void(req)
+    }
     fn usage(&self, levels: &[Level]) -> BoxFuture<'_, Result<Vec<LevelUsage>, LedgerError>> {
         self.pick().usage(levels)
     }
@@ -185,6 +191,12 @@ macro_rules! all_cases {
                 revocation_alert_once,
                 windowed_caps_exact_under_concurrency,
                 windowed_refusal_writes_nothing,
+                void_restores_exactly_one_slot,
+                double_void_is_a_no_op,
+                void_of_unknown_seq_refused,
+                retry_after_void_claims_afresh,
+                caps_exact_under_concurrent_claims_and_voids,
+                void_restores_window_slot,
             ]
         );
     };
@@ -299,6 +311,47 @@ async fn commit_unknown_result_that_committed_returns_the_original_receipt() {
     assert_eq!(stats.recovered, 1, "the retry recognised its own commit");
     assert_eq!(got.remaining, Some(1), "remaining as of the original claim");
     assert_single_charge(&f, &levels, "k", &got).await;
+}
+
+/// Issue 10 item 12: a void whose commit result is unknown is retried; whether or not it
+/// landed, the slot is given back exactly once and the caller gets the void receipt.
+#[tokio::test]
+async fn void_after_commit_unknown_result_gives_back_once() {
+    for applied in [true, false] {
+        let f = fixture(|_| {}).await;
+        let levels = token(&[Some(5), Some(2)]);
+        let family = levels[0].revocation_id.clone();
+        let got = claim_ok(
+            &f.ledger,
+            conformance::claim_request(&levels, Some("k"), "chat"),
+        )
+        .await;
+        f.store
+            .inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, applied);
+        let void = f
+            .ledger
+            .void(till_ledger::VoidRequest {
+                family: family.clone(),
+                seq: got.receipt.body().seq,
+                now: conformance::NOW + 1,
+                windows: Vec::new(),
+            })
+            .await
+            .unwrap();
+        assert!(void.newly, "applied={applied}: our own void, recognised");
+        assert_eq!(void.receipt.body().void, Some(1));
+        assert_eq!(void.remaining, Some(2));
+        assert_eq!(f.ledger.stats().maybe_committed, 1);
+        assert_eq!(
+            used(&f.ledger, &levels).await,
+            vec![0, 0],
+            "given back once"
+        );
+        let chain = conformance::all_receipts(&f.ledger, &family).await;
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[1].compact(), void.receipt.compact());
+        assert_eq!(f.store.pending_faults(), 0, "every injected fault was hit");
+    }
 }
 
 #[tokio::test]

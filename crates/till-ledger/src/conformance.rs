@@ -39,7 +39,10 @@ use till_receipt::{audit_chain, Receipt, ReceiptKeySet, RequestDigest};
 
 use crate::alert::{AlertKind, AlertOutcome, DeliveryStatus};
 use crate::family::{BlockMeta, KeyBlocks};
-use crate::{Claim, ClaimRequest, Ledger, LedgerError, Level, Refusal, WindowCap, MAX_REPLAYS};
+use crate::{
+    Claim, ClaimRequest, Ledger, LedgerError, Level, Refusal, VoidRequest, Voided, WindowCap,
+    MAX_REPLAYS,
+};
 
 // Harness requirement: the backend runs with the default alert policy
 // (`AlertPolicy::default()`: thresholds 80 % and 100 %, revocation alerts, no rate ceiling).
@@ -83,6 +86,12 @@ where
     revocation_alert_once(make().await).await;
     windowed_caps_exact_under_concurrency(make().await).await;
     windowed_refusal_writes_nothing(make().await).await;
+    void_restores_exactly_one_slot(make().await).await;
+    double_void_is_a_no_op(make().await).await;
+    void_of_unknown_seq_refused(make().await).await;
+    retry_after_void_claims_afresh(make().await).await;
+    caps_exact_under_concurrent_claims_and_voids(make().await).await;
+    void_restores_window_slot(make().await).await;
 }
 
 async fn bounded(name: &str, case: impl Future<Output = ()>) {
@@ -1364,6 +1373,343 @@ pub async fn windowed_refusal_writes_nothing(h: Harness) {
             ));
         }
         audited_chain(&h, &root.revocation_id, 2).await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Voids (spec/ledger.md §3.5)
+
+fn void_request(family: &[u8], seq: u64) -> VoidRequest {
+    VoidRequest {
+        family: family.to_vec(),
+        seq,
+        now: NOW + 1,
+        windows: Vec::new(),
+    }
+}
+
+async fn void_ok(ledger: &dyn Ledger, req: VoidRequest) -> Voided {
+    match ledger.void(req).await {
+        Ok(v) => v,
+        Err(e) => panic!("expected a void, got {e}"),
+    }
+}
+
+/// The audit report of a family's stored chain (`expected` receipts, claims and voids).
+async fn audited_counts(h: &Harness, family: &[u8], expected: u64) -> (u64, u64, u64) {
+    let receipts = audited_chain(h, family, expected).await;
+    let report = audit_chain(&receipts, &h.keys).unwrap();
+    (report.claims, report.voids, report.charged)
+}
+
+/// A void gives exactly one slot back at every level of the claim: usage goes down by
+/// one, `remaining` up by one, the void receipt (`void: Some(seq)`, next `seq`, `prev`
+/// linked, same slots and request) is signed and stored, the next claim takes the freed
+/// slot, and the cap then refuses as before. A void fires no alert.
+pub async fn void_restores_exactly_one_slot(h: Harness) {
+    bounded("void_restores_exactly_one_slot", async {
+        let ledger = h.ledger.as_ref();
+        let root = level(Some(3));
+        let child = level(Some(1));
+        let levels = vec![root.clone(), child.clone()];
+        let family = root.revocation_id.as_slice();
+        let first = claim_ok(ledger, claim_request(&levels, Some("v-1"), "void")).await;
+        assert_eq!(first.remaining, Some(0));
+        assert_eq!(used(ledger, &levels).await, vec![1, 1]);
+        let alerts_before = ledger.alerts(100).await.unwrap().len();
+
+        let voided = void_ok(ledger, void_request(family, 1)).await;
+        assert!(voided.newly);
+        assert_eq!(
+            voided.remaining,
+            Some(1),
+            "the child's one slot is free again"
+        );
+        voided.receipt.verify(&h.keys).unwrap();
+        let b = voided.receipt.body();
+        assert_eq!(b.void, Some(1));
+        assert_eq!(b.seq, 2);
+        assert_eq!(b.prev, Some(first.receipt.hash_hex()));
+        assert_eq!(b.slots, first.receipt.body().slots);
+        assert_eq!(b.request, first.receipt.body().request);
+        assert_eq!(b.idempotency_key, "v-1");
+        assert_eq!(b.iat, NOW + 1);
+        assert_eq!(
+            used(ledger, &levels).await,
+            vec![0, 0],
+            "one slot back per level"
+        );
+        assert_eq!(
+            ledger.alerts(100).await.unwrap().len(),
+            alerts_before,
+            "a void fires no alert"
+        );
+        // The stored receipt is the one the caller got (signed after the commit).
+        let stored = all_receipts(ledger, family).await;
+        assert_eq!(stored[1].compact(), voided.receipt.compact());
+
+        let again = claim_ok(ledger, claim_request(&levels, Some("v-2"), "void")).await;
+        let slots: Vec<u64> = again.receipt.body().slots.iter().map(|s| s.slot).collect();
+        assert_eq!(slots, vec![1, 1], "the freed slots are taken again");
+        assert_eq!(again.receipt.body().seq, 3);
+        assert_eq!(again.receipt.body().prev, Some(voided.receipt.hash_hex()));
+        // Crossing a threshold again after a void fires nothing new: alerts stay exactly
+        // once per block and threshold.
+        assert!(alerts_before > 0, "the first claim used the child's cap up");
+        assert!(again.alerts.is_empty(), "{:?}", again.alerts);
+        assert_eq!(ledger.alerts(100).await.unwrap().len(), alerts_before);
+        assert_eq!(
+            claim_refused(ledger, claim_request(&levels, Some("v-3"), "void")).await,
+            Refusal::CapReached { block: 1, cap: 1 },
+            "the cap is exact after a void"
+        );
+        assert_eq!(used(ledger, &levels).await, vec![1, 1]);
+        assert_eq!(audited_counts(&h, family, 3).await, (2, 1, 1));
+    })
+    .await;
+}
+
+/// Voiding a voided claim changes nothing and answers with the same void receipt; a
+/// revoked or expired key's claim can still be voided.
+pub async fn double_void_is_a_no_op(h: Harness) {
+    bounded("double_void_is_a_no_op", async {
+        let ledger = h.ledger.as_ref();
+        let levels = vec![level(Some(5))];
+        let family = levels[0].revocation_id.as_slice();
+        claim_ok(ledger, claim_request(&levels, Some("d-1"), "dv")).await;
+        claim_ok(ledger, claim_request(&levels, Some("d-2"), "dv")).await;
+        let first = void_ok(ledger, void_request(family, 1)).await;
+        assert!(first.newly);
+        assert_eq!(used(ledger, &levels).await, vec![1]);
+        for _ in 0..3 {
+            let again = void_ok(ledger, void_request(family, 1)).await;
+            assert!(!again.newly, "a second void is a no-op");
+            assert_eq!(again.receipt.compact(), first.receipt.compact());
+            assert_eq!(again.remaining, Some(4));
+            assert_eq!(
+                used(ledger, &levels).await,
+                vec![1],
+                "never decremented twice"
+            );
+        }
+        // Concurrent voids of one claim: one writes, the others find it.
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let ledger = Arc::clone(&h.ledger);
+                let req = void_request(family, 2);
+                tokio::spawn(async move { ledger.void(req).await })
+            })
+            .collect();
+        let mut newly = 0;
+        let mut compacts = BTreeSet::new();
+        for task in tasks {
+            let v = task.await.unwrap().unwrap();
+            newly += usize::from(v.newly);
+            compacts.insert(v.receipt.compact().to_owned());
+        }
+        assert_eq!(newly, 1, "exactly one of concurrent voids writes");
+        assert_eq!(
+            compacts.len(),
+            1,
+            "they all answer with the same void receipt"
+        );
+        assert_eq!(used(ledger, &levels).await, vec![0]);
+        assert_eq!(audited_counts(&h, family, 4).await, (2, 2, 0));
+
+        // Revoked and expired keys: the slot can still be given back.
+        let revoked = vec![level(Some(2))];
+        let fam = revoked[0].revocation_id.as_slice();
+        claim_ok(ledger, claim_request(&revoked, None, "rv")).await;
+        ledger.revoke(fam).await.unwrap();
+        let v = void_ok(ledger, void_request(fam, 1)).await;
+        assert!(v.newly);
+        assert_eq!(used(ledger, &revoked).await, vec![0]);
+        let mut expiring = claim_request(&[level(Some(2))], None, "ex");
+        expiring.not_after = Some(NOW);
+        let fam = expiring.levels[0].revocation_id.clone();
+        claim_ok(ledger, expiring.clone()).await;
+        let mut late = void_request(&fam, 1);
+        late.now = NOW + 3600;
+        assert!(void_ok(ledger, late).await.newly);
+        assert_eq!(used(ledger, &expiring.levels).await, vec![0]);
+    })
+    .await;
+}
+
+/// A void names a claim the ledger holds: an unknown seq or family, a void receipt, or a
+/// claim whose idempotency key was replayed (a replay may have been forwarded under the
+/// slot) is refused with `NotVoidable` and writes nothing; a malformed request is
+/// `InvalidRequest`.
+pub async fn void_of_unknown_seq_refused(h: Harness) {
+    bounded("void_of_unknown_seq_refused", async {
+        let ledger = h.ledger.as_ref();
+        let levels = vec![level(Some(5))];
+        let family = levels[0].revocation_id.as_slice();
+        claim_ok(ledger, claim_request(&levels, Some("u-1"), "uv")).await;
+        for seq in [2, 99] {
+            assert!(
+                matches!(
+                    ledger.void(void_request(family, seq)).await,
+                    Err(LedgerError::NotVoidable(_))
+                ),
+                "void of unknown seq {seq}"
+            );
+        }
+        assert!(matches!(
+            ledger.void(void_request(&random_revocation_id(), 1)).await,
+            Err(LedgerError::NotVoidable(_))
+        ));
+        assert!(matches!(
+            ledger.void(void_request(family, 0)).await,
+            Err(LedgerError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            ledger.void(void_request(&[], 1)).await,
+            Err(LedgerError::InvalidRequest(_))
+        ));
+        // A void receipt cannot itself be voided.
+        void_ok(ledger, void_request(family, 1)).await;
+        assert!(matches!(
+            ledger.void(void_request(family, 2)).await,
+            Err(LedgerError::NotVoidable(_))
+        ));
+        // A replayed claim stays charged.
+        let replayed = claim_ok(ledger, claim_request(&levels, Some("u-2"), "uv")).await;
+        let again = claim_ok(ledger, claim_request(&levels, Some("u-2"), "uv")).await;
+        assert!(again.replayed);
+        let seq = replayed.receipt.body().seq;
+        assert!(matches!(
+            ledger.void(void_request(family, seq)).await,
+            Err(LedgerError::NotVoidable(_))
+        ));
+        assert_eq!(
+            used(ledger, &levels).await,
+            vec![1],
+            "refused voids wrote nothing"
+        );
+        assert_eq!(audited_counts(&h, family, 3).await, (2, 1, 1));
+    })
+    .await;
+}
+
+/// After a void, a retry with the same `Idempotency-Key` (and request) is a fresh claim,
+/// charged, with its own receipt; that claim is then replayed as usual.
+pub async fn retry_after_void_claims_afresh(h: Harness) {
+    bounded("retry_after_void_claims_afresh", async {
+        let ledger = h.ledger.as_ref();
+        let levels = vec![level(Some(1))];
+        let family = levels[0].revocation_id.as_slice();
+        let first = claim_ok(ledger, claim_request(&levels, Some("sdk-retry"), "rt")).await;
+        void_ok(ledger, void_request(family, 1)).await;
+        let retry = claim_ok(ledger, claim_request(&levels, Some("sdk-retry"), "rt")).await;
+        assert!(!retry.replayed, "the voided claim is not replayed");
+        assert_ne!(retry.receipt.compact(), first.receipt.compact());
+        assert_eq!(retry.receipt.body().seq, 3);
+        assert_eq!(retry.receipt.body().idempotency_key, "sdk-retry");
+        assert_eq!(retry.remaining, Some(0));
+        let replay = claim_ok(ledger, claim_request(&levels, Some("sdk-retry"), "rt")).await;
+        assert!(replay.replayed);
+        assert_eq!(replay.receipt.compact(), retry.receipt.compact());
+        assert_eq!(used(ledger, &levels).await, vec![1]);
+        assert_eq!(audited_counts(&h, family, 3).await, (2, 1, 1));
+    })
+    .await;
+}
+
+/// Concurrent claims and voids on a hot token with a small cap: every claim that
+/// succeeded found a free slot (the audit replays the counters and checks `slot <= cap`
+/// at every commit, in chain order), usage equals claims minus voids, and the chain stays
+/// gapless and audits with the voids counted.
+pub async fn caps_exact_under_concurrent_claims_and_voids(h: Harness) {
+    bounded("caps_exact_under_concurrent_claims_and_voids", async {
+        let root = level(Some(6));
+        let child = level(Some(3));
+        let family = root.revocation_id.clone();
+        let tasks: Vec<_> = (0..120)
+            .map(|i| {
+                let ledger = Arc::clone(&h.ledger);
+                let levels = if i % 3 == 0 {
+                    vec![root.clone()]
+                } else {
+                    vec![root.clone(), child.clone()]
+                };
+                let req = claim_request(&levels, None, &format!("cv{i}"));
+                let family = family.clone();
+                tokio::spawn(async move {
+                    match ledger.claim(req).await {
+                        Ok(Ok(c)) => {
+                            // Every other successful claim "finds the upstream down".
+                            if i % 2 == 0 {
+                                let seq = c.receipt.body().seq;
+                                let v = ledger.void(void_request(&family, seq)).await.unwrap();
+                                assert!(v.newly);
+                                assert_eq!(v.receipt.body().void, Some(seq));
+                                (1u64, 1u64)
+                            } else {
+                                (1, 0)
+                            }
+                        }
+                        Ok(Err(Refusal::CapReached { .. })) => (0, 0),
+                        other => panic!("unexpected answer {other:?}"),
+                    }
+                })
+            })
+            .collect();
+        let (mut claims, mut voids) = (0, 0);
+        for task in tasks {
+            let (c, v) = task.await.unwrap();
+            claims += c;
+            voids += v;
+        }
+        assert!(voids > 0, "some claims were voided");
+        let usage = used(h.ledger.as_ref(), &[root.clone(), child.clone()]).await;
+        assert_eq!(usage[0], claims - voids);
+        assert!(usage[0] <= 6 && usage[1] <= 3, "caps hold: {usage:?}");
+        let (c, v, charged) = audited_counts(&h, &family, claims + voids).await;
+        assert_eq!((c, v, charged), (claims, voids, usage[0]));
+    })
+    .await;
+}
+
+/// A void lowers the windowed counters the claim advanced while still in the claim's
+/// window, so the retry fits a window of 1; once the window is over the counter is left
+/// alone.
+pub async fn void_restores_window_slot(h: Harness) {
+    bounded("void_restores_window_slot", async {
+        let ledger = h.ledger.as_ref();
+        let levels = vec![level(Some(10))];
+        let family = levels[0].revocation_id.as_slice();
+        let per_hour = [WindowCap {
+            level: 0,
+            secs: 3600,
+            max: 1,
+        }];
+        let now = NOW - NOW % 3600 + 10;
+        let first = claim_ok(ledger, windowed(&levels, &per_hour, "w1", now)).await;
+        let mut void = void_request(family, first.receipt.body().seq);
+        void.windows = per_hour.to_vec();
+        void.now = now + 1;
+        void_ok(ledger, void).await;
+        let retry = claim_ok(ledger, windowed(&levels, &per_hour, "w2", now + 2)).await;
+        assert!(matches!(
+            claim_refused(ledger, windowed(&levels, &per_hour, "w3", now + 3)).await,
+            Refusal::RateLimited { block: 0, .. }
+        ));
+        // Next window: the void of `retry` leaves the new window's counter alone.
+        let later = now + 3600;
+        let next = claim_ok(ledger, windowed(&levels, &per_hour, "w4", later)).await;
+        let mut void = void_request(family, retry.receipt.body().seq);
+        void.windows = per_hour.to_vec();
+        void.now = later + 1;
+        void_ok(ledger, void).await;
+        assert!(matches!(
+            claim_refused(ledger, windowed(&levels, &per_hour, "w5", later + 2)).await,
+            Refusal::RateLimited { block: 0, .. }
+        ));
+        assert_eq!(used(ledger, &levels).await, vec![1]);
+        let _ = next;
+        assert_eq!(audited_counts(&h, family, 5).await, (3, 2, 1));
     })
     .await;
 }

@@ -38,6 +38,7 @@ use crate::retention::{self, Checkpoint, CheckpointBody, Retention};
 use crate::stored::{self, IdempotencyRecord, Pointer, StoredReceipt};
 use crate::{
     BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Refusal, Revoked,
+    VoidRequest, Voided,
 };
 
 /// Counter per block: revocation id → activations claimed through it (and descendants).
@@ -76,6 +77,11 @@ const META_TEXT: TableDefinition<&str, &str> = TableDefinition::new("meta_text")
 /// Checkpoints of pruned receipt ranges: (family id, last pruned seq) → signed
 /// [`Checkpoint`] (JSON line). Never pruned.
 const CHECKPOINTS: TableDefinition<(&[u8], u64), &str> = TableDefinition::new("checkpoints");
+/// Voided claims (spec/ledger.md §3.5): (family id, claim seq) → seq of its void receipt.
+const VOIDS: TableDefinition<(&[u8], u64), u64> = TableDefinition::new("voids");
+/// Void receipts per family: family id → count (absent: 0). The chain head is at
+/// `counter + 2 × voids`.
+const VOID_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("void_counts");
 const INTEGRITY_FAILED: &str = "integrity_failed";
 const LEDGER_ID: &str = "ledger_id";
 
@@ -197,6 +203,17 @@ type ClaimAnswer = Result<Result<Claim, Refusal>, LedgerError>;
 /// The writer's answer to a claim: committed, but the receipt not signed yet.
 type WriterAnswer = Result<Result<Committed, Refusal>, LedgerError>;
 
+/// The writer's answer to a void: committed (or found), the receipt not signed yet.
+type WriterVoidAnswer = Result<VoidCommitted, LedgerError>;
+
+/// A committed void (or an earlier one) whose receipt the caller signs.
+#[derive(Debug)]
+struct VoidCommitted {
+    receipt: StoredReceipt,
+    newly: bool,
+    remaining: Option<u64>,
+}
+
 /// A committed claim (or a replay) whose receipt the caller signs.
 #[derive(Debug)]
 struct Committed {
@@ -289,6 +306,10 @@ enum Command {
         op: AdminOp,
         reply: oneshot::Sender<Result<AdminAnswer, LedgerError>>,
     },
+    Void {
+        req: VoidRequest,
+        reply: oneshot::Sender<WriterVoidAnswer>,
+    },
 }
 
 /// State changes other than claims (rare; they share the writer and its batches).
@@ -319,6 +340,9 @@ pub struct ExportReport {
     pub pruned: u64,
     /// Idempotency records of pruned receipts removed.
     pub idempotency_removed: u64,
+    /// Void receipts among the receipts exported (each pruned range's checkpoint states
+    /// its own count, spec/ledger.md §10).
+    pub voids: u64,
 }
 
 // One short-lived answer per command; boxing would only add an allocation.
@@ -337,6 +361,7 @@ impl Command {
         match self {
             Command::Claim { reply, .. } => reply.is_closed(),
             Command::Admin { reply, .. } => reply.is_closed(),
+            Command::Void { reply, .. } => reply.is_closed(),
         }
     }
 }
@@ -346,6 +371,7 @@ impl Command {
 enum Answer {
     Claim(WriterAnswer),
     Admin(Result<AdminAnswer, LedgerError>),
+    Void(WriterVoidAnswer),
 }
 
 /// The embedded, single-node ledger (redb). See the module docs and `spec/ledger.md`.
@@ -571,6 +597,10 @@ impl EmbeddedLedger {
                 .map(retention::receipt_line)
                 .collect();
             report.exported += lines.len() as u64;
+            report.voids += chain
+                .iter()
+                .filter(|r| r.body().seq > already && r.body().is_void())
+                .count() as u64;
             retention::append_durably(&retention::receipts_file(dir, &family_hex), &lines)
                 .map_err(io)?;
             let checkpoint = Checkpoint::sign(
@@ -586,6 +616,7 @@ impl EmbeddedLedger {
                     ledger: self.ledger_id.clone(),
                     kid: String::new(),
                     iat: now,
+                    voids: chain.iter().filter(|r| r.body().is_void()).count() as u64,
                 },
                 &signer,
             );
@@ -766,6 +797,31 @@ impl Ledger for EmbeddedLedger {
                 remaining: committed.remaining,
                 alerts: committed.alerts,
             }))
+        })
+    }
+
+    fn void(&self, req: VoidRequest) -> BoxFuture<'_, Result<Voided, LedgerError>> {
+        Box::pin(async move {
+            if req.family.is_empty() || req.seq == 0 {
+                return Err(LedgerError::InvalidRequest(
+                    "a void names a family and a seq >= 1".into(),
+                ));
+            }
+            let (reply, answer) = oneshot::channel();
+            self.send(Command::Void { req, reply })?;
+            let committed = self.wait(answer).await??;
+            // Signed here, off the writer, like a claim's receipt; the signature goes back
+            // to the writer, and a crash before that re-signs the stored body on read.
+            let unsigned = matches!(committed.receipt, StoredReceipt::Unsigned(_));
+            let receipt = self.signers.sign(committed.receipt)?;
+            if unsigned {
+                self.store_signature(&receipt);
+            }
+            Ok(Voided {
+                receipt,
+                newly: committed.newly,
+                remaining: committed.remaining,
+            })
         })
     }
 
@@ -1172,6 +1228,8 @@ fn prepare(db: &Database, binding: &LedgerBinding) -> Result<Option<String>, Str
         txn.open_table(OUTBOX).map_err(|x| e(x.into()))?;
         txn.open_table(CHECKPOINTS).map_err(|x| e(x.into()))?;
         txn.open_table(WINDOWS).map_err(|x| e(x.into()))?;
+        txn.open_table(VOIDS).map_err(|x| e(x.into()))?;
+        txn.open_table(VOID_COUNTS).map_err(|x| e(x.into()))?;
     }
     txn.commit().map_err(|x| e(x.into()))?;
     Ok(ledger_id)
@@ -1289,6 +1347,11 @@ fn consistency(db: &Database) -> Result<LedgerSummary, String> {
         Err(x) => return Err(e(x.into())),
     };
     let revoked = txn.open_table(REVOKED).map_err(|x| e(x.into()))?;
+    let void_counts = match txn.open_table(VOID_COUNTS) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(x) => return Err(e(x.into())),
+    };
 
     let mut summary = LedgerSummary {
         ledger_id,
@@ -1317,9 +1380,17 @@ fn consistency(db: &Database) -> Result<LedgerSummary, String> {
             .get(family)
             .map_err(|x| e(x.into()))?
             .map_or(0, |v| v.value());
-        if counter != seq {
+        // Each void adds a receipt and gives one activation back.
+        let voids = match &void_counts {
+            Some(t) => t
+                .get(family)
+                .map_err(|x| e(x.into()))?
+                .map_or(0, |v| v.value()),
+            None => 0,
+        };
+        if voids.checked_mul(2).and_then(|v| v.checked_add(counter)) != Some(seq) {
             return Err(format!(
-                "family {fam}: counter {counter} but {seq} receipts"
+                "family {fam}: counter {counter} and {voids} voids but {seq} receipts"
             ));
         }
         Ok(())
@@ -1767,6 +1838,16 @@ fn prune(
         }
         t.checkpoints
             .insert((family, r.to_seq), r.checkpoint.to_line().as_str())?;
+        // Void markers of pruned claims go with them (a void of a pruned claim is
+        // refused as unknown; the void receipts themselves are in the export).
+        let marked: Vec<u64> = t
+            .voids
+            .range((family, r.from_seq)..=(family, r.to_seq))?
+            .map(|e| e.map(|(k, _)| k.value().1))
+            .collect::<Result<_, _>>()?;
+        for seq in marked {
+            t.voids.remove((family, seq))?;
+        }
     }
     // Idempotency records have no index by receipt: one scan for all the ranges.
     let mut doomed: Vec<(Vec<u8>, String)> = Vec::new();
@@ -1911,6 +1992,8 @@ struct Tables<'txn> {
     outbox: redb::Table<'txn, &'static str, u64>,
     checkpoints: redb::Table<'txn, (&'static [u8], u64), &'static str>,
     windows: redb::Table<'txn, (&'static [u8], u64), &'static [u8]>,
+    voids: redb::Table<'txn, (&'static [u8], u64), u64>,
+    void_counts: redb::Table<'txn, &'static [u8], u64>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -1930,6 +2013,8 @@ impl<'txn> Tables<'txn> {
             outbox: txn.open_table(OUTBOX)?,
             checkpoints: txn.open_table(CHECKPOINTS)?,
             windows: txn.open_table(WINDOWS)?,
+            voids: txn.open_table(VOIDS)?,
+            void_counts: txn.open_table(VOID_COUNTS)?,
         })
     }
 }
@@ -1980,6 +2065,7 @@ impl Writer {
         for (command, answer) in batch.into_iter().zip(outcome) {
             // A caller that gave up meanwhile is fine: its claim is spent but nothing is
             // forwarded (spec/ledger.md, "What a timeout means").
+            let mismatch = || LedgerError::Unavailable("internal mismatch".into());
             match (command, answer) {
                 (Command::Claim { reply, .. }, Answer::Claim(a)) => {
                     let _ = reply.send(a);
@@ -1987,11 +2073,17 @@ impl Writer {
                 (Command::Admin { reply, .. }, Answer::Admin(a)) => {
                     let _ = reply.send(a);
                 }
-                (Command::Claim { reply, .. }, Answer::Admin(_)) => {
-                    let _ = reply.send(Err(LedgerError::Unavailable("internal mismatch".into())));
+                (Command::Void { reply, .. }, Answer::Void(a)) => {
+                    let _ = reply.send(a);
                 }
-                (Command::Admin { reply, .. }, Answer::Claim(_)) => {
-                    let _ = reply.send(Err(LedgerError::Unavailable("internal mismatch".into())));
+                (Command::Claim { reply, .. }, _) => {
+                    let _ = reply.send(Err(mismatch()));
+                }
+                (Command::Admin { reply, .. }, _) => {
+                    let _ = reply.send(Err(mismatch()));
+                }
+                (Command::Void { reply, .. }, _) => {
+                    let _ = reply.send(Err(mismatch()));
                 }
             }
         }
@@ -2010,6 +2102,9 @@ impl Writer {
                     }
                     Command::Admin { .. } => {
                         Answer::Admin(Err(LedgerError::Unavailable(why.clone())))
+                    }
+                    Command::Void { .. } => {
+                        Answer::Void(Err(LedgerError::Unavailable(why.clone())))
                     }
                 })
                 .collect()
@@ -2068,6 +2163,7 @@ impl Writer {
                     ..
                 } => self.apply_claim(&mut tables, req, idempotency_key, fingerprint)?,
                 Command::Admin { op, .. } => self.apply_admin(&mut tables, op)?,
+                Command::Void { req, .. } => self.apply_void(&mut tables, req)?,
             });
         }
         Ok(applied)
@@ -2196,6 +2292,164 @@ impl Writer {
         }
     }
 
+    /// Reads the void's state in the transaction, plans ([`plan::plan_void`]) and carries
+    /// the plan out, like [`Writer::apply_claim`]: the void receipt is stored as an
+    /// unsigned body (tag 2) and signed by the caller after the commit.
+    #[allow(clippy::result_large_err)] // see `Tables`
+    fn apply_void(&self, t: &mut Tables<'_>, req: &VoidRequest) -> Result<Applied, redb::Error> {
+        let nothing = |answer: WriterVoidAnswer| Applied {
+            answer: Answer::Void(answer),
+            wrote: false,
+        };
+        let family = req.family.as_slice();
+        let stored = match t.receipts.get((family, req.seq))? {
+            None => None,
+            Some(v) => match stored::decode_receipt(v.value(), family) {
+                Ok(r) => Some(r),
+                Err(e) => return Ok(nothing(Err(e))),
+            },
+        };
+        let claim = stored.as_ref().map(|r| r.body().clone());
+        let voided_by = t.voids.get((family, req.seq))?.map(|v| v.value());
+        let mut counts = Vec::new();
+        let mut replays = None;
+        let mut ids = Vec::new();
+        let mut scope_key: Option<(Vec<u8>, String)> = None;
+        if let Some(body) = &claim {
+            for slot in &body.slots {
+                let Ok(id) = hex::decode(&slot.revocation_id) else {
+                    return Ok(nothing(Err(LedgerError::Corrupt(format!(
+                        "receipt {} names a revocation id that is not hex",
+                        body.seq
+                    )))));
+                };
+                counts.push(t.counters.get(id.as_slice())?.map_or(0, |v| v.value()));
+                ids.push(id);
+            }
+            // The claim's idempotency record: scoped to the presented token's last block.
+            if let Some(scope) = ids.last() {
+                let key = body.idempotency_key.as_str();
+                if let Some(bytes) = t.idempotency.get((scope.as_slice(), key))? {
+                    match stored::decode_idempotency(bytes.value(), scope) {
+                        Ok(IdempotencyRecord::Pointer(p))
+                            if p.family == family && p.seq == req.seq =>
+                        {
+                            replays = Some(p.replays);
+                        }
+                        Ok(_) => {}
+                        Err(e) => return Ok(nothing(Err(e))),
+                    }
+                }
+                scope_key = Some((scope.clone(), key.to_owned()));
+            }
+        }
+        let chain_head = t.chain_heads.get(family)?.map(|v| {
+            let (seq, hash) = v.value();
+            (seq, hash.to_owned())
+        });
+        let voids = t.void_counts.get(family)?.map_or(0, |v| v.value());
+        let state = plan::VoidState {
+            claim,
+            voided_by,
+            replays,
+            counts,
+            chain_head,
+            voids,
+        };
+        let signer = self.signers.current();
+        let ctx = ClaimContext {
+            proxy_id: &self.proxy_id,
+            kid: signer.key_id(),
+            idempotency_key: "",
+            alerts: &self.alerts,
+        };
+        match plan::plan_void(req, &state, &ctx) {
+            Err(e) => Ok(nothing(Err(e))),
+            Ok(plan::VoidPlan::Existing { seq }) => {
+                let Some(value) = t.receipts.get((family, seq))? else {
+                    return Ok(nothing(Err(LedgerError::NotVoidable(format!(
+                        "receipt {} of family {} was voided by receipt {seq}, which was pruned",
+                        req.seq,
+                        hex::encode(family)
+                    )))));
+                };
+                let receipt = match stored::decode_receipt(value.value(), family) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(nothing(Err(e))),
+                };
+                let remaining = state
+                    .claim
+                    .iter()
+                    .flat_map(|c| c.slots.iter().zip(&state.counts))
+                    .filter_map(|(slot, &count)| slot.cap.map(|cap| cap.saturating_sub(count)))
+                    .min();
+                Ok(nothing(Ok(VoidCommitted {
+                    receipt,
+                    newly: false,
+                    remaining,
+                })))
+            }
+            Ok(plan::VoidPlan::Commit {
+                new_counts,
+                mut body,
+                voids,
+                remaining,
+            }) => {
+                body.ledger.clone_from(&self.ledger_id);
+                let claim_iat = state.claim.as_ref().map_or(0, |c| c.iat);
+                let prepared = if self.faults.signing_should_fail() {
+                    Err("injected signing failure".to_owned())
+                } else {
+                    PreparedReceipt::new(body).map_err(|e| e.to_string())
+                };
+                let prepared = match prepared {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "ledger: void receipt signing failed");
+                        return Ok(nothing(Err(LedgerError::Signing(e))));
+                    }
+                };
+                let seq = prepared.body().seq;
+                let hash = prepared.hash_hex();
+                for (id, count) in ids.iter().zip(&new_counts) {
+                    t.counters.insert(id.as_slice(), *count)?;
+                }
+                for w in &req.windows {
+                    let Some(id) = ids.get(w.level) else {
+                        continue;
+                    };
+                    let key = (id.as_slice(), w.secs);
+                    let current = match t.windows.get(key)? {
+                        None => None,
+                        Some(bytes) => plan::WindowCount::from_bytes(bytes.value()).ok(),
+                    };
+                    if let Some(lowered) = plan::void_window(w, claim_iat, current) {
+                        t.windows.insert(key, lowered.to_bytes().as_slice())?;
+                    }
+                }
+                t.receipts.insert(
+                    (family, seq),
+                    stored::encode_body(prepared.body(), family).as_slice(),
+                )?;
+                t.chain_heads.insert(family, (seq, hash.as_str()))?;
+                t.voids.insert((family, req.seq), seq)?;
+                t.void_counts.insert(family, voids)?;
+                // A retry with the same idempotency key claims afresh.
+                if let Some((scope, key)) = &scope_key {
+                    t.idempotency.remove((scope.as_slice(), key.as_str()))?;
+                }
+                Ok(Applied {
+                    answer: Answer::Void(Ok(VoidCommitted {
+                        receipt: StoredReceipt::Unsigned(prepared),
+                        newly: true,
+                        remaining,
+                    })),
+                    wrote: true,
+                })
+            }
+        }
+    }
+
     /// Reads the claim's state in the transaction, plans, and carries the plan out.
     /// `Err` is a storage failure (the whole batch aborts); decisions and per-claim
     /// errors are in `Applied::answer`.
@@ -2244,11 +2498,13 @@ impl Writer {
         });
         let minute = req.now / 60;
         let minute_count = t.activity.get((family, minute))?.map_or(0, |v| v.value());
+        let voids = t.void_counts.get(family)?.map_or(0, |v| v.value());
         let state = ClaimState {
             idempotency,
             revoked,
             counts,
             chain_head,
+            voids,
             minute_count,
         };
         // Windowed caps (spec/ledger.md §3.4): each window's stored counter, read in this

@@ -93,4 +93,9 @@ pub enum LedgerError {
     /// The claim request is malformed (no levels, or a revocation id repeated). A caller bug.
     #[error("invalid claim request: {0}")]
     InvalidRequest(String),
+    /// A void was refused: no such claim receipt (never written, or pruned), a void
+    /// receipt, or a claim whose idempotency key was replayed (a replay may have been
+    /// forwarded under the slot). Nothing was written; the slot stays spent.
+    #[error("cannot void: {0}")]
+    NotVoidable(String),
 }

@@ -20,6 +20,11 @@
 //! per-minute activity per family, and usage alerts with their delivery outbox
 //! ([`alert`]), decided inside the claim that crosses a threshold so each fires once.
 //!
+//! A committed claim whose request never left the proxy (the upstream was unreachable
+//! in the connect phase) can be given back with [`Ledger::void`]: one compensating
+//! transaction that lowers every counter the claim raised and appends a signed void
+//! receipt to the family's chain ([`plan::plan_void`]; `spec/ledger.md` §3.5).
+//!
 //! Receipts (and the idempotency records pointing at them) are kept until exported and
 //! pruned ([`EmbeddedLedger::export_and_prune`], [`retention`]). Non-feature: no
 //! multi-process access to one embedded ledger file (use the admin API of the running
@@ -92,7 +97,7 @@ pub use error::{LedgerError, Refusal};
 #[cfg(feature = "fault-injection")]
 #[doc(hidden)]
 pub use fault::FaultInjector;
-pub use plan::{WindowCount, MAX_REPLAYS};
+pub use plan::{VoidPlan, VoidState, WindowCount, MAX_REPLAYS};
 
 /// A boxed future, so `dyn Ledger` works.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -164,6 +169,35 @@ pub struct Claim {
     pub alerts: Vec<AlertRecord>,
 }
 
+/// One claim to give back: the upstream was unreachable and nothing of the request was
+/// sent (spec/ledger.md §3.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoidRequest {
+    /// The family id: raw authority-block revocation id (the claim's `levels[0]`).
+    pub family: Vec<u8>,
+    /// The claim receipt's `seq`.
+    pub seq: u64,
+    /// Void time, Unix seconds (the void receipt's `iat`).
+    pub now: u64,
+    /// The windowed caps the claim was decided with ([`ClaimRequest::windows`], levels
+    /// indexing the claim's slots): their counters are lowered while still in the window
+    /// that counted the claim.
+    pub windows: Vec<WindowCap>,
+}
+
+/// A void (or the answer to a repeated one).
+#[derive(Debug, Clone)]
+pub struct Voided {
+    /// The signed void receipt (`void: Some(claim seq)`).
+    pub receipt: Receipt,
+    /// False when the claim was already voided: `receipt` is the existing void receipt and
+    /// nothing was written or given back again.
+    pub newly: bool,
+    /// Activations left under the tightest cap of the claim's levels after the void
+    /// (`None`: uncapped; on a repeat, computed from the counters now).
+    pub remaining: Option<u64>,
+}
+
 /// The outcome of a revocation.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Revoked {
@@ -195,6 +229,28 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         &self,
         req: ClaimRequest,
     ) -> BoxFuture<'_, Result<Result<Claim, Refusal>, LedgerError>>;
+    /// Gives a committed claim's slot back in ONE transaction (spec/ledger.md §3.5): every
+    /// level's counter the claim advanced goes down by one (window counters only while
+    /// still in the claim's window), a signed void receipt naming the claim is appended
+    /// to the family's chain, and the claim's idempotency record is removed (a retry with
+    /// the same key claims afresh). Idempotent: voiding a voided claim returns its void
+    /// receipt (`newly: false`) and changes nothing. Revoked or expired keys can be voided
+    /// (giving a slot back never exceeds a cap). Fires no alert. Refused with
+    /// [`LedgerError::NotVoidable`] (nothing written) for an unknown or pruned seq, a void
+    /// receipt, or a claim that was replayed.
+    ///
+    /// Default: [`LedgerError::NotVoidable`] (a ledger that cannot void keeps the slot
+    /// spent: the fail-closed direction).
+    fn void(&self, req: VoidRequest) -> BoxFuture<'_, Result<Voided, LedgerError>> {
+        Box::pin(async move {
+            Err(LedgerError::NotVoidable(format!(
+                "receipt {} of family {}: this ledger does not support voids",
+                req.seq,
+                hex::encode(&req.family)
+            )))
+        })
+    }
+
     /// Revokes a block by revocation id (idempotent). Effective for the next claim.
     fn revoke(&self, revocation_id: &[u8]) -> BoxFuture<'_, Result<Revoked, LedgerError>>;
     /// Current usage of each given block.

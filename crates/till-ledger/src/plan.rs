@@ -80,8 +80,11 @@ pub struct ClaimState {
     /// Per level (block order): activations claimed so far through that block.
     pub counts: Vec<u64>,
     /// The family's chain head `(seq, lower-case hex receipt hash)`; `None` before the
-    /// first claim. Always the receipt at `seq == counts[0]`.
+    /// first claim. Always the receipt at `seq == counts[0] + 2 × voids` (each claim adds
+    /// a receipt and one to the count; each void adds a receipt and takes one away).
     pub chain_head: Option<(u64, String)>,
+    /// The family's void receipts so far (spec/ledger.md §3.5); 0 for most families.
+    pub voids: u64,
     /// The family's activations in the current clock minute (`now / 60`) so far.
     pub minute_count: u64,
 }
@@ -387,7 +390,14 @@ fn plan_claim_inner(
         new_counts.push(next);
     }
 
-    let seq = new_counts[0];
+    // The receipt's place in the chain: after the head. Without voids this is the new
+    // family count (`new_counts[0]`); each void adds a receipt without a charge.
+    let seq = state
+        .chain_head
+        .as_ref()
+        .map_or(0, |(seq, _)| *seq)
+        .checked_add(1)
+        .ok_or_else(|| LedgerError::Corrupt("family chain seq overflows".into()))?;
     let prev = state.chain_head.as_ref().map(|(_, hash)| hash.clone());
     let slots = req
         .levels
@@ -414,6 +424,7 @@ fn plan_claim_inner(
         prev,
         ledger: None,
         ceilings: req.ceilings.clone().filter(|c| !c.is_empty()),
+        void: None,
     };
     let remaining = remaining(&req.levels, &new_counts);
     let minute_count = state.minute_count.saturating_add(1);
@@ -434,17 +445,206 @@ fn plan_claim_inner(
     })
 }
 
-/// The chain head must be the receipt at `seq == counts[0]` (none before the first claim).
+/// The chain head must be the receipt at `seq == counts[0] + 2 × voids` (none before the
+/// first claim).
 fn check_chain_head(state: &ClaimState) -> Result<(), LedgerError> {
     let family_count = state.counts.first().copied().unwrap_or(0);
-    match (&state.chain_head, family_count) {
-        (None, 0) => Ok(()),
-        (Some((seq, _)), count) if *seq == count => Ok(()),
-        (head, count) => Err(LedgerError::Corrupt(format!(
-            "family counter is {count} but chain head is at {:?}",
-            head.as_ref().map(|(seq, _)| *seq)
+    check_head(family_count, state.voids, state.chain_head.as_ref())
+}
+
+fn check_head(
+    family_count: u64,
+    voids: u64,
+    head: Option<&(u64, String)>,
+) -> Result<(), LedgerError> {
+    let expected = voids
+        .checked_mul(2)
+        .and_then(|v| v.checked_add(family_count));
+    match (head, expected) {
+        (None, Some(0)) => Ok(()),
+        (Some((seq, _)), Some(expected)) if *seq == expected => Ok(()),
+        (head, _) => Err(LedgerError::Corrupt(format!(
+            "family counter is {family_count} with {voids} voids but chain head is at {:?}",
+            head.map(|(seq, _)| *seq)
         ))),
     }
+}
+
+/// What the backend read inside its transaction, for one void (spec/ledger.md §3.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoidState {
+    /// The receipt stored at `(family, seq)`; `None`: no such receipt (never written, or
+    /// exported and pruned).
+    pub claim: Option<ReceiptBody>,
+    /// The seq of the void receipt already written for this claim, if any.
+    pub voided_by: Option<u64>,
+    /// Replays served of the claim's idempotency record (`None`: no record points at the
+    /// claim any more).
+    pub replays: Option<u32>,
+    /// Per slot of the claim (block order): the level's counter now.
+    pub counts: Vec<u64>,
+    /// The family's chain head `(seq, link hash)`.
+    pub chain_head: Option<(u64, String)>,
+    /// The family's voids so far.
+    pub voids: u64,
+}
+
+/// The decision for one void.
+// One transient value per void (rare); see `Plan` for why it is not boxed.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoidPlan {
+    /// Already voided: answer with the void receipt at this seq, write nothing.
+    Existing {
+        /// The void receipt's seq.
+        seq: u64,
+    },
+    /// Write `new_counts` (per slot of the claim), the void receipt `body` at
+    /// `(family, body.seq)`, the chain head, the void marker `(family, claim seq) →
+    /// body.seq`, the family's void count, the window counters, and delete the claim's
+    /// idempotency record (so a retry with the same key claims afresh).
+    Commit {
+        /// New counter value per level of the claim, block order (each one lower).
+        new_counts: Vec<u64>,
+        /// The void receipt to sign.
+        body: ReceiptBody,
+        /// The family's void count after this void.
+        voids: u64,
+        /// Activations left under the tightest cap after the void.
+        remaining: Option<u64>,
+    },
+}
+
+/// Why a claim cannot be voided (the slot stays spent; the proxy fails closed).
+pub(crate) fn not_voidable(family: &[u8], seq: u64, why: &str) -> LedgerError {
+    LedgerError::NotVoidable(format!(
+        "receipt {seq} of family {}: {why}",
+        hex::encode(family)
+    ))
+}
+
+/// Decides one void. Pure, like [`plan_claim`].
+///
+/// Refused ([`LedgerError::NotVoidable`], nothing written): no receipt at `seq` (never
+/// written, or pruned), a receipt that is itself a void, or a claim whose idempotency
+/// record was replayed (a replay may have been forwarded under that slot) or no longer
+/// points at it. Already voided: [`VoidPlan::Existing`], nothing written, nothing
+/// decremented twice.
+pub fn plan_void(
+    req: &crate::VoidRequest,
+    state: &VoidState,
+    ctx: &ClaimContext<'_>,
+) -> Result<VoidPlan, LedgerError> {
+    let family = req.family.as_slice();
+    let Some(claim) = &state.claim else {
+        return Err(not_voidable(
+            family,
+            req.seq,
+            "no such receipt in the ledger",
+        ));
+    };
+    if claim.family != hex::encode(family) || claim.seq != req.seq {
+        return Err(LedgerError::Corrupt(format!(
+            "receipt stored at {} of family {} names {} of {}",
+            req.seq,
+            hex::encode(family),
+            claim.seq,
+            claim.family
+        )));
+    }
+    if claim.void.is_some() {
+        return Err(not_voidable(family, req.seq, "it is a void receipt"));
+    }
+    if let Some(seq) = state.voided_by {
+        return Ok(VoidPlan::Existing { seq });
+    }
+    match state.replays {
+        Some(0) => {}
+        Some(_) => {
+            return Err(not_voidable(
+                family,
+                req.seq,
+                "its idempotency key was replayed, so the slot may have been used",
+            ))
+        }
+        None => {
+            return Err(not_voidable(
+                family,
+                req.seq,
+                "its idempotency record is gone (exported, or reused)",
+            ))
+        }
+    }
+    if state.counts.len() != claim.slots.len() {
+        return Err(LedgerError::Corrupt(format!(
+            "{} counters for {} slots",
+            state.counts.len(),
+            claim.slots.len()
+        )));
+    }
+    let family_count = state.counts.first().copied().unwrap_or(0);
+    check_head(family_count, state.voids, state.chain_head.as_ref())?;
+    let mut new_counts = Vec::with_capacity(state.counts.len());
+    for (slot, &count) in claim.slots.iter().zip(&state.counts) {
+        let next = count.checked_sub(1).ok_or_else(|| {
+            LedgerError::Corrupt(format!(
+                "counter of {} is 0 but receipt {} of family {} counts in it",
+                slot.revocation_id, claim.seq, claim.family
+            ))
+        })?;
+        new_counts.push(next);
+    }
+    let (head_seq, prev) = match &state.chain_head {
+        Some((seq, hash)) => (*seq, hash.clone()),
+        None => return Err(LedgerError::Corrupt("a claim without a chain head".into())),
+    };
+    let voids = state
+        .voids
+        .checked_add(1)
+        .ok_or_else(|| LedgerError::Corrupt("void count overflows".into()))?;
+    let body = ReceiptBody {
+        v: RECEIPT_VERSION,
+        family: claim.family.clone(),
+        seq: head_seq.saturating_add(1),
+        slots: claim.slots.clone(),
+        request: claim.request.clone(),
+        iat: req.now,
+        proxy: ctx.proxy_id.to_owned(),
+        kid: ctx.kid.to_owned(),
+        idempotency_key: claim.idempotency_key.clone(),
+        prev: Some(prev),
+        ledger: None,
+        ceilings: None,
+        void: Some(claim.seq),
+    };
+    let remaining = claim
+        .slots
+        .iter()
+        .zip(&new_counts)
+        .filter_map(|(slot, &count)| slot.cap.map(|cap| cap.saturating_sub(count)))
+        .min();
+    Ok(VoidPlan::Commit {
+        new_counts,
+        body,
+        voids,
+        remaining,
+    })
+}
+
+/// The window counter a void writes back for `w` (a window of the claim it voids), or
+/// `None` to leave it: lowered by one only while the stored counter still counts the
+/// window that contained the claim (`start == w.start(claim_iat)`); a later window never
+/// counted the claim, so it is left alone (the void then frees nothing there).
+pub fn void_window(
+    w: &crate::WindowCap,
+    claim_iat: u64,
+    stored: Option<WindowCount>,
+) -> Option<WindowCount> {
+    let stored = stored?;
+    (stored.start == w.start(claim_iat) && stored.count > 0).then(|| WindowCount {
+        start: stored.start,
+        count: stored.count - 1,
+    })
 }
 
 #[cfg(test)]
@@ -514,6 +714,7 @@ mod tests {
             revoked: vec![false; n],
             counts: vec![0; n],
             chain_head: None,
+            voids: 0,
             minute_count: 0,
         }
     }
@@ -585,6 +786,147 @@ mod tests {
         assert!(plan_claim_windowed(&req, &fresh(1), &[], &CTX).is_err());
         assert_eq!(WindowCount::from_bytes(&full.to_bytes()).unwrap(), full);
         assert!(WindowCount::from_bytes(&[0; 15]).is_err());
+    }
+
+    /// The committed claim `plan_void` is asked about: seq 2 through two levels.
+    fn committed_claim() -> (ClaimRequest, ReceiptBody) {
+        let req = request(vec![level(1, Some(5)), level(2, Some(1))]);
+        let mut state = fresh(2);
+        state.counts = vec![1, 0];
+        state.chain_head = Some((1, "aa".repeat(32)));
+        let Plan::Commit { body, .. } = plan_claim(&req, &state, &CTX).unwrap() else {
+            panic!("expected a commit");
+        };
+        (req, body)
+    }
+
+    fn void_state(claim: &ReceiptBody) -> VoidState {
+        VoidState {
+            claim: Some(claim.clone()),
+            voided_by: None,
+            replays: Some(0),
+            counts: vec![2, 1],
+            chain_head: Some((2, "bb".repeat(32))),
+            voids: 0,
+        }
+    }
+
+    #[test]
+    fn a_void_lowers_every_level_and_appends_to_the_chain() {
+        let (req, claim) = committed_claim();
+        assert_eq!(claim.seq, 2);
+        let void = crate::VoidRequest {
+            family: req.levels[0].revocation_id.clone(),
+            seq: 2,
+            now: 2_000,
+            windows: Vec::new(),
+        };
+        let VoidPlan::Commit {
+            new_counts,
+            body,
+            voids,
+            remaining,
+        } = plan_void(&void, &void_state(&claim), &CTX).unwrap()
+        else {
+            panic!("expected a commit");
+        };
+        assert_eq!(new_counts, vec![1, 0]);
+        assert_eq!(voids, 1);
+        assert_eq!(remaining, Some(1));
+        assert_eq!(body.seq, 3);
+        assert_eq!(body.void, Some(2));
+        assert_eq!(body.prev, Some("bb".repeat(32)));
+        assert_eq!(body.slots, claim.slots);
+        assert_eq!(body.request, claim.request);
+        assert_eq!(body.idempotency_key, claim.idempotency_key);
+        assert_eq!(body.iat, 2_000);
+
+        // After the void, the next claim takes seq 4 with the freed slot.
+        let mut state = fresh(2);
+        state.counts = new_counts;
+        state.chain_head = Some((3, "cc".repeat(32)));
+        state.voids = 1;
+        let Plan::Commit { body, .. } = plan_claim(&req, &state, &CTX).unwrap() else {
+            panic!("expected a commit");
+        };
+        assert_eq!(body.seq, 4);
+        assert_eq!(body.slots[0].slot, 2);
+        assert_eq!(body.slots[1].slot, 1);
+        // A head that does not account for the voids is corrupt.
+        state.voids = 0;
+        assert!(matches!(
+            plan_claim(&req, &state, &CTX),
+            Err(LedgerError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn void_refusals_and_repeats() {
+        let (req, claim) = committed_claim();
+        let void = crate::VoidRequest {
+            family: req.levels[0].revocation_id.clone(),
+            seq: 2,
+            now: 2_000,
+            windows: Vec::new(),
+        };
+        let refused = |state: &VoidState| {
+            matches!(
+                plan_void(&void, state, &CTX),
+                Err(LedgerError::NotVoidable(_))
+            )
+        };
+        let mut s = void_state(&claim);
+        s.claim = None;
+        assert!(refused(&s), "unknown seq");
+        let mut s = void_state(&claim);
+        s.replays = Some(1);
+        assert!(refused(&s), "replayed claim");
+        let mut s = void_state(&claim);
+        s.replays = None;
+        assert!(refused(&s), "record gone");
+        let mut s = void_state(&claim);
+        let mut a_void = claim.clone();
+        a_void.void = Some(1);
+        s.claim = Some(a_void);
+        assert!(refused(&s), "a void receipt");
+        let mut s = void_state(&claim);
+        s.voided_by = Some(3);
+        s.replays = None;
+        assert_eq!(
+            plan_void(&void, &s, &CTX).unwrap(),
+            VoidPlan::Existing { seq: 3 }
+        );
+        let mut s = void_state(&claim);
+        s.counts = vec![2, 0];
+        assert!(matches!(
+            plan_void(&void, &s, &CTX),
+            Err(LedgerError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn a_void_lowers_a_window_only_while_it_is_the_claims() {
+        let w = crate::WindowCap {
+            level: 0,
+            secs: 60,
+            max: 5,
+        };
+        let start = 960; // the window containing 1_000
+        let in_window = WindowCount { start, count: 3 };
+        assert_eq!(
+            void_window(&w, 1_000, Some(in_window)),
+            Some(WindowCount { start, count: 2 })
+        );
+        let later = WindowCount {
+            start: start + 60,
+            count: 1,
+        };
+        assert_eq!(void_window(&w, 1_000, Some(later)), None);
+        assert_eq!(void_window(&w, 1_000, None), None);
+        assert_eq!(
+            void_window(&w, 1_000, Some(WindowCount { start, count: 0 })),
+            None
+        );
     }
 
     static NO_ALERTS: AlertPolicy = AlertPolicy {
@@ -1004,6 +1346,7 @@ mod tests {
                     revoked: vec![false; path.len()],
                     counts: path.iter().map(|&i| counts[i]).collect(),
                     chain_head: head.clone(),
+                    voids: 0,
                     minute_count: 0,
                 };
                 let ctx = ClaimContext { idempotency_key: &key_s, ..CTX };

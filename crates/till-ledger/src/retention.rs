@@ -66,6 +66,15 @@ pub struct CheckpointBody {
     pub kid: String,
     /// When the range was pruned, Unix seconds.
     pub iat: u64,
+    /// Void receipts in the range (spec/ledger.md §3.5): the range held
+    /// `count - voids` claims. Omitted when 0, so checkpoints of ranges without voids
+    /// (and every checkpoint signed before voids existed) are byte-for-byte unchanged.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub voids: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A signed checkpoint: `{"body": {...}, "sig": "<hex ed25519>"}` over the body's JSON.
@@ -241,8 +250,8 @@ pub(crate) fn receipt_line(receipt: &Receipt) -> String {
 
 /// Checks checkpoints against a family's whole chain (`chain[i]` has `seq == i + 1`, as
 /// [`till_receipt::audit_chain`] requires): every checkpoint verifies, names this family,
-/// and states exactly what the chain holds (count, the hash of its last receipt, the
-/// `prev` of its first); the ranges are contiguous from seq 1. Returns the last pruned
+/// and states exactly what the chain holds (count, voids among them, the hash of its last
+/// receipt, the `prev` of its first); the ranges are contiguous from seq 1. Returns the last pruned
 /// seq (0 without checkpoints).
 pub fn check_checkpoints(
     chain: &[Receipt],
@@ -279,6 +288,18 @@ pub fn check_checkpoints(
                 "{range}: the exported receipts are not the ones it signed"
             ));
         }
+        let voids = (b.from_seq..=b.to_seq)
+            .map(at)
+            .collect::<Result<Vec<_>, _>>()?
+            .iter()
+            .filter(|r| r.body().is_void())
+            .count() as u64;
+        if voids != b.voids {
+            return Err(format!(
+                "{range}: states {} voids, the exported receipts hold {voids}",
+                b.voids
+            ));
+        }
         next = b.to_seq + 1;
     }
     Ok(next - 1)
@@ -301,6 +322,7 @@ mod tests {
             ledger: None,
             kid: String::new(),
             iat: 1,
+            voids: 0,
         }
     }
 
@@ -317,5 +339,12 @@ mod tests {
         forged.body.to_seq = 4;
         assert!(forged.verify(&keys).is_err());
         assert!(c.verify(&ReceiptKeySet::new()).is_err());
+        // No voids: the member is left out (checkpoints signed before voids verify).
+        assert!(!c.to_line().contains("voids"));
+        let mut with_voids = body();
+        with_voids.voids = 1;
+        let line = Checkpoint::sign(with_voids, &signer).to_line();
+        assert!(line.contains(r#""voids":1"#), "{line}");
+        Checkpoint::parse(&line).unwrap().verify(&keys).unwrap();
     }
 }

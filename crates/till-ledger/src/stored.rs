@@ -104,7 +104,10 @@ pub fn encode_body(body: &ReceiptBody, family: &[u8]) -> Vec<u8> {
         .ceilings
         .as_ref()
         .map(|c| serde_json::to_string(c).unwrap_or_default());
-    put_opts(&mut out, &[&body.prev, &body.ledger, &ceilings]);
+    // A void receipt's `void` (the claim it gives back), in decimal: a fourth optional
+    // member, so a claim's value is byte-identical to before voids existed.
+    let void = body.void.map(|seq| seq.to_string());
+    put_opts(&mut out, &[&body.prev, &body.ledger, &ceilings, &void]);
     out
 }
 
@@ -190,10 +193,18 @@ fn decode_body(bytes: &[u8], family: &[u8]) -> Option<ReceiptBody> {
     let proxy = r.str()?;
     let kid = r.str()?;
     let idempotency_key = r.str()?;
-    let [prev, ledger, ceilings] = r.opts::<3>()?;
+    let [prev, ledger, ceilings, void] = r.opts::<4>()?;
     if !r.0.is_empty() {
         return None;
     }
+    let void = match void {
+        Some(text) => {
+            let seq: u64 = text.parse().ok()?;
+            (seq.to_string() == text).then_some(seq)?;
+            Some(seq)
+        }
+        None => None,
+    };
     let ceilings = match ceilings {
         Some(json) => Some(serde_json::from_str(&json).ok()?),
         None => None,
@@ -219,6 +230,7 @@ fn decode_body(bytes: &[u8], family: &[u8]) -> Option<ReceiptBody> {
         prev,
         ledger,
         ceilings,
+        void,
     })
 }
 
@@ -502,6 +514,8 @@ mod tests {
                         prev,
                         ledger,
                         ceilings,
+                        // Every third body is a void receipt.
+                        void: (iat % 3 == 0).then_some(iat / 3),
                     };
                     (body, family)
                 },
@@ -580,6 +594,7 @@ mod tests {
                 windows: Some(vec![[60, 10]]),
                 ..Default::default()
             }),
+            void: None,
         };
         let bytes = encode_body(&body, &family);
         assert!(bytes.len() < 400, "{} bytes", bytes.len());

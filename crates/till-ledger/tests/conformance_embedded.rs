@@ -69,6 +69,12 @@ cases!(
         revocation_alert_once,
         windowed_caps_exact_under_concurrency,
         windowed_refusal_writes_nothing,
+        void_restores_exactly_one_slot,
+        double_void_is_a_no_op,
+        void_of_unknown_seq_refused,
+        retry_after_void_claims_afresh,
+        caps_exact_under_concurrent_claims_and_voids,
+        void_restores_window_slot,
     ]
 );
 
@@ -94,6 +100,12 @@ cases!(
         revocation_alert_once,
         windowed_caps_exact_under_concurrency,
         windowed_refusal_writes_nothing,
+        void_restores_exactly_one_slot,
+        double_void_is_a_no_op,
+        void_of_unknown_seq_refused,
+        retry_after_void_claims_afresh,
+        caps_exact_under_concurrent_claims_and_voids,
+        void_restores_window_slot,
     ]
 );
 

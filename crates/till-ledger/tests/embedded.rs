@@ -808,3 +808,124 @@ async fn export_and_prune_keeps_an_auditable_chain() {
     let cps = ledger.checkpoints(&family).await.unwrap();
     audit(ledger.receipts(&family, 1, 100).await.unwrap(), cps);
 }
+
+fn void_of(family: &[u8], seq: u64) -> till_ledger::VoidRequest {
+    till_ledger::VoidRequest {
+        family: family.to_vec(),
+        seq,
+        now: 1_750_000_100,
+        windows: Vec::new(),
+    }
+}
+
+/// Issue 10 item 12, embedded specifics: a void receipt follows the claim pattern — stored
+/// as a body, signed by the caller after the commit, the signature stored back, and
+/// signed again alike from the body when the signature was lost (a crash between the
+/// commit and the write-back); voids survive a reopen (a repeat is a no-op), `till ledger
+/// check` accepts a family with voids, and export/prune checkpoints count them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn void_receipts_sign_back_survive_reopen_and_export() {
+    use redb::{ReadableTable as _, TableDefinition};
+    use till_ledger::retention::{check_checkpoints, read_export, Retention};
+    const V3: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("receipts_v3");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let token = levels(&[Some(10)]);
+    let family = token[0].revocation_id.clone();
+    let mut returned = Vec::new();
+    {
+        let ledger = open(&path, 64, Duration::from_secs(10));
+        for i in 0..5 {
+            let key = format!("k-{i}");
+            let claim = ledger
+                .claim(claim_request(&token, Some(&key), "chat"))
+                .await
+                .unwrap()
+                .unwrap();
+            returned.push(claim.receipt);
+        }
+        for seq in [2, 4] {
+            let v = ledger.void(void_of(&family, seq)).await.unwrap();
+            assert!(v.newly);
+            returned.push(v.receipt);
+        }
+        let claim = ledger
+            .claim(claim_request(&token, Some("k-5"), "chat"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(claim.receipt.body().seq, 8);
+        assert_eq!(claim.receipt.body().slots[0].slot, 4);
+        returned.push(claim.receipt);
+        assert_eq!(ledger.receipts(&family, 1, 100).await.unwrap(), returned);
+    }
+    // Every signature, the voids' included, was stored back; drop the voids' signatures.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(V3).unwrap();
+            let tags: Vec<u8> = table
+                .iter()
+                .unwrap()
+                .map(|e| e.unwrap().1.value()[0])
+                .collect();
+            assert_eq!(tags, vec![3; 8]);
+            for seq in [6u64, 7] {
+                let value = table
+                    .get((family.as_slice(), seq))
+                    .unwrap()
+                    .unwrap()
+                    .value()
+                    .to_vec();
+                let mut unsigned = value[..value.len() - 64].to_vec();
+                unsigned[0] = 2;
+                table
+                    .insert((family.as_slice(), seq), unsigned.as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let checked = till_ledger::check_file(&path, &dir.path().join("scratch")).unwrap();
+    assert_eq!(checked.receipts, 8);
+    let ledger = open(&path, 64, Duration::from_secs(10));
+    assert_eq!(ledger.receipts(&family, 1, 100).await.unwrap(), returned);
+    let again = ledger.void(void_of(&family, 2)).await.unwrap();
+    assert!(!again.newly);
+    assert_eq!(again.receipt.compact(), returned[5].compact());
+    assert_eq!(used(&ledger, &token).await, vec![4]);
+
+    // Export and prune 1..=6 (keep 2): the checkpoint counts the two voids... of which
+    // one (seq 7) stays in the ledger: the range holds one.
+    let export = dir.path().join("receipts");
+    let report = ledger
+        .export_and_prune(
+            Retention {
+                keep: Some(2),
+                max_age_secs: None,
+            },
+            &export,
+            2_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.pruned, 6);
+    assert_eq!((report.exported, report.voids), (6, 1));
+    let cps = ledger.checkpoints(&family).await.unwrap();
+    assert_eq!(cps.len(), 1);
+    assert_eq!((cps[0].body.count, cps[0].body.voids), (6, 1));
+    let (mut chain, _) = read_export(&export, &hex::encode(&family)).unwrap();
+    chain.extend(ledger.receipts(&family, 1, 100).await.unwrap());
+    let audit = audit_chain(&chain, &keys()).unwrap();
+    assert_eq!((audit.claims, audit.voids, audit.charged), (6, 2, 4));
+    assert_eq!(check_checkpoints(&chain, &cps, &keys()).unwrap(), 6);
+    // A pruned claim cannot be voided (nor voided again: its void receipt is exported).
+    for seq in [3, 2] {
+        assert!(matches!(
+            ledger.void(void_of(&family, seq)).await,
+            Err(LedgerError::NotVoidable(_))
+        ));
+    }
+    assert_eq!(used(&ledger, &token).await, vec![4]);
+}

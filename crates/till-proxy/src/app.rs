@@ -33,7 +33,7 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use http_body_util::BodyExt as _;
 use sha2::{Digest as _, Sha256};
-use till_ledger::{Claim, ClaimRequest, Ledger, Level, RequestDigest, WindowCap};
+use till_ledger::{Claim, ClaimRequest, Ledger, Level, RequestDigest, VoidRequest, WindowCap};
 use till_token::{
     key_digest, verify, AuthorizeError, CallFacts, KeyRing, Limits, RequestFacts, VerifiedToken,
 };
@@ -221,6 +221,8 @@ struct RequestLog {
     block: Option<usize>,
     slot: Option<u64>,
     replayed: bool,
+    /// The claim was given back (void receipt): the upstream was unreachable.
+    voided: bool,
     /// What the event bus gets, filled only when someone subscribes.
     event: Option<EventFacts>,
 }
@@ -231,6 +233,8 @@ struct EventFacts {
     family: Option<String>,
     block: Option<String>,
     claim: Option<(u64, Option<u64>, bool)>,
+    /// The void of the claim: (void receipt seq, remaining after it).
+    void: Option<(u64, Option<u64>)>,
     path: String,
     model: Option<String>,
     /// Alerts the claim fired (committed with it).
@@ -337,7 +341,10 @@ impl AppState {
             ),
             content_type: content_type_digest(&parts.headers),
         };
-        let claim = self.claim(&token, idempotency_key, digest, now).await?;
+        let windows = windows_of(&token);
+        let claim = self
+            .claim(&token, idempotency_key, digest, now, windows.clone())
+            .await?;
         log.slot = claim.receipt.body().slots.last().map(|s| s.slot);
         log.replayed = claim.replayed;
         if let Some(facts) = log.event.as_mut() {
@@ -355,6 +362,11 @@ impl AppState {
         };
         match forwarded {
             Ok(response) => Ok(response_filter(response, till_headers, credential.expose())),
+            // Nothing of the request was sent (the connect phase failed): give the slot
+            // back. A replay's slot belongs to the original claim and is never voided.
+            Err(ProxyError::UpstreamUnreachable(name)) if !claim.replayed => Ok(self
+                .give_back(&claim, windows, name, till_headers, log)
+                .await),
             // The claim committed: the client gets its receipt with the error, so it can
             // prove what it was charged.
             Err(e) => {
@@ -559,6 +571,7 @@ impl AppState {
         idempotency_key: Option<String>,
         request: RequestDigest,
         now: u64,
+        windows: Vec<WindowCap>,
     ) -> Result<Claim, ProxyError> {
         let levels = token
             .blocks()
@@ -569,17 +582,6 @@ impl AppState {
             })
             .collect();
         let not_after = token.scope().expires.map(|e| u64::try_from(e).unwrap_or(0));
-        let windows = token
-            .blocks()
-            .iter()
-            .flat_map(|b| {
-                b.caveats.windows.iter().flatten().map(|w| WindowCap {
-                    level: b.index,
-                    secs: w.secs,
-                    max: w.max,
-                })
-            })
-            .collect();
         let req = ClaimRequest {
             levels,
             idempotency_key,
@@ -620,6 +622,80 @@ impl AppState {
                 self.metrics.claim(ClaimOutcome::Error, took);
                 tracing::warn!("ledger claim timed out; refusing with 503");
                 Err(ProxyError::LedgerUnavailable)
+            }
+        }
+    }
+
+    /// Phase 7b: the upstream was unreachable and nothing of the request was sent (the
+    /// connect phase failed: refused, DNS, TLS handshake), so the committed claim is given
+    /// back (spec/ledger.md §3.5): `502 upstream_unreachable` with `x-should-retry: true`,
+    /// the void receipt and the restored remaining count. If the void fails, fail closed:
+    /// the slot stays spent and the answer is the plain 502 with the claim's receipt and
+    /// `x-should-retry: false` (a retry would be charged again).
+    async fn give_back(
+        &self,
+        claim: &Claim,
+        windows: Vec<WindowCap>,
+        upstream: String,
+        claim_headers: Vec<(HeaderName, HeaderValue)>,
+        log: &mut RequestLog,
+    ) -> Response {
+        let body = claim.receipt.body();
+        let seq = body.seq;
+        let family = hex::decode(&body.family).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let req = VoidRequest {
+            family,
+            seq,
+            now,
+            windows,
+        };
+        let limit = self.config.limits.ledger_claim_timeout + Duration::from_millis(500);
+        let outcome = tokio::time::timeout(limit, self.ledger.void(req)).await;
+        let voided = match outcome {
+            Ok(Ok(voided)) => Ok(voided),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_owned()),
+        };
+        match voided.and_then(|v| {
+            let receipt = HeaderValue::from_str(v.receipt.compact())
+                .map_err(|_| "void receipt is not a header value".to_owned())?;
+            Ok((v, receipt))
+        }) {
+            Ok((voided, receipt)) => {
+                self.metrics.void(true);
+                log.voided = true;
+                log.slot = None;
+                if let Some(facts) = log.event.as_mut() {
+                    facts.void = Some((voided.receipt.body().seq, voided.remaining));
+                }
+                let mut resp = ProxyError::UpstreamUnreachableVoided(upstream).into_response();
+                let h = resp.headers_mut();
+                h.insert(HeaderName::from_static(HEADER_RECEIPT), receipt);
+                if let Some(n) = voided.remaining {
+                    h.insert(
+                        HeaderName::from_static(HEADER_REMAINING),
+                        HeaderValue::from(n),
+                    );
+                }
+                resp
+            }
+            Err(why) => {
+                self.metrics.void(false);
+                tracing::warn!(
+                    family = %short_hex(&hex::decode(&body.family).unwrap_or_default()),
+                    seq,
+                    error = %why,
+                    "could not give back the claim of an unreachable upstream; the activation stays spent"
+                );
+                let mut resp = ProxyError::UpstreamUnreachable(upstream).into_response();
+                for (k, v) in claim_headers {
+                    resp.headers_mut().insert(k, v);
+                }
+                resp
             }
         }
     }
@@ -747,6 +823,18 @@ impl AppState {
             }
         };
         self.events.publish(event);
+        if let (Some(f), Some((void_seq, remaining))) = (facts, facts.and_then(|f| f.void)) {
+            self.events.publish(Event::Void {
+                at,
+                family: f.family.clone().unwrap_or_default(),
+                block: f.block.clone().unwrap_or_default(),
+                seq: f.claim.map_or(0, |c| c.0),
+                void_seq,
+                remaining,
+                upstream: log.upstream.clone().unwrap_or_default(),
+                proxy: self.config.proxy_id.clone(),
+            });
+        }
         for alert in facts.map(|f| f.alerts.as_slice()).unwrap_or_default() {
             self.events.publish(Event::Alert {
                 alert: serde_json::to_value(alert).unwrap_or_default(),
@@ -775,6 +863,7 @@ impl AppState {
             block = log.block.map(|b| b as i64).unwrap_or(-1),
             slot = log.slot.unwrap_or(0),
             replayed = log.replayed,
+            voided = log.voided,
             upstream = log.upstream.as_deref().unwrap_or("-"),
             method = %method,
             status = status.as_u16(),
@@ -782,6 +871,21 @@ impl AppState {
             latency_ms = format!("{latency_ms:.2}"),
         );
     }
+}
+
+/// The windowed caps of the token's blocks, as the claim (and a void of it) names them.
+fn windows_of(token: &VerifiedToken) -> Vec<WindowCap> {
+    token
+        .blocks()
+        .iter()
+        .flat_map(|b| {
+            b.caveats.windows.iter().flatten().map(|w| WindowCap {
+                level: b.index,
+                secs: w.secs,
+                max: w.max,
+            })
+        })
+        .collect()
 }
 
 /// Phase 3 (part): the `Idempotency-Key` header, validated (no CR/LF or other bytes

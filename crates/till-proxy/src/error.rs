@@ -131,6 +131,14 @@ pub enum ProxyError {
     /// The upstream could not be reached (connect refused, DNS, TLS).
     #[error("upstream `{0}` is unreachable")]
     UpstreamUnreachable(String),
+    /// The upstream could not be reached before anything of the request was sent, and
+    /// the activation was given back (a void receipt is in `till-receipt`): retrying is
+    /// charged only once.
+    #[error(
+        "upstream `{0}` is unreachable; nothing was sent and the activation was given back \
+         (void receipt in the till-receipt header), retry later"
+    )]
+    UpstreamUnreachableVoided(String),
     /// The upstream did not answer in time.
     #[error("upstream `{0}` did not respond in time")]
     UpstreamTimeout(String),
@@ -174,9 +182,9 @@ impl ProxyError {
             ProxyError::LedgerUnavailable
             | ProxyError::BodyBudgetExceeded
             | ProxyError::Internal => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamFailed(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamUnreachableVoided(_)
+            | ProxyError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -204,7 +212,9 @@ impl ProxyError {
             ProxyError::BodyRead => "body_unreadable",
             ProxyError::BodyBudgetExceeded => "body_budget_exceeded",
             ProxyError::LedgerUnavailable => "ledger_unavailable",
-            ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamUnreachableVoided(_) => {
+                "upstream_unreachable"
+            }
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::UpstreamFailed(_) => "upstream_failed",
             ProxyError::Internal => "internal_error",
@@ -230,6 +240,7 @@ impl ProxyError {
     pub fn origin(&self) -> Origin {
         match self {
             ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamUnreachableVoided(_)
             | ProxyError::UpstreamTimeout(_)
             | ProxyError::UpstreamFailed(_) => Origin::Upstream,
             ProxyError::LedgerUnavailable
@@ -239,9 +250,9 @@ impl ProxyError {
         }
     }
 
-    /// Whether retrying the same request may succeed without a second charge: only the
-    /// 503s that are refused before any claim (`ledger_unavailable`,
-    /// `body_budget_exceeded`) and a 429 `rate_limited` whose window frees within
+    /// Whether retrying the same request may succeed without a second charge: the 503s
+    /// that are refused before any claim (`ledger_unavailable`, `body_budget_exceeded`), a
+    /// 502 `upstream_unreachable` whose claim was voided (given back) and a 429 `rate_limited` whose window frees within
     /// [`MAX_SDK_RETRY_WAIT_SECS`] (nothing charged; SDKs wait `Retry-After` up to about a
     /// minute, then fall back to their own short backoff, which a longer window would
     /// only refuse again). Sent as `x-should-retry` (which the OpenAI and Anthropic SDKs
@@ -250,7 +261,9 @@ impl ProxyError {
     /// `internal_error`), where a retry would be charged again.
     pub fn retryable(&self) -> bool {
         match self {
-            ProxyError::LedgerUnavailable | ProxyError::BodyBudgetExceeded => true,
+            ProxyError::LedgerUnavailable
+            | ProxyError::BodyBudgetExceeded
+            | ProxyError::UpstreamUnreachableVoided(_) => true,
             ProxyError::LedgerRefused(till_ledger::Refusal::RateLimited {
                 retry_after, ..
             }) => *retry_after <= MAX_SDK_RETRY_WAIT_SECS,
@@ -369,6 +382,7 @@ mod tests {
             (ProxyError::KeyMissing, "false"),
             (ProxyError::BadFraming, "false"),
             (ProxyError::UpstreamUnreachable("x".into()), "false"),
+            (ProxyError::UpstreamUnreachableVoided("x".into()), "true"),
             (ProxyError::UpstreamTimeout("x".into()), "false"),
             (ProxyError::Internal, "false"),
             (ProxyError::ContentTypeNotJson, "false"),

@@ -13,7 +13,8 @@
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-/// One event. Serialized with a `type` tag (`claim`, `refusal`, `revocation`, `alert`).
+/// One event. Serialized with a `type` tag (`claim`, `void`, `refusal`, `revocation`,
+/// `alert`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -44,6 +45,28 @@ pub enum Event {
         /// Model read from the request, if any.
         #[serde(skip_serializing_if = "Option::is_none")]
         model: Option<String>,
+        /// This proxy's id.
+        proxy: String,
+    },
+    /// A committed claim given back (spec/ledger.md §3.5): the upstream was unreachable,
+    /// nothing was sent, and a void receipt was appended to the family's chain. Published
+    /// after the `claim` event of the same request.
+    Void {
+        /// Unix seconds.
+        at: u64,
+        /// Family id (hex).
+        family: String,
+        /// Revocation id of the presented key's last block (hex).
+        block: String,
+        /// The voided claim's seq.
+        seq: u64,
+        /// The void receipt's seq.
+        void_seq: u64,
+        /// Activations left under the tightest cap after the void (absent: uncapped).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        remaining: Option<u64>,
+        /// Upstream name.
+        upstream: String,
         /// This proxy's id.
         proxy: String,
     },
@@ -87,6 +110,7 @@ impl Event {
     pub fn kind(&self) -> &'static str {
         match self {
             Event::Claim { .. } => "claim",
+            Event::Void { .. } => "void",
             Event::Refusal { .. } => "refusal",
             Event::Revocation { .. } => "revocation",
             Event::Alert { .. } => "alert",
@@ -96,7 +120,7 @@ impl Event {
     /// The family the event is about, if any (for per-family filtering).
     pub fn family(&self) -> Option<&str> {
         match self {
-            Event::Claim { family, .. } => Some(family),
+            Event::Claim { family, .. } | Event::Void { family, .. } => Some(family),
             Event::Refusal { family, .. } | Event::Revocation { family, .. } => family.as_deref(),
             Event::Alert { alert } => alert.get("family").and_then(|f| f.as_str()),
         }
@@ -185,6 +209,27 @@ mod tests {
             rx.recv().await,
             Err(broadcast::error::RecvError::Lagged(_))
         ));
+    }
+
+    /// Issue 10 item 12: a void is its own event kind, filtered by family like a claim.
+    #[test]
+    fn void_event_serializes_with_its_kind_and_family() {
+        let e = Event::Void {
+            at: 7,
+            family: "aa".into(),
+            block: "bb".into(),
+            seq: 3,
+            void_seq: 4,
+            remaining: Some(1),
+            upstream: "openai".into(),
+            proxy: "p1".into(),
+        };
+        assert_eq!(e.kind(), "void");
+        assert_eq!(e.family(), Some("aa"));
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"type":"void","at":7,"family":"aa","block":"bb","seq":3,"void_seq":4,"remaining":1,"upstream":"openai","proxy":"p1"}"#
+        );
     }
 
     #[test]

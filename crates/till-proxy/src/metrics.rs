@@ -82,6 +82,7 @@ pub struct Metrics {
     upstream_duration: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
     claims: Family<OutcomeLabels, Counter>,
     claim_duration: Histogram,
+    voids: Family<OutcomeLabels, Counter>,
     cache: Family<OutcomeLabels, Counter>,
     alerts: AlertCounters,
     sse_subscribers: Gauge,
@@ -128,6 +129,13 @@ impl Metrics {
             "Time of one ledger claim (the durable, fsync'd transaction included)",
             claim_duration.clone(),
         );
+        let voids = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "till_voids",
+            "Claims given back because the upstream was unreachable and nothing was sent, by \
+             outcome (voided; failed: the void transaction failed and the slot stays spent)",
+            voids.clone(),
+        );
         let cache = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "till_verify_cache_lookups",
@@ -159,6 +167,9 @@ impl Metrics {
         for outcome in ["claimed", "replayed", "refused", "error"] {
             let _ = claims.get_or_create(&OutcomeLabels { outcome });
         }
+        for outcome in ["voided", "failed"] {
+            let _ = voids.get_or_create(&OutcomeLabels { outcome });
+        }
         for outcome in ["hit", "miss"] {
             let _ = cache.get_or_create(&OutcomeLabels { outcome });
         }
@@ -169,6 +180,7 @@ impl Metrics {
             upstream_duration,
             claims,
             claim_duration,
+            voids,
             cache,
             alerts,
             sse_subscribers,
@@ -205,6 +217,15 @@ impl Metrics {
             })
             .inc();
         self.claim_duration.observe(latency.as_secs_f64());
+    }
+
+    /// Counts one void attempt: `true` when the slot was given back.
+    pub fn void(&self, voided: bool) {
+        self.voids
+            .get_or_create(&OutcomeLabels {
+                outcome: if voided { "voided" } else { "failed" },
+            })
+            .inc();
     }
 
     /// One verified-key cache lookup.

@@ -50,6 +50,7 @@ fn body(signer: &ReceiptSigner, seq: u64, prev: Option<String>) -> ReceiptBody {
         prev,
         ledger: None,
         ceilings: None,
+        void: None,
     }
 }
 

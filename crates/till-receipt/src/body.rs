@@ -96,6 +96,13 @@ pub struct ReceiptBody {
     /// could cost. Absent when the key has none (older receipts never carry it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceilings: Option<Ceilings>,
+    /// Present only in a **void receipt**: the `seq` of the earlier claim receipt of the
+    /// same family whose slot this receipt gives back (the upstream was unreachable and
+    /// nothing of the request was sent). A void repeats that claim's `slots`, `request`
+    /// and `idempotency_key`; its own `seq` and `prev` place it in the chain like any
+    /// receipt. Absent in claim receipts (and in every version-1 receipt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub void: Option<u64>,
 }
 
 /// What bounded one call besides the activation caps (spec/receipt.md): each member is
@@ -134,6 +141,11 @@ impl Ceilings {
 }
 
 impl ReceiptBody {
+    /// True for a void receipt (one that gives a claim's slot back).
+    pub fn is_void(&self) -> bool {
+        self.void.is_some()
+    }
+
     /// The name of the first member this body carries that its version `v` does not
     /// have (`request.query`, `request.content_type` and `ledger` are new in version 2).
     pub(crate) fn member_newer_than_version(&self) -> Option<&'static str> {
@@ -148,6 +160,8 @@ impl ReceiptBody {
             Some("ledger")
         } else if self.ceilings.is_some() {
             Some("ceilings")
+        } else if self.void.is_some() {
+            Some("void")
         } else {
             None
         }
@@ -185,6 +199,7 @@ mod tests {
             prev: None,
             ledger: None,
             ceilings: None,
+            void: None,
         }
     }
 

@@ -1,9 +1,12 @@
 //! The receipt chain audit: one family's receipts, checked end to end.
 //!
 //! Every claim on a family advances the family's counter, so the family's receipts form
-//! a single sequence: receipt `seq` took authority slot `seq`, and names the hash of
-//! receipt `seq - 1`. Every block below the authority belongs to the same family, so
-//! each level's slots are also exactly `1..=used` across the family's receipts.
+//! a single sequence: receipt `seq` names the hash of receipt `seq - 1`. A **void**
+//! receipt (`void: Some(k)`) gives the slot of claim `k` back (the upstream was
+//! unreachable, nothing was sent): it takes the next `seq` like any receipt and lowers
+//! every level that claim counted by one. The audit replays the counters: a claim takes,
+//! at every level, the slot `net count + 1` (without voids: `slot == seq` at the
+//! authority, and each level's slots are exactly `1..=used`).
 
 use std::collections::{HashMap, HashSet};
 
@@ -18,10 +21,16 @@ use crate::key::ReceiptKeySet;
 pub struct AuditReport {
     /// Family id (hex).
     pub family: String,
-    /// Number of receipts checked.
+    /// Number of receipts checked (claims and voids).
     pub receipts: u64,
-    /// Per revocation id (hex), in the order first seen: activations recorded and declared
-    /// cap. The first entry is the family's own (authority) level.
+    /// Claim receipts.
+    pub claims: u64,
+    /// Void receipts: claims given back because nothing was sent upstream.
+    pub voids: u64,
+    /// Activations charged: `claims - voids` (the family level's `used`).
+    pub charged: u64,
+    /// Per revocation id (hex), in the order first seen: activations charged (net of
+    /// voids) and declared cap. The first entry is the family's own (authority) level.
     pub levels: Vec<LevelUsage>,
 }
 
@@ -30,7 +39,7 @@ pub struct AuditReport {
 pub struct LevelUsage {
     /// Revocation id (hex).
     pub revocation_id: String,
-    /// Activations recorded at this level.
+    /// Activations charged at this level (claims naming it, minus voids of them).
     pub used: u64,
     /// Declared cap, if any.
     pub cap: Option<u64>,
@@ -41,14 +50,14 @@ struct Level {
     revocation_id: String,
     block: u32,
     cap: Option<u64>,
-    slots: HashSet<u64>,
-    max: u64,
+    /// Net count so far: claims naming the level minus voids of them.
+    count: u64,
 }
 
 /// Audits one family's receipts, given in `seq` order: every signature verifies, `seq` runs
 /// 1..=n with no gap and no duplicate, every `prev` names the previous receipt's hash
-/// (no fork), slot numbers at each level are unique and gapless, and no level exceeds its
-/// declared cap.
+/// (no fork), each claim takes the next slot at every level, no level exceeds its declared
+/// cap, and every void gives back one earlier claim exactly once.
 ///
 /// Checks, per receipt in order (the first failure is returned):
 /// 1. the signature verifies with a key in `keys` ([`ReceiptError::UnknownKeyId`],
@@ -61,16 +70,20 @@ struct Level {
 ///    hash, from version 2 on; the compact string's hash in version 1), and the version
 ///    never decreases along the chain ([`ReceiptError::BrokenLink`]); once a receipt
 ///    names its `ledger`, every later one names the same ([`ReceiptError::LedgerMismatch`]);
-/// 5. `slots[0]` is the family's level with `slot == seq`
-///    ([`ReceiptError::AuthoritySlotMismatch`]), `slots[i].block == i`
-///    ([`ReceiptError::BlockOrder`]), no level twice in one receipt
+/// 5. a claim: `slots[0]` is the family's level with `slot` = the family's net count + 1
+///    (`== seq` when there are no voids) ([`ReceiptError::AuthoritySlotMismatch`]),
+///    `slots[i].block == i` ([`ReceiptError::BlockOrder`]), no level twice in one receipt
 ///    ([`ReceiptError::DuplicateLevel`]), a level keeps its block index and cap
 ///    ([`ReceiptError::LevelMismatch`]), slots are 1-based ([`ReceiptError::SlotZero`]),
-///    never reused ([`ReceiptError::SlotReused`]) and within the cap
-///    ([`ReceiptError::OverCap`]).
+///    not one still held ([`ReceiptError::SlotReused`]), within the cap
+///    ([`ReceiptError::OverCap`]) and exactly the level's net count + 1
+///    ([`ReceiptError::SlotGap`]);
+/// 6. a void: names an earlier claim of the chain ([`ReceiptError::VoidUnknown`]) not
+///    voided before ([`ReceiptError::VoidTwice`]), and repeats its `slots`, `request`
+///    and `idempotency_key` ([`ReceiptError::VoidMismatch`]); every level of that claim
+///    goes down by one.
 ///
-/// Finally each level's highest slot must equal its number of receipts
-/// ([`ReceiptError::SlotGap`]). An empty input is [`ReceiptError::EmptyChain`].
+/// An empty input is [`ReceiptError::EmptyChain`].
 pub fn audit_chain(
     receipts: &[Receipt],
     keys: &ReceiptKeySet,
@@ -80,6 +93,9 @@ pub fn audit_chain(
     let mut levels: Vec<Level> = Vec::new();
     let mut level_index: HashMap<String, usize> = HashMap::new();
     let mut previous: Option<&Receipt> = None;
+    // Claim receipts by seq, and the claims voided so far.
+    let mut claims: HashMap<u64, &Receipt> = HashMap::new();
+    let mut voided: HashSet<u64> = HashSet::new();
 
     for receipt in receipts {
         receipt.verify(keys)?;
@@ -102,9 +118,40 @@ pub fn audit_chain(
                 return Err(ReceiptError::LedgerMismatch { seq });
             }
         }
+        previous = Some(receipt);
 
+        if let Some(void) = body.void {
+            let claim = claims
+                .get(&void)
+                .filter(|_| void < seq)
+                .ok_or(ReceiptError::VoidUnknown { seq, void })?;
+            if voided.contains(&void) {
+                return Err(ReceiptError::VoidTwice { seq, void });
+            }
+            let original = claim.body();
+            if original.slots != body.slots
+                || original.request != body.request
+                || original.idempotency_key != body.idempotency_key
+            {
+                return Err(ReceiptError::VoidMismatch { seq, void });
+            }
+            for slot in &body.slots {
+                let level = level_index
+                    .get(&slot.revocation_id)
+                    .and_then(|&i| levels.get_mut(i))
+                    .filter(|level| level.count > 0)
+                    .ok_or(ReceiptError::VoidMismatch { seq, void })?;
+                level.count -= 1;
+            }
+            voided.insert(void);
+            continue;
+        }
+
+        let family_count = level_index.get(family).map_or(0, |&i| levels[i].count);
         match body.slots.first() {
-            Some(authority) if authority.revocation_id == family && authority.slot == seq => {}
+            Some(authority)
+                if authority.revocation_id == family
+                    && Some(authority.slot) == family_count.checked_add(1) => {}
             _ => return Err(ReceiptError::AuthoritySlotMismatch { seq }),
         }
         let mut in_this_receipt: HashSet<&str> = HashSet::with_capacity(body.slots.len());
@@ -124,8 +171,7 @@ pub fn audit_chain(
                     revocation_id: rid.to_owned(),
                     block: claim.block,
                     cap: claim.cap,
-                    slots: HashSet::new(),
-                    max: 0,
+                    count: 0,
                 });
                 levels.len() - 1
             });
@@ -142,7 +188,7 @@ pub fn audit_chain(
                     revocation_id: rid.to_owned(),
                 });
             }
-            if !level.slots.insert(claim.slot) {
+            if claim.slot <= level.count {
                 return Err(ReceiptError::SlotReused {
                     revocation_id: rid.to_owned(),
                     slot: claim.slot,
@@ -155,30 +201,35 @@ pub fn audit_chain(
                     slot: claim.slot,
                 });
             }
-            level.max = level.max.max(claim.slot);
+            let next = level.count.saturating_add(1);
+            if claim.slot != next {
+                return Err(ReceiptError::SlotGap {
+                    revocation_id: rid.to_owned(),
+                    used: next,
+                    max: claim.slot,
+                });
+            }
+            level.count = next;
         }
-        previous = Some(receipt);
+        claims.insert(seq, receipt);
     }
 
-    let mut usage = Vec::with_capacity(levels.len());
-    for level in levels {
-        let used = level.slots.len() as u64;
-        if level.max != used {
-            return Err(ReceiptError::SlotGap {
-                revocation_id: level.revocation_id,
-                used,
-                max: level.max,
-            });
-        }
-        usage.push(LevelUsage {
+    let usage: Vec<LevelUsage> = levels
+        .into_iter()
+        .map(|level| LevelUsage {
             revocation_id: level.revocation_id,
-            used,
+            used: level.count,
             cap: level.cap,
-        });
-    }
+        })
+        .collect();
+    let voids = voided.len() as u64;
+    let claims = claims.len() as u64;
     Ok(AuditReport {
         family: family.to_owned(),
         receipts: receipts.len() as u64,
+        claims,
+        voids,
+        charged: claims - voids,
         levels: usage,
     })
 }
@@ -264,6 +315,7 @@ mod tests {
             prev,
             ledger: None,
             ceilings: None,
+            void: None,
         }
     }
 
@@ -727,6 +779,163 @@ mod tests {
             Err(ReceiptError::BadSignature {
                 kid: signer().key_id().into(),
                 seq: 3
+            })
+        );
+    }
+
+    /// One entry of [`with_voids`]: a claim (its slots, root cap 10, sub-caps 2) or a void
+    /// of the claim at a seq.
+    enum Entry<'a> {
+        Claim(&'a [(&'a str, u64)]),
+        Void(u64),
+    }
+
+    /// Signs a chain with seq 1.. in entry order; a void copies the slots, request and
+    /// idempotency key of the receipt it names (as the ledger writes it).
+    fn with_voids(entries: &[Entry<'_>]) -> Vec<Receipt> {
+        let s = signer();
+        let mut out: Vec<Receipt> = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let seq = i as u64 + 1;
+            let prev = out.last().map(Receipt::hash_hex);
+            let b = match entry {
+                Entry::Claim(levels) => {
+                    let slots = levels
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (rid, slot))| {
+                            let cap = if *rid == ROOT { 10 } else { 2 };
+                            claim(i as u32, rid, *slot, Some(cap))
+                        })
+                        .collect();
+                    body(seq, slots, prev)
+                }
+                Entry::Void(of) => {
+                    let original = out[*of as usize - 1].body();
+                    let mut b = body(seq, original.slots.clone(), prev);
+                    b.request = original.request.clone();
+                    b.idempotency_key = original.idempotency_key.clone();
+                    b.void = Some(*of);
+                    b
+                }
+            };
+            out.push(s.sign(&b).unwrap());
+        }
+        out
+    }
+
+    /// Issue 10 item 12: a void gives one claim's slots back at every level; the next
+    /// claim takes them again; the report counts claims, voids and what stays charged.
+    #[test]
+    fn voids_give_slots_back_and_are_counted() {
+        use Entry::{Claim, Void};
+        let receipts = with_voids(&[
+            Claim(&[(ROOT, 1), (CHILD, 1)]),
+            Claim(&[(ROOT, 2), (CHILD, 2)]),
+            // The older claim is given back: every level goes down by one...
+            Void(1),
+            // ... so the next claim takes slot 2 at both levels again, and the child's
+            // cap of 2 is exact: 2 charged.
+            Claim(&[(ROOT, 2), (CHILD, 2)]),
+            Claim(&[(ROOT, 3)]),
+            Void(5),
+        ]);
+        let report = audit_chain(&receipts, &keys()).unwrap();
+        assert_eq!(report.receipts, 6);
+        assert_eq!((report.claims, report.voids, report.charged), (4, 2, 2));
+        let levels: Vec<(&str, u64)> = report
+            .levels
+            .iter()
+            .map(|l| (l.revocation_id.as_str(), l.used))
+            .collect();
+        assert_eq!(levels, vec![(ROOT, 2), (CHILD, 2)]);
+        // Without voids the counts are plain.
+        let plain = audit_chain(&good(), &keys()).unwrap();
+        assert_eq!((plain.claims, plain.voids, plain.charged), (4, 0, 4));
+    }
+
+    #[test]
+    fn a_void_must_name_an_earlier_live_claim_and_repeat_it() {
+        use Entry::{Claim, Void};
+        // Twice.
+        let twice = with_voids(&[Claim(&[(ROOT, 1)]), Void(1), Claim(&[(ROOT, 1)]), Void(1)]);
+        assert_eq!(
+            audit_chain(&twice, &keys()),
+            Err(ReceiptError::VoidTwice { seq: 4, void: 1 })
+        );
+        // A void of a void.
+        let of_void = with_voids(&[Claim(&[(ROOT, 1)]), Void(1), Void(2)]);
+        assert_eq!(
+            audit_chain(&of_void, &keys()),
+            Err(ReceiptError::VoidUnknown { seq: 3, void: 2 })
+        );
+        // A seq that is not in the chain (or itself).
+        let mut receipts = with_voids(&[Claim(&[(ROOT, 1)]), Claim(&[(ROOT, 2)]), Void(2)]);
+        edit(&mut receipts, 2, |b| b.void = Some(9));
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::VoidUnknown { seq: 3, void: 9 })
+        );
+        edit(&mut receipts, 2, |b| b.void = Some(3));
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::VoidUnknown { seq: 3, void: 3 })
+        );
+        // Slots or request that are not the claim's.
+        let mut receipts = with_voids(&[Claim(&[(ROOT, 1)]), Claim(&[(ROOT, 2)]), Void(2)]);
+        edit(&mut receipts, 2, |b| b.slots[0].slot = 1);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::VoidMismatch { seq: 3, void: 2 })
+        );
+        let mut receipts = with_voids(&[Claim(&[(ROOT, 1)]), Claim(&[(ROOT, 2)]), Void(2)]);
+        edit(&mut receipts, 2, |b| b.request.path = "/other".into());
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::VoidMismatch { seq: 3, void: 2 })
+        );
+    }
+
+    #[test]
+    fn after_a_void_the_next_claim_must_take_the_freed_slot() {
+        use Entry::{Claim, Void};
+        // The authority slot after a void is the net count + 1, not seq.
+        let receipts = with_voids(&[Claim(&[(ROOT, 1)]), Void(1), Claim(&[(ROOT, 3)])]);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::AuthoritySlotMismatch { seq: 3 })
+        );
+        let receipts = with_voids(&[Claim(&[(ROOT, 1)]), Void(1), Claim(&[(ROOT, 2)])]);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::AuthoritySlotMismatch { seq: 3 })
+        );
+        // Below the authority: a slot past the net count + 1 is a gap, one still held is
+        // reused.
+        let receipts = with_voids(&[
+            Claim(&[(ROOT, 1), (CHILD, 1)]),
+            Void(1),
+            Claim(&[(ROOT, 1), (CHILD, 2)]),
+        ]);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::SlotGap {
+                revocation_id: CHILD.into(),
+                used: 1,
+                max: 2
+            })
+        );
+        let receipts = with_voids(&[
+            Claim(&[(ROOT, 1), (CHILD, 1)]),
+            Claim(&[(ROOT, 2), (SIBLING, 1)]),
+            Void(2),
+            Claim(&[(ROOT, 2), (CHILD, 1)]),
+        ]);
+        assert_eq!(
+            audit_chain(&receipts, &keys()),
+            Err(ReceiptError::SlotReused {
+                revocation_id: CHILD.into(),
+                slot: 1
             })
         );
     }

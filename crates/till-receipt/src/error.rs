@@ -246,7 +246,8 @@ pub enum ReceiptError {
         /// The slot above it.
         slot: u64,
     },
-    /// A level's slots are not exactly 1..=used: some slot has no receipt.
+    /// A level's slots are not exactly 1..=used: some slot has no receipt (with voids: a
+    /// claim's slot is not the level's net count plus one).
     #[error("level {revocation_id}: {used} receipts but highest slot {max}")]
     SlotGap {
         /// The level's revocation id.
@@ -255,6 +256,32 @@ pub enum ReceiptError {
         used: u64,
         /// The highest slot named.
         max: u64,
+    },
+    /// A void receipt names a `seq` that is not an earlier claim receipt of the chain (a
+    /// later or missing receipt, or another void).
+    #[error("void receipt seq {seq} names seq {void}, which is not an earlier claim")]
+    VoidUnknown {
+        /// The void receipt's `seq`.
+        seq: u64,
+        /// The `seq` it names.
+        void: u64,
+    },
+    /// A void receipt names a claim that an earlier void already gave back.
+    #[error("void receipt seq {seq} names claim {void}, which was already voided")]
+    VoidTwice {
+        /// The void receipt's `seq`.
+        seq: u64,
+        /// The claim it names.
+        void: u64,
+    },
+    /// A void receipt's slots, request or idempotency key differ from the claim it gives
+    /// back.
+    #[error("void receipt seq {seq} does not repeat the slots and request of claim {void}")]
+    VoidMismatch {
+        /// The void receipt's `seq`.
+        seq: u64,
+        /// The claim it names.
+        void: u64,
     },
 }
 
@@ -297,6 +324,9 @@ impl ReceiptError {
             Self::SlotReused { .. } => "slot_reused",
             Self::OverCap { .. } => "over_cap",
             Self::SlotGap { .. } => "slot_gap",
+            Self::VoidUnknown { .. } => "void_unknown",
+            Self::VoidTwice { .. } => "void_twice",
+            Self::VoidMismatch { .. } => "void_mismatch",
         }
     }
 }

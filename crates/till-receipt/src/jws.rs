@@ -410,6 +410,7 @@ mod tests {
             prev: None,
             ledger: None,
             ceilings: None,
+            void: None,
         }
     }
 

@@ -20,7 +20,9 @@
 //! Parsing never verifies; [`Receipt::verify`] looks the header's key id up in a
 //! [`ReceiptKeySet`] (unknown id: fail closed) and uses `verify_strict`. [`audit_chain`]
 //! checks a whole family: signatures, a gapless fork-free `seq`/`prev` chain, and unique,
-//! gapless, capped slots at every level. Each rejection is its own [`ReceiptError`]
+//! gapless, capped slots at every level. A **void receipt** ([`ReceiptBody::void`]) gives
+//! an earlier claim's slot back (nothing was sent upstream); the audit replays the
+//! counters, so caps are checked at every claim with voids counted. Each rejection is its own [`ReceiptError`]
 //! variant with a stable [`ReceiptError::code`].
 //!
 //! Secrets: the signing key lives in [`ReceiptSigner`], is zeroized on drop, and never
@@ -65,6 +67,7 @@
 //!     prev: None,
 //!     ledger: None,
 //!     ceilings: None,
+//!     void: None,
 //! };
 //! let receipt = signer.sign(&body)?;
 //!

@@ -81,6 +81,7 @@ fn body() -> impl Strategy<Value = ReceiptBody> {
                     prev,
                     ledger,
                     ceilings: None,
+                    void: None,
                 }
             },
         )

@@ -155,10 +155,58 @@ fn chain(signer: &ReceiptSigner) -> Vec<Receipt> {
                 signer.key_id()
             )),
             ceilings: None,
+            void: None,
         };
         out.push(signer.sign(&body).unwrap());
     }
     out
+}
+
+/// The void chain (issue 10 item 12): a key with cap 1 claims (seq 1), the upstream is
+/// unreachable so the slot is given back (seq 2, `void: 1`), and the retry claims slot 1
+/// again (seq 3). Two claims, one void, one activation charged: the cap stays exact.
+fn void_chain(signer: &ReceiptSigner) -> Vec<Receipt> {
+    let root = revocation_id("till vector void root block");
+    let chat = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let request = RequestDigest {
+        method: "POST".into(),
+        upstream: "openai".into(),
+        path: "/v1/chat/completions".into(),
+        body_sha256: sha256_hex(chat),
+        model: Some("gpt-4o-mini".into()),
+        query: None,
+        content_type: Some("application/json".into()),
+    };
+    let ledger = format!("9f2c41d07a5be3186e0d4c2a7b91f35e@{}", signer.key_id());
+    let claim_body = |seq: u64, prev: Option<String>, idem: &str| ReceiptBody {
+        v: 2,
+        family: root.clone(),
+        seq,
+        slots: vec![SlotClaim {
+            block: 0,
+            revocation_id: root.clone(),
+            slot: 1,
+            cap: Some(1),
+        }],
+        request: request.clone(),
+        iat: 1_767_225_600 + seq,
+        proxy: "proxy-a".into(),
+        kid: signer.key_id().into(),
+        idempotency_key: idem.into(),
+        prev,
+        ledger: Some(ledger.clone()),
+        ceilings: None,
+        void: None,
+    };
+    let first = signer.sign(&claim_body(1, None, "idem-void-1")).unwrap();
+    let mut void = claim_body(2, Some(first.hash_hex()), "idem-void-1");
+    void.void = Some(1);
+    let void = signer.sign(&void).unwrap();
+    // The SDK's retry with the same Idempotency-Key claims afresh after the void.
+    let retry = signer
+        .sign(&claim_body(3, Some(void.hash_hex()), "idem-void-1"))
+        .unwrap();
+    vec![first, void, retry]
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -414,6 +462,33 @@ fn valid_vectors_match_committed_file() {
 }
 
 #[test]
+fn void_vectors_match_committed_file() {
+    let signer = ReceiptSigner::from_seed(SEED);
+    let receipts = void_chain(&signer);
+    let audit = audit_chain(&receipts, &keys(&signer)).unwrap();
+    assert_eq!((audit.claims, audit.voids, audit.charged), (2, 1, 1));
+    let file = ValidFile {
+        description:
+            "Till void receipt test vectors (spec/receipt.md, void receipts). One family, \
+                      cap 1: receipt 1 claims slot 1; the upstream was unreachable, so \
+                      receipt 2 (`void: 1`) gives the slot back; receipt 3 (the retry, same \
+                      idempotency key) claims slot 1 again. The seed is for tests only.",
+        signer_seed_hex: hex::encode(SEED),
+        public_jwk: public_jwk(&signer),
+        receipts: receipts
+            .iter()
+            .map(|r| ValidVector {
+                compact: r.compact().to_owned(),
+                body: r.body().clone(),
+                hash: r.hash_hex(),
+            })
+            .collect(),
+        audit,
+    };
+    check_or_write("receipts-void.json", &render(&file));
+}
+
+#[test]
 fn invalid_vectors_match_committed_file() {
     let signer = ReceiptSigner::from_seed(SEED);
     let receipts = chain(&signer);
@@ -451,6 +526,23 @@ fn committed_vectors_verify_and_invalid_ones_fail_with_their_code() {
     assert_eq!(receipts.len(), 3);
     let report = audit_chain(&receipts, &keys).unwrap();
     assert_eq!(serde_json::to_value(&report).unwrap(), valid["audit"]);
+
+    // The void chain, read back the same way.
+    let voids: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(vectors_dir().join("receipts-void.json")).unwrap(),
+    )
+    .unwrap();
+    let mut chain = Vec::new();
+    for v in voids["receipts"].as_array().unwrap() {
+        let receipt = Receipt::parse(v["compact"].as_str().unwrap()).unwrap();
+        receipt.verify(&keys).unwrap();
+        assert_eq!(receipt.hash_hex(), v["hash"].as_str().unwrap());
+        chain.push(receipt);
+    }
+    assert_eq!(chain[1].body().void, Some(1));
+    let report = audit_chain(&chain, &keys).unwrap();
+    assert_eq!(serde_json::to_value(&report).unwrap(), voids["audit"]);
+    assert_eq!(report.charged, 1);
 
     let invalid: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(vectors_dir().join("receipts-invalid.json")).unwrap(),

@@ -201,7 +201,9 @@ fn receipts_table(family: &str, used: u64, recent: &[Receipt]) -> Markup {
                                 tr {
                                     td.num { (b.seq) }
                                     td.num {
-                                        @if let Some(s) = slot {
+                                        @if let Some(of) = b.void {
+                                            span.muted title="the upstream was unreachable: this receipt gives back the slot of claim" { "void of " (of) }
+                                        } @else if let Some(s) = slot {
                                             (s.slot) @if let Some(c) = s.cap { " / " (c) }
                                             @if s.block > 0 { " " span.muted { "(block " (s.block) ")" } }
                                         }
