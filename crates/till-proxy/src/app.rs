@@ -39,7 +39,7 @@ use till_token::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::cache::VerifyCache;
+use crate::cache::{VerifiedKey, VerifyCache};
 use crate::config::{Config, Upstream};
 use crate::error::{ConfigError, ErrorCode, ProxyError};
 use crate::events::{Event, EventBus};
@@ -259,7 +259,8 @@ impl AppState {
         let (parts, body) = req.into_parts();
         let (target, upstream) = self.request_filter(&parts)?;
         log.upstream = Some(target.upstream.clone());
-        let (token, cached) = self.authenticate(&parts.headers, parts.uri.query())?;
+        let (key, cached) = self.authenticate(&parts.headers, parts.uri.query())?;
+        let token = &key.token;
         log.family = Some(short_hex(token.family_id()));
         log.block = token.blocks().len().checked_sub(1);
         if self.events.has_subscribers() {
@@ -284,7 +285,7 @@ impl AppState {
                 .flatten(),
             ..CallFacts::default()
         };
-        self.authorize_before_body(&token, &target, parts.method.as_str(), &path_facts, now)?;
+        self.authorize_before_body(&key, &target, parts.method.as_str(), &path_facts, now)?;
         let body_caveat = (upstream.model == ModelSource::JsonBody
             && token.scope().models.is_some())
             || needs.json_body(upstream.preset);
@@ -316,7 +317,7 @@ impl AppState {
             ModelSource::GeminiPath => preset::gemini_model(&target.path).map(str::to_string),
         };
         self.authorize(
-            &token,
+            token,
             cached,
             &target,
             parts.method.as_str(),
@@ -341,9 +342,9 @@ impl AppState {
             ),
             content_type: content_type_digest(&parts.headers),
         };
-        let windows = windows_of(&token);
+        let windows = windows_of(token);
         let claim = self
-            .claim(&token, idempotency_key, digest, now, windows.clone())
+            .claim(&key, idempotency_key, digest, now, windows.clone())
             .await?;
         log.slot = claim.receipt.body().slots.last().map(|s| s.slot);
         log.replayed = claim.replayed;
@@ -422,7 +423,7 @@ impl AppState {
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
-    ) -> Result<(VerifiedToken, bool), ProxyError> {
+    ) -> Result<(Arc<VerifiedKey>, bool), ProxyError> {
         let (_, key) = hygiene::find_key(headers, query).ok_or(ProxyError::KeyMissing)?;
         let digest = key_digest(&key);
         // A cached key whose root key was retired since (a reload replaced the ring)
@@ -430,15 +431,16 @@ impl AppState {
         if let Some(t) = self
             .cache
             .get(&digest)
-            .filter(|t| self.keys.contains(t.root_key_id()))
+            .filter(|t| self.keys.contains(t.token.root_key_id()))
         {
             self.metrics.cache_lookup(true);
             return Ok((t, true));
         }
         self.metrics.cache_lookup(false);
         let token = verify(&key, &self.keys, &self.token_limits).map_err(ProxyError::Key)?;
-        self.cache.insert(digest, token.clone());
-        Ok((token, false))
+        let verified = Arc::new(VerifiedKey::new(token));
+        self.cache.insert(digest, Arc::clone(&verified));
+        Ok((verified, false))
     }
 
     /// Phase 3 (part): every scope caveat that needs no body — upstream, expiry, method,
@@ -446,7 +448,7 @@ impl AppState {
     /// The model (and the Datalog checks) follow in [`AppState::authorize`].
     fn authorize_before_body(
         &self,
-        token: &VerifiedToken,
+        key: &VerifiedKey,
         target: &Target,
         method: &str,
         path_facts: &CallFacts,
@@ -459,18 +461,10 @@ impl AppState {
             model: None,
             now: i64::try_from(now).unwrap_or(i64::MAX),
         };
-        for b in token.blocks() {
-            // Caveats read from the body wait for it; the repository is in the path.
-            let without_body = till_token::Caveats {
-                models: None,
-                max_output_tokens: None,
-                amount_max: None,
-                currencies: None,
-                json_max: None,
-                json_allow: None,
-                ..b.caveats.clone()
-            };
-            till_token::check_block_call(b.index, &without_body, &facts, path_facts, 1)
+        // Caveats read from the body wait for it (`before_body` leaves them out); the
+        // repository is in the path.
+        for (b, without_body) in key.token.blocks().iter().zip(&key.before_body) {
+            till_token::check_block_call(b.index, without_body, &facts, path_facts, 1)
                 .map_err(ProxyError::Refused)?;
         }
         Ok(())
@@ -567,12 +561,13 @@ impl AppState {
     /// Phase 5: ONE ledger transaction. Fail closed on anything but a decision.
     async fn claim(
         &self,
-        token: &VerifiedToken,
+        key: &VerifiedKey,
         idempotency_key: Option<String>,
         request: RequestDigest,
         now: u64,
         windows: Vec<WindowCap>,
     ) -> Result<Claim, ProxyError> {
+        let token = &key.token;
         let levels = token
             .blocks()
             .iter()
@@ -588,7 +583,7 @@ impl AppState {
             request,
             now,
             not_after,
-            meta: Some(Arc::new(block_meta(token))),
+            meta: Some(Arc::clone(&key.meta)),
             windows,
             ceilings: ceilings(token.scope()),
         };
@@ -960,26 +955,6 @@ fn ceilings(scope: &till_token::EffectiveScope) -> Option<till_receipt::Ceilings
             .map(|ws| ws.iter().map(|w| [w.secs, w.max]).collect()),
     };
     (!c.is_empty()).then_some(c)
-}
-
-/// The caveats of each block, for the ledger's family records and alert labels.
-fn block_meta(token: &VerifiedToken) -> Vec<till_ledger::BlockMeta> {
-    token
-        .blocks()
-        .iter()
-        .map(|b| {
-            let c = &b.caveats;
-            till_ledger::BlockMeta {
-                label: c.label.clone(),
-                upstream: c.upstream.clone(),
-                methods: c.methods.clone().unwrap_or_default(),
-                paths: c.paths.clone().unwrap_or_default(),
-                models: c.models.clone().unwrap_or_default(),
-                expires: c.expires.and_then(|e| u64::try_from(e).ok()),
-                cap: c.cap,
-            }
-        })
-        .collect()
 }
 
 /// True when the request's `Content-Type` is `application/x-www-form-urlencoded`.

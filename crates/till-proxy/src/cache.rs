@@ -8,9 +8,63 @@
 //! ledger.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use till_token::{check_block_call, CallFacts, Refusal, RequestFacts, VerifiedToken};
+use till_token::{check_block_call, CallFacts, Caveats, Refusal, RequestFacts, VerifiedToken};
+
+/// A verified key and what the request path derives from it once per key rather than
+/// once per call: the cache hands out an `Arc` of it, so a hit clones no Biscuit, no
+/// caveat and no string.
+#[derive(Debug)]
+pub struct VerifiedKey {
+    /// The verified key.
+    pub token: VerifiedToken,
+    /// Each block's caveats without those read from the body (model, ceilings, JSON
+    /// fields): what is checked before a byte of the body is read.
+    pub before_body: Vec<Caveats>,
+    /// Each block's record for the ledger (written the first time a claim shows it).
+    pub meta: Arc<Vec<till_ledger::BlockMeta>>,
+}
+
+impl VerifiedKey {
+    /// Derives the per-key parts once.
+    pub fn new(token: VerifiedToken) -> Self {
+        let before_body = token
+            .blocks()
+            .iter()
+            .map(|b| Caveats {
+                models: None,
+                max_output_tokens: None,
+                amount_max: None,
+                currencies: None,
+                json_max: None,
+                json_allow: None,
+                ..b.caveats.clone()
+            })
+            .collect();
+        let meta = token
+            .blocks()
+            .iter()
+            .map(|b| {
+                let c = &b.caveats;
+                till_ledger::BlockMeta {
+                    label: c.label.clone(),
+                    upstream: c.upstream.clone(),
+                    methods: c.methods.clone().unwrap_or_default(),
+                    paths: c.paths.clone().unwrap_or_default(),
+                    models: c.models.clone().unwrap_or_default(),
+                    expires: c.expires.and_then(|e| u64::try_from(e).ok()),
+                    cap: c.cap,
+                }
+            })
+            .collect();
+        VerifiedKey {
+            token,
+            before_body,
+            meta: Arc::new(meta),
+        }
+    }
+}
 
 /// The authorization of a key found in the cache: the pure check of every block's
 /// caveats (`check_block_call`, counts 1), without re-running the Biscuit Datalog.
@@ -41,8 +95,8 @@ pub struct VerifyCache {
 
 #[derive(Debug, Default)]
 struct Generations {
-    hot: HashMap<[u8; 32], VerifiedToken>,
-    cold: HashMap<[u8; 32], VerifiedToken>,
+    hot: HashMap<[u8; 32], Arc<VerifiedKey>>,
+    cold: HashMap<[u8; 32], Arc<VerifiedKey>>,
 }
 
 impl VerifyCache {
@@ -55,24 +109,24 @@ impl VerifyCache {
     }
 
     /// The cached verification of the key with this digest.
-    pub fn get(&self, digest: &[u8; 32]) -> Option<VerifiedToken> {
+    pub fn get(&self, digest: &[u8; 32]) -> Option<Arc<VerifiedKey>> {
         let mut g = self.inner.lock().ok()?;
         if let Some(t) = g.hot.get(digest) {
-            return Some(t.clone());
+            return Some(Arc::clone(t));
         }
         let t = g.cold.remove(digest)?;
-        self.insert_locked(&mut g, *digest, t.clone());
+        self.insert_locked(&mut g, *digest, Arc::clone(&t));
         Some(t)
     }
 
     /// Remembers a successful verification.
-    pub fn insert(&self, digest: [u8; 32], token: VerifiedToken) {
+    pub fn insert(&self, digest: [u8; 32], token: Arc<VerifiedKey>) {
         if let Ok(mut g) = self.inner.lock() {
             self.insert_locked(&mut g, digest, token);
         }
     }
 
-    fn insert_locked(&self, g: &mut Generations, digest: [u8; 32], token: VerifiedToken) {
+    fn insert_locked(&self, g: &mut Generations, digest: [u8; 32], token: Arc<VerifiedKey>) {
         if self.capacity == 0 {
             return;
         }
@@ -279,10 +333,12 @@ mod tests {
         .unwrap()
         .to_key_string()
         .unwrap();
-        let token = verify(&key, &ring, &Limits::default()).unwrap();
+        let token = Arc::new(VerifiedKey::new(
+            verify(&key, &ring, &Limits::default()).unwrap(),
+        ));
         let cache = VerifyCache::new(4);
         for i in 0..100u8 {
-            cache.insert([i; 32], token.clone());
+            cache.insert([i; 32], Arc::clone(&token));
             // Key 0 is used all the time, so it is never evicted.
             assert!(cache.get(&[0; 32]).is_some(), "evicted at {i}");
             assert!(cache.len() <= 8);
