@@ -80,6 +80,21 @@ pub struct CaveatFields {
     pub ttl: Option<String>,
     /// Expiry, RFC 3339.
     pub expires: Option<String>,
+    /// Per-call ceiling on the output tokens a request asks for (spec/token.md).
+    pub max_output_tokens: Option<u64>,
+    /// Per-call ceiling on a form body's `amount` (Stripe, minor units).
+    pub amount_max: Option<u64>,
+    /// Allowed `currency` values of a form body (lower case ISO 4217).
+    pub currencies: Option<Vec<String>>,
+    /// Allowed repositories, `owner/name` (GitHub paths `/repos/{owner}/{name}/...`).
+    pub repos: Option<Vec<String>>,
+    /// Numeric ceilings on JSON body members, by JSON pointer.
+    pub json_max: Option<std::collections::BTreeMap<String, u64>>,
+    /// String allow-lists of JSON body members, by JSON pointer.
+    pub json_allow: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    /// Windowed caps: at most `max` activations per fixed window of `secs` (60, 3600 or
+    /// 86400) seconds.
+    pub windows: Option<Vec<till_token::Window>>,
 }
 
 impl CaveatFields {
@@ -117,7 +132,13 @@ impl CaveatFields {
             expires,
             cap: self.cap,
             label,
-            ..Caveats::default()
+            max_output_tokens: self.max_output_tokens,
+            amount_max: self.amount_max,
+            currencies: self.currencies.clone(),
+            repos: self.repos.clone(),
+            json_max: self.json_max.clone(),
+            json_allow: self.json_allow.clone(),
+            windows: self.windows.clone(),
         })
     }
 }

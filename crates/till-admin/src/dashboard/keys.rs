@@ -99,6 +99,7 @@ impl MintForm {
                 models: list(&self.models),
                 ttl: text(&self.ttl),
                 expires: None,
+                ..CaveatFields::default()
             },
             label: text(&self.label),
         })
@@ -118,6 +119,7 @@ impl AttenuateForm {
                 models: list(&self.models),
                 ttl: text(&self.ttl),
                 expires: None,
+                ..CaveatFields::default()
             },
         })
     }

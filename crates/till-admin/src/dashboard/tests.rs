@@ -348,3 +348,75 @@ async fn family_pages_audit_and_download() {
         .unwrap()
         .contains("json"));
 }
+
+fn post_json(path: &str, key: &str, body: serde_json::Value) -> Request<Body> {
+    Request::post(path)
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+/// The JSON API mints and attenuates with every caveat `till mint` has: per-call
+/// ceilings, repositories, JSON-pointer checks and windowed caps; a window the token
+/// format does not allow is a 400 with the reason, never a key.
+#[tokio::test]
+async fn api_mint_and_attenuate_take_ceilings_and_windows() {
+    let f = fixture();
+    let r = f.plane.router();
+    let minted = send(
+        &r,
+        post_json(
+            "/admin/v1/keys",
+            &f.admin,
+            serde_json::json!({
+                "upstream": "openai",
+                "cap": 100,
+                "max_output_tokens": 512,
+                "json_max": {"/n": 1},
+                "json_allow": {"/model": ["gpt-4o-mini"]},
+                "windows": [{"secs": 60, "max": 10}],
+                "label": "ceilings",
+            }),
+        ),
+    )
+    .await;
+    assert_eq!(minted.status, StatusCode::CREATED, "{}", minted.body);
+    let doc: serde_json::Value = serde_json::from_str(&minted.body).unwrap();
+    let block = &doc["inspect"]["blocks"][0]["caveats"];
+    assert_eq!(block["max_output_tokens"], 512, "{doc}");
+    assert_eq!(block["json_max"]["/n"], 1);
+    assert_eq!(block["json_allow"]["/model"][0], "gpt-4o-mini");
+    assert_eq!(block["windows"][0]["secs"], 60);
+    assert_eq!(block["windows"][0]["max"], 10);
+
+    let key = doc["key"].as_str().unwrap();
+    let narrowed = send(
+        &r,
+        post_json(
+            "/admin/v1/keys/attenuate",
+            &f.admin,
+            serde_json::json!({"key": key, "windows": [{"secs": 3600, "max": 5}], "repos": ["a/b"]}),
+        ),
+    )
+    .await;
+    assert_eq!(narrowed.status, StatusCode::CREATED, "{}", narrowed.body);
+    let doc: serde_json::Value = serde_json::from_str(&narrowed.body).unwrap();
+    assert_eq!(
+        doc["inspect"]["blocks"][1]["caveats"]["windows"][0]["secs"],
+        3600
+    );
+    assert_eq!(doc["inspect"]["blocks"][1]["caveats"]["repos"][0], "a/b");
+
+    let bad = send(
+        &r,
+        post_json(
+            "/admin/v1/keys",
+            &f.admin,
+            serde_json::json!({"upstream": "openai", "windows": [{"secs": 7, "max": 1}]}),
+        ),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
+    assert!(!bad.body.contains("\"key\""), "{}", bad.body);
+}
