@@ -11,6 +11,11 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
+/// mimalloc instead of glibc malloc: the proxy allocates on every request (hyper, reqwest,
+/// JSON, receipts) from several threads at once; see benches/RESULTS.md for the effect.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod admin;
 mod cli;
 mod credential;
