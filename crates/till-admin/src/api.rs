@@ -11,7 +11,7 @@ use http::Method;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use till_ledger::{BlockMeta, FamilyView, KeyBlocks, Level};
+use till_ledger::{FamilyView, KeyBlocks, Level};
 use till_proxy::events::Event;
 use till_receipt::{audit_chain, Receipt};
 use till_token::{attenuate_str, inspect, mint, Caveats, SignatureStatus, VerifiedToken};
@@ -202,17 +202,7 @@ struct MintedKey {
     inspect: serde_json::Value,
 }
 
-pub(crate) fn to_meta(c: &Caveats) -> BlockMeta {
-    BlockMeta {
-        label: c.label.clone(),
-        upstream: c.upstream.clone(),
-        methods: c.methods.clone().unwrap_or_default(),
-        paths: c.paths.clone().unwrap_or_default(),
-        models: c.models.clone().unwrap_or_default(),
-        expires: c.expires.and_then(|e| u64::try_from(e).ok()),
-        cap: c.cap,
-    }
-}
+pub(crate) use till_proxy::block_meta as to_meta;
 
 pub(crate) fn key_blocks(token: &VerifiedToken) -> KeyBlocks {
     KeyBlocks {

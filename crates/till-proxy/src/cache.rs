@@ -45,18 +45,7 @@ impl VerifiedKey {
         let meta = token
             .blocks()
             .iter()
-            .map(|b| {
-                let c = &b.caveats;
-                till_ledger::BlockMeta {
-                    label: c.label.clone(),
-                    upstream: c.upstream.clone(),
-                    methods: c.methods.clone().unwrap_or_default(),
-                    paths: c.paths.clone().unwrap_or_default(),
-                    models: c.models.clone().unwrap_or_default(),
-                    expires: c.expires.and_then(|e| u64::try_from(e).ok()),
-                    cap: c.cap,
-                }
-            })
+            .map(|b| block_meta(&b.caveats))
             .collect();
         VerifiedKey {
             token,
@@ -84,6 +73,19 @@ pub fn pure_authorize(
         check_block_call(b.index, &b.caveats, req, call, 1)?;
     }
     Ok(())
+}
+
+/// A block's caveats as the ledger records them (family records, alert labels).
+pub fn block_meta(c: &Caveats) -> till_ledger::BlockMeta {
+    till_ledger::BlockMeta {
+        label: c.label.clone(),
+        upstream: c.upstream.clone(),
+        methods: c.methods.clone().unwrap_or_default(),
+        paths: c.paths.clone().unwrap_or_default(),
+        models: c.models.clone().unwrap_or_default(),
+        expires: c.expires.and_then(|e| u64::try_from(e).ok()),
+        cap: c.cap,
+    }
 }
 
 /// The verification cache.

@@ -70,7 +70,7 @@ mod server;
 pub use app::{
     app, App, AppState, HEADER_IDEMPOTENCY_KEY, HEADER_RECEIPT, HEADER_REMAINING, HEADER_REPLAYED,
 };
-pub use cache::VerifyCache;
+pub use cache::{block_meta, VerifyCache};
 pub use config::{Config, Env, Overrides, ProxyLimits, RawConfig, SystemEnv, Upstream};
 pub use error::{ConfigError, ErrorCode, Origin, ProxyError, RETRY_AFTER_SECS};
 pub use framing::FramingScanner;
