@@ -2026,6 +2026,22 @@ struct Applied {
 }
 
 impl Writer {
+    /// A receipt body ready to commit (its link hash computed). Everything that could
+    /// make signing fail is checked here, before the commit (the key id is the signer's;
+    /// `PreparedReceipt::new` checks the version and the size): after the commit,
+    /// signing cannot fail.
+    fn prepare(&self, body: till_receipt::ReceiptBody) -> Result<PreparedReceipt, LedgerError> {
+        let prepared = if self.faults.signing_should_fail() {
+            Err("injected signing failure".to_owned())
+        } else {
+            PreparedReceipt::new(body).map_err(|e| e.to_string())
+        };
+        prepared.map_err(|e| {
+            tracing::error!(error = %e, "ledger: receipt signing failed");
+            LedgerError::Signing(e)
+        })
+    }
+
     fn run(self, queue: Receiver<Command>) {
         // Never waits when idle: blocks for the first command only, then takes what is
         // already queued.
@@ -2397,17 +2413,9 @@ impl Writer {
             }) => {
                 body.ledger.clone_from(&self.ledger_id);
                 let claim_iat = state.claim.as_ref().map_or(0, |c| c.iat);
-                let prepared = if self.faults.signing_should_fail() {
-                    Err("injected signing failure".to_owned())
-                } else {
-                    PreparedReceipt::new(body).map_err(|e| e.to_string())
-                };
-                let prepared = match prepared {
+                let prepared = match self.prepare(body) {
                     Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "ledger: void receipt signing failed");
-                        return Ok(nothing(Err(LedgerError::Signing(e))));
-                    }
+                    Err(e) => return Ok(nothing(Err(e))),
                 };
                 let seq = prepared.body().seq;
                 let hash = prepared.hash_hex();
@@ -2594,20 +2602,9 @@ impl Writer {
                 alerts,
             }) => {
                 body.ledger.clone_from(&self.ledger_id);
-                // Everything that could make signing fail is checked here, before the
-                // commit (the key id is the signer's; `PreparedReceipt::new` checks the
-                // version and the size): after the commit, signing cannot fail.
-                let prepared = if self.faults.signing_should_fail() {
-                    Err("injected signing failure".to_owned())
-                } else {
-                    PreparedReceipt::new(body).map_err(|e| e.to_string())
-                };
-                let prepared = match prepared {
+                let prepared = match self.prepare(body) {
                     Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "ledger: receipt signing failed");
-                        return Ok(nothing(Err(LedgerError::Signing(e))));
-                    }
+                    Err(e) => return Ok(nothing(Err(e))),
                 };
                 let seq = prepared.body().seq;
                 let hash = prepared.hash_hex();
