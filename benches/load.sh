@@ -11,16 +11,20 @@
 # TILL_BEFORE=/path/to/older/till runs the Till cases for that binary too, in the same
 # run, against the same upstream and with the same keys (before/after comparisons).
 #
-# Usage: benches/load.sh   (DURATION=10s CONNECTIONS=32 THREADS=2 KEYS=1000 RATE=1000
-#                           RATE_DURATION=10s LITELLM=1; LITELLM=0 skips LiteLLM,
-#                           RATE=0 the fixed-rate runs)
+# Usage: benches/load.sh   (DURATION=10s CONNECTIONS=64 THREADS=2 KEYS=1000 RATE=1000
+#                           RATE_CONNECTIONS=32 RATE_DURATION=10s LITELLM=1; LITELLM=0
+#                           skips LiteLLM, RATE=0 the fixed-rate runs)
+# The defaults are issue 11's harness: `wrk -t2 -c64 -d10s` for throughput, `oha -q 1000
+# -c 32 --latency-correction` for latency at a fixed rate. (Results before issue 11's
+# second round were measured with CONNECTIONS=32; benches/RESULTS.md names each run's.)
 # Needs root for apt-get (nginx, wrk) when they are missing; installs oha with
 # `cargo install --locked` and LiteLLM with pip into target/bench-venv when missing.
 # Every step is bounded in time; the whole run takes about 3-4 minutes once installed.
 set -euo pipefail
 
 DURATION=${DURATION:-10s}
-CONNECTIONS=${CONNECTIONS:-32}
+CONNECTIONS=${CONNECTIONS:-64}
+RATE_CONNECTIONS=${RATE_CONNECTIONS:-32}
 THREADS=${THREADS:-2}
 KEYS=${KEYS:-1000}
 RATE=${RATE:-1000}
@@ -178,7 +182,7 @@ run() { # name, wrk args...
 fixed_rate() { # name, oha args... : latency at a fixed rate, corrected for coordinated omission
     local name=$1; shift
     [[ "$RATE" != 0 ]] || return 0
-    timeout 120 "$OHA" -z "$RATE_DURATION" -q "$RATE" -c "$CONNECTIONS" --latency-correction \
+    timeout 120 "$OHA" -z "$RATE_DURATION" -q "$RATE" -c "$RATE_CONNECTIONS" --latency-correction \
         --no-tui --output-format json "$@" >"$WORK/oha.json" 2>"$WORK/oha.err" || {
         echo "oha failed for $name:" >&2; cat "$WORK/oha.err" >&2; return 0; }
     python3 - "$name" "$WORK/oha.json" "$WORK/lat.txt" <<'PY'
