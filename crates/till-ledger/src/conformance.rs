@@ -41,6 +41,8 @@ use crate::alert::{AlertKind, AlertOutcome, DeliveryStatus};
 use crate::family::{BlockMeta, KeyBlocks};
 use crate::{Claim, ClaimRequest, Ledger, LedgerError, Level, Refusal, WindowCap, MAX_REPLAYS};
 
+pub mod retention;
+
 // Harness requirement: the backend runs with the default alert policy
 // (`AlertPolicy::default()`: thresholds 80 % and 100 %, revocation alerts, no rate ceiling).
 

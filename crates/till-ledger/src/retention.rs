@@ -10,12 +10,23 @@
 //!   in `seq` order, only ever appended to (an export interrupted after writing and
 //!   before pruning is resumed without writing a receipt twice);
 //! - `<family hex>.checkpoints.jsonl`: one [`Checkpoint`] per pruned range.
+//!
+//! [`export_and_prune`] is the whole procedure, shared by every backend: it plans the
+//! ranges (chain heads and receipt `iat`s), reads and checks each chain, appends it to the
+//! export file, signs a checkpoint per range and copies committed checkpoints out. A
+//! backend provides only a [`RetentionStore`]: what is stored, and the transactional
+//! prune of exported ranges (checked against what was exported, with the checkpoint
+//! stored in the same transaction).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead as _, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use till_receipt::{Receipt, ReceiptKeySet, ReceiptSigner};
+
+use crate::{BoxFuture, LedgerError};
 
 /// What may stay in the ledger. A receipt is pruned when it is beyond `keep` (older than
 /// the family's `keep` newest receipts) OR older than `max_age_secs`. The newest receipt
@@ -116,6 +127,351 @@ impl Checkpoint {
             ))
         }
     }
+}
+
+/// One family's receipts still in the ledger: seqs `first..=head`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRange {
+    /// Family id (raw revocation-id bytes).
+    pub family: Vec<u8>,
+    /// First receipt still stored (receipts before it were exported and pruned).
+    pub first: u64,
+    /// The chain head's seq (the newest receipt, never pruned).
+    pub head: u64,
+}
+
+/// One exported range of a family, to prune, with its signed checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PruneRange {
+    /// Family id (raw revocation-id bytes).
+    pub family: Vec<u8>,
+    /// First receipt of the range (the family's first stored receipt).
+    pub from_seq: u64,
+    /// Last receipt of the range (before the chain head).
+    pub to_seq: u64,
+    /// What is stored in its place (`body.head` = link hash of receipt `to_seq`).
+    pub checkpoint: Checkpoint,
+}
+
+/// What one [`RetentionStore::prune`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Receipts deleted.
+    pub receipts: u64,
+    /// Idempotency records (pointing at deleted receipts) deleted.
+    pub idempotency: u64,
+}
+
+/// What a backend provides for [`export_and_prune`].
+pub trait RetentionStore: Send + Sync + std::fmt::Debug {
+    /// The key that signs checkpoints (the current receipt key).
+    fn retention_signer(&self) -> Arc<ReceiptSigner>;
+    /// The ledger's id (named in checkpoints), if it has one.
+    fn retention_ledger_id(&self) -> Option<String>;
+    /// Most receipts pruned in one [`RetentionStore::prune`] call (one transaction), and
+    /// in one range: the export reads, checks and holds at most this many at once.
+    fn prune_chunk(&self) -> u64;
+    /// Every family with stored receipts, ordered by family id.
+    fn stored_ranges(&self) -> BoxFuture<'_, Result<Vec<StoredRange>, LedgerError>>;
+    /// A family's stored receipts, signed, in `seq` order from `from_seq`, at most `limit`
+    /// ([`crate::Ledger::receipts`]).
+    fn stored_receipts(
+        &self,
+        family: &[u8],
+        from_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>>;
+    /// In ONE transaction, for every range: checks it is still exactly what was exported
+    /// (its first receipt is the family's first stored one, the receipt at `to_seq` has
+    /// the checkpoint's `head`, the chain head is past it), deletes its receipts (and
+    /// whatever indexes only them), stores its checkpoint under `(family, to_seq)` and
+    /// deletes the idempotency records pointing into it. All or nothing: a range that is
+    /// no longer what was exported is `LedgerError::InvalidRequest`, nothing written. A
+    /// retry of a call that did commit (an unknown commit result) finds its checkpoints
+    /// stored and answers success again, never an error.
+    fn prune(&self, ranges: Vec<PruneRange>) -> BoxFuture<'_, Result<Pruned, LedgerError>>;
+    /// Every stored checkpoint, ordered by family then `to_seq`.
+    fn stored_checkpoints(&self) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>>;
+}
+
+/// What [`export_and_prune`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExportReport {
+    /// Families with a range exported and pruned.
+    pub families: u64,
+    /// Receipts written to the export files (receipts already there are not rewritten).
+    pub exported: u64,
+    /// Receipts pruned from the ledger.
+    pub pruned: u64,
+    /// Idempotency records of pruned receipts removed.
+    pub idempotency_removed: u64,
+    /// Checkpoints stored (one per pruned range; a range is at most
+    /// [`RetentionStore::prune_chunk`] receipts).
+    pub checkpoints: u64,
+}
+
+/// Exports the receipts beyond `retention` to `dir` and prunes them, leaving a signed
+/// checkpoint per pruned range (`spec/ledger.md` §10), in chunks of
+/// [`RetentionStore::prune_chunk`] receipts. Per chunk: the receipts are read, checked to
+/// be one linked chain, appended to `<family>.jsonl` and fsync'd (receipts already in the
+/// file are not written again), a checkpoint is signed, the backend prunes the range in
+/// one transaction, and the checkpoint is appended to `<family>.checkpoints.jsonl`.
+/// Stopping anywhere leaves a consistent ledger and files: the next run resumes (a
+/// committed checkpoint missing from its file is copied out first). Safe while claims go
+/// on: they only append at the chain head, which is never pruned.
+pub async fn export_and_prune(
+    store: &dyn RetentionStore,
+    retention: Retention,
+    dir: &Path,
+    now: u64,
+) -> Result<ExportReport, LedgerError> {
+    export_and_prune_chunked(store, retention, dir, now, store.prune_chunk()).await
+}
+
+/// [`export_and_prune`] with an explicit chunk size (tests use small ones).
+pub async fn export_and_prune_chunked(
+    store: &dyn RetentionStore,
+    retention: Retention,
+    dir: &Path,
+    now: u64,
+    chunk: u64,
+) -> Result<ExportReport, LedgerError> {
+    let chunk = chunk.max(1);
+    let mut report = ExportReport::default();
+    std::fs::create_dir_all(dir).map_err(|e| export_error(format!("{}: {e}", dir.display())))?;
+    // Checkpoints committed by an export that stopped before copying them out.
+    copy_checkpoints(store, dir).await?;
+    if retention.is_unbounded() {
+        return Ok(report);
+    }
+    let mut export = Export {
+        store,
+        dir,
+        now,
+        chunk,
+        signer: store.retention_signer(),
+        ledger_id: store.retention_ledger_id(),
+        batch: Vec::new(),
+        batched: 0,
+        report: &mut report,
+        families: std::collections::BTreeSet::new(),
+    };
+    for range in store.stored_ranges().await? {
+        export.family(range, retention).await?;
+    }
+    export.flush().await?;
+    let families = export.families.len() as u64;
+    report.families = families;
+    Ok(report)
+}
+
+fn export_error(e: String) -> LedgerError {
+    LedgerError::Unavailable(format!("export: {e}"))
+}
+
+/// One export run's state: ranges exported and signed, waiting for their prune.
+struct Export<'a> {
+    store: &'a dyn RetentionStore,
+    dir: &'a Path,
+    now: u64,
+    chunk: u64,
+    signer: Arc<ReceiptSigner>,
+    ledger_id: Option<String>,
+    batch: Vec<PruneRange>,
+    batched: u64,
+    report: &'a mut ExportReport,
+    families: std::collections::BTreeSet<Vec<u8>>,
+}
+
+impl Export<'_> {
+    /// Exports (and prunes, chunk by chunk) one family's receipts beyond the retention.
+    async fn family(
+        &mut self,
+        stored: StoredRange,
+        retention: Retention,
+    ) -> Result<(), LedgerError> {
+        let StoredRange {
+            family,
+            first,
+            head,
+        } = stored;
+        // The newest receipt always stays.
+        if head <= 1 || first >= head {
+            return Ok(());
+        }
+        let last_allowed = head - 1;
+        let keep_to = retention
+            .keep
+            .map_or(0, |keep| head.saturating_sub(keep.max(1)))
+            .min(last_allowed);
+        let cutoff = retention
+            .max_age_secs
+            .map(|age| self.now.saturating_sub(age));
+        if keep_to < first && cutoff.is_none() {
+            return Ok(());
+        }
+        let family_hex = hex::encode(&family);
+        let already = exported_up_to(self.dir, &family_hex).map_err(export_error)?;
+        if first > 1 && already + 1 < first {
+            return Err(export_error(format!(
+                "{} ends at receipt {already}, but receipts up to {} were pruned before: \
+                 restore the export file (the chain could not be audited with a gap)",
+                receipts_file(self.dir, &family_hex).display(),
+                first - 1
+            )));
+        }
+        let mut chain: Vec<Receipt> = Vec::new();
+        // Link hash of the last receipt of the previous range of this run.
+        let mut link: Option<String> = None;
+        let mut next = first;
+        // Without an age limit nothing past `keep_to` is pruned: read no further.
+        let want = if cutoff.is_some() {
+            last_allowed
+        } else {
+            keep_to
+        };
+        'walk: while next <= want {
+            let limit =
+                usize::try_from((want - next + 1).min(self.chunk).min(1024)).unwrap_or(1024);
+            let page = self.store.stored_receipts(&family, next, limit).await?;
+            if page.is_empty() {
+                break;
+            }
+            for receipt in page {
+                let body = receipt.body();
+                if body.seq != next {
+                    return Err(LedgerError::Corrupt(format!(
+                        "family {family_hex}: receipt {next} is missing (found {}); nothing \
+                         exported from it on",
+                        body.seq
+                    )));
+                }
+                let beyond = body.seq <= last_allowed
+                    && (body.seq <= keep_to || cutoff.is_some_and(|c| body.iat < c));
+                if !beyond {
+                    break 'walk;
+                }
+                let expected = chain.last().map(Receipt::hash_hex).or_else(|| link.clone());
+                if expected.is_some() && body.prev != expected {
+                    return Err(LedgerError::Corrupt(format!(
+                        "family {family_hex}: receipt {next} does not link to receipt {}; \
+                         nothing exported from it on",
+                        next - 1
+                    )));
+                }
+                chain.push(receipt);
+                next += 1;
+                if chain.len() as u64 >= self.chunk {
+                    link = chain.last().map(Receipt::hash_hex);
+                    self.range(&family, &family_hex, already, std::mem::take(&mut chain))
+                        .await?;
+                }
+            }
+        }
+        self.range(&family, &family_hex, already, chain).await
+    }
+
+    /// Exports one range (durably), signs its checkpoint and queues it for pruning.
+    async fn range(
+        &mut self,
+        family: &[u8],
+        family_hex: &str,
+        already: u64,
+        chain: Vec<Receipt>,
+    ) -> Result<(), LedgerError> {
+        let (Some(first), Some(last)) = (chain.first(), chain.last()) else {
+            return Ok(());
+        };
+        let lines: Vec<String> = chain
+            .iter()
+            .filter(|r| r.body().seq > already)
+            .map(receipt_line)
+            .collect();
+        self.report.exported += lines.len() as u64;
+        append_durably(&receipts_file(self.dir, family_hex), &lines).map_err(export_error)?;
+        let (from_seq, to_seq) = (first.body().seq, last.body().seq);
+        let checkpoint = Checkpoint::sign(
+            CheckpointBody {
+                v: 1,
+                family: family_hex.to_owned(),
+                from_seq,
+                to_seq,
+                count: to_seq - from_seq + 1,
+                head: last.hash_hex(),
+                first_prev: first.body().prev.clone(),
+                file: format!("{family_hex}.jsonl"),
+                ledger: self.ledger_id.clone(),
+                kid: String::new(),
+                iat: self.now,
+            },
+            &self.signer,
+        );
+        self.batch.push(PruneRange {
+            family: family.to_vec(),
+            from_seq,
+            to_seq,
+            checkpoint,
+        });
+        self.batched += to_seq - from_seq + 1;
+        if self.batched >= self.chunk {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Prunes the queued ranges (one backend transaction) and copies their checkpoints
+    /// out.
+    async fn flush(&mut self) -> Result<(), LedgerError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batched = 0;
+        let pruned = self.store.prune(batch.clone()).await?;
+        self.report.pruned += pruned.receipts;
+        self.report.idempotency_removed += pruned.idempotency;
+        self.report.checkpoints += batch.len() as u64;
+        let checkpoints: Vec<Checkpoint> = batch
+            .into_iter()
+            .map(|r| {
+                self.families.insert(r.family);
+                r.checkpoint
+            })
+            .collect();
+        append_checkpoints(self.dir, &checkpoints)
+    }
+}
+
+/// Appends to each family's checkpoints file the checkpoints (committed in the ledger) it
+/// lacks.
+async fn copy_checkpoints(store: &dyn RetentionStore, dir: &Path) -> Result<(), LedgerError> {
+    let all = store.stored_checkpoints().await?;
+    append_checkpoints(dir, &all)
+}
+
+/// Appends checkpoints to their families' files, skipping those a file already holds
+/// (by `to_seq`).
+fn append_checkpoints(dir: &Path, checkpoints: &[Checkpoint]) -> Result<(), LedgerError> {
+    let mut by_family: BTreeMap<&str, Vec<&Checkpoint>> = BTreeMap::new();
+    for c in checkpoints {
+        by_family.entry(c.body.family.as_str()).or_default().push(c);
+    }
+    for (family_hex, mut list) in by_family {
+        if hex::decode(family_hex).is_err() {
+            return Err(LedgerError::Corrupt(format!(
+                "a stored checkpoint names family {family_hex:?}, which is not hex"
+            )));
+        }
+        list.sort_by_key(|c| c.body.to_seq);
+        let (_, in_file) = read_export_checkpoints(dir, family_hex).map_err(export_error)?;
+        let lines: Vec<String> = list
+            .into_iter()
+            .filter(|c| c.body.to_seq > in_file)
+            .map(Checkpoint::to_line)
+            .collect();
+        append_durably(&checkpoints_file(dir, family_hex), &lines).map_err(export_error)?;
+    }
+    Ok(())
 }
 
 /// The export file of a family.
