@@ -1560,43 +1560,60 @@ fn prune(
         }
     }
     let mut receipts = 0;
+    let mut doomed: Vec<(Vec<u8>, String)> = Vec::new();
     for r in ranges {
         let family = r.family.as_slice();
         for seq in r.from_seq..=r.to_seq {
-            if t.receipts.remove((family, seq))?.is_some() {
-                receipts += 1;
+            let Some(value) = t.receipts.remove((family, seq))? else {
+                continue;
+            };
+            receipts += 1;
+            // The record its claim wrote: key computed from the receipt (scope = its last
+            // slot's revocation id), no scan of the idempotency table.
+            let Ok(stored) = stored::decode_receipt(value.value(), family) else {
+                continue;
+            };
+            let body = stored.body();
+            if let Some(scope) = body
+                .slots
+                .last()
+                .and_then(|s| hex::decode(&s.revocation_id).ok())
+            {
+                doomed.push((scope, body.idempotency_key.clone()));
             }
         }
         t.checkpoints
             .insert((family, r.to_seq), r.checkpoint.to_line().as_str())?;
     }
-    // Idempotency records have no index by receipt: one scan for all the ranges.
-    let mut doomed: Vec<(Vec<u8>, String)> = Vec::new();
-    for entry in t.idempotency.iter()? {
-        let (key, value) = entry?;
-        let (scope, idem) = key.value();
-        let target = match stored::decode_idempotency(value.value(), scope) {
-            Ok(IdempotencyRecord::Pointer(p)) => Some((p.family, p.seq)),
-            Ok(IdempotencyRecord::Legacy(l)) => Receipt::parse(&l.receipt).ok().and_then(|r| {
-                hex::decode(&r.body().family)
-                    .ok()
-                    .map(|f| (f, r.body().seq))
-            }),
-            Err(_) => None,
-        };
-        if let Some((family, seq)) = target {
-            if ranges
-                .iter()
-                .any(|r| r.family == family && (r.from_seq..=r.to_seq).contains(&seq))
-            {
-                doomed.push((scope.to_vec(), idem.to_owned()));
+    let mut removed = 0u64;
+    for (scope, idem) in &doomed {
+        let points_into_range = match t.idempotency.get((scope.as_slice(), idem.as_str()))? {
+            None => false,
+            Some(value) => {
+                let target = match stored::decode_idempotency(value.value(), scope) {
+                    Ok(IdempotencyRecord::Pointer(p)) => Some((p.family, p.seq)),
+                    Ok(IdempotencyRecord::Legacy(l)) => {
+                        Receipt::parse(&l.receipt).ok().and_then(|r| {
+                            hex::decode(&r.body().family)
+                                .ok()
+                                .map(|f| (f, r.body().seq))
+                        })
+                    }
+                    Err(_) => None,
+                };
+                target.is_some_and(|(family, seq)| {
+                    ranges
+                        .iter()
+                        .any(|r| r.family == family && (r.from_seq..=r.to_seq).contains(&seq))
+                })
             }
+        };
+        if points_into_range {
+            t.idempotency.remove((scope.as_slice(), idem.as_str()))?;
+            removed += 1;
         }
     }
-    for (scope, idem) in &doomed {
-        t.idempotency.remove((scope.as_slice(), idem.as_str()))?;
-    }
-    Ok(Ok((receipts, doomed.len() as u64)))
+    Ok(Ok((receipts, removed)))
 }
 
 /// Stores callers' signatures next to the bodies they sign (a body already signed, or

@@ -12,7 +12,8 @@ use super::{
 use crate::retention::{Checkpoint, PruneRange, Pruned, RetentionStore, StoredRange};
 use crate::{BoxFuture, Ledger, LedgerError};
 
-/// Receipts per prune transaction (and per range): one idempotency-table scan each.
+/// Receipts per prune transaction (and per range): bounds how long one prune holds the
+/// writer (claims wait meanwhile) and what one export holds in memory.
 pub const EMBEDDED_PRUNE_CHUNK: u64 = 10_000;
 
 impl RetentionStore for EmbeddedLedger {
