@@ -26,6 +26,7 @@ mod mock;
 mod receipts_export;
 mod registry;
 mod reload;
+mod retention_task;
 mod serve;
 
 fn main() -> ExitCode {
