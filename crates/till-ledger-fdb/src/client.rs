@@ -440,7 +440,8 @@ impl till_ledger::RetentionStore for FdbLedger {
 
     fn stored_checkpoints(
         &self,
+        family: &[u8],
     ) -> BoxFuture<'_, Result<Vec<till_ledger::retention::Checkpoint>, LedgerError>> {
-        self.inner.stored_checkpoints()
+        self.inner.stored_checkpoints(family)
     }
 }

@@ -267,11 +267,6 @@ impl Keyspace {
         self.root.subspace(&("checkpoint", family)).range()
     }
 
-    /// Every `(ks, "checkpoint", _, _)`: `[begin, end)`.
-    pub fn checkpoints_range(&self) -> (Vec<u8>, Vec<u8>) {
-        self.root.subspace(&("checkpoint",)).range()
-    }
-
     /// Decodes the seq out of a `(ks, "receipt", family, seq)` key.
     pub fn receipt_seq(&self, key: &[u8]) -> Result<u64, KvError> {
         let (tag, _family, seq): (String, Vec<u8>, u64) = self

@@ -102,11 +102,12 @@ impl<S: KvStore> RetentionStore for KvLedger<S> {
         })
     }
 
-    fn stored_checkpoints(&self) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
-        Box::pin(async move {
-            let (begin, end) = self.keyspace().checkpoints_range();
-            self.checkpoints_in(begin, end).await
-        })
+    fn stored_checkpoints(
+        &self,
+        family: &[u8],
+    ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
+        let family = family.to_vec();
+        Box::pin(async move { self.family_checkpoints(&family).await })
     }
 }
 

@@ -190,8 +190,11 @@ pub trait RetentionStore: Send + Sync + std::fmt::Debug {
     /// retry of a call that did commit (an unknown commit result) finds its checkpoints
     /// stored and answers success again, never an error.
     fn prune(&self, ranges: Vec<PruneRange>) -> BoxFuture<'_, Result<Pruned, LedgerError>>;
-    /// Every stored checkpoint, ordered by family then `to_seq`.
-    fn stored_checkpoints(&self) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>>;
+    /// A family's stored checkpoints, ordered by `to_seq` ([`crate::Ledger::checkpoints`]).
+    fn stored_checkpoints(
+        &self,
+        family: &[u8],
+    ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>>;
 }
 
 /// What [`export_and_prune`] did.
@@ -239,8 +242,9 @@ pub async fn export_and_prune_chunked(
     let chunk = chunk.max(1);
     let mut report = ExportReport::default();
     std::fs::create_dir_all(dir).map_err(|e| export_error(format!("{}: {e}", dir.display())))?;
+    let stored = store.stored_ranges().await?;
     // Checkpoints committed by an export that stopped before copying them out.
-    copy_checkpoints(store, dir).await?;
+    copy_checkpoints(store, dir, &stored).await?;
     if retention.is_unbounded() {
         return Ok(report);
     }
@@ -256,7 +260,7 @@ pub async fn export_and_prune_chunked(
         report: &mut report,
         families: std::collections::BTreeSet::new(),
     };
-    for range in store.stored_ranges().await? {
+    for range in stored {
         export.family(range, retention).await?;
     }
     export.flush().await?;
@@ -443,10 +447,22 @@ impl Export<'_> {
 }
 
 /// Appends to each family's checkpoints file the checkpoints (committed in the ledger) it
-/// lacks.
-async fn copy_checkpoints(store: &dyn RetentionStore, dir: &Path) -> Result<(), LedgerError> {
-    let all = store.stored_checkpoints().await?;
-    append_checkpoints(dir, &all)
+/// lacks: those of a family whose file does not reach its first stored receipt (one tail
+/// read per family; the ledger is asked only for such families).
+async fn copy_checkpoints(
+    store: &dyn RetentionStore,
+    dir: &Path,
+    stored: &[StoredRange],
+) -> Result<(), LedgerError> {
+    for range in stored.iter().filter(|r| r.first > 1) {
+        let family_hex = hex::encode(&range.family);
+        let in_file = checkpointed_up_to(dir, &family_hex).map_err(export_error)?;
+        if in_file + 1 < range.first {
+            let checkpoints = store.stored_checkpoints(&range.family).await?;
+            append_checkpoints(dir, &checkpoints)?;
+        }
+    }
+    Ok(())
 }
 
 /// Appends checkpoints to their families' files, skipping those a file already holds
@@ -463,7 +479,7 @@ fn append_checkpoints(dir: &Path, checkpoints: &[Checkpoint]) -> Result<(), Ledg
             )));
         }
         list.sort_by_key(|c| c.body.to_seq);
-        let (_, in_file) = read_export_checkpoints(dir, family_hex).map_err(export_error)?;
+        let in_file = checkpointed_up_to(dir, family_hex).map_err(export_error)?;
         let lines: Vec<String> = list
             .into_iter()
             .filter(|c| c.body.to_seq > in_file)
@@ -548,16 +564,93 @@ pub(crate) fn read_export_checkpoints(
     Ok((out, last))
 }
 
-/// The highest seq already in a family's export file (0 when none).
+/// The highest seq already in a family's export file (0 when none): its last line (lines
+/// are appended in `seq` order).
 pub(crate) fn exported_up_to(dir: &Path, family_hex: &str) -> Result<u64, String> {
     let path = receipts_file(dir, family_hex);
-    let mut last = 0;
-    for line in lines(&path)? {
-        let line: Line =
-            serde_json::from_str(&line).map_err(|e| format!("{}: {e}", path.display()))?;
-        last = line.seq;
+    match last_line(&path)? {
+        None => Ok(0),
+        Some(line) => serde_json::from_str::<Line>(&line)
+            .map(|l| l.seq)
+            .map_err(|e| format!("{} (last line): {e}", path.display())),
     }
-    Ok(last)
+}
+
+/// The highest `to_seq` in a family's checkpoints file (0 when none): its last line
+/// (checkpoints are appended in `to_seq` order).
+pub(crate) fn checkpointed_up_to(dir: &Path, family_hex: &str) -> Result<u64, String> {
+    let path = checkpoints_file(dir, family_hex);
+    match last_line(&path)? {
+        None => Ok(0),
+        Some(line) => Checkpoint::parse(&line)
+            .map(|c| c.body.to_seq)
+            .map_err(|e| format!("{} (last line): {e}", path.display())),
+    }
+}
+
+/// Bytes read from the end of a file to find its last line (doubled until one fits).
+const TAIL: u64 = 64 * 1024;
+
+/// The last non-empty line of an export file, read from its end (the files only grow, so
+/// a run never rereads them). A last line without its newline is an append torn by a
+/// crash — its receipts (or checkpoint) were never pruned on the strength of it, since
+/// the prune waits for the fsync — and is cut off, so the next append starts a clean
+/// line.
+fn last_line(path: &Path) -> Result<Option<String>, String> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    let mut len = file.metadata().map_err(err)?.len();
+    let mut tail = TAIL;
+    loop {
+        let start = len.saturating_sub(tail);
+        file.seek(SeekFrom::Start(start)).map_err(err)?;
+        let mut buf = Vec::new();
+        std::io::Read::by_ref(&mut file)
+            .take(len - start)
+            .read_to_end(&mut buf)
+            .map_err(err)?;
+        if !buf.is_empty() && buf.last() != Some(&b'\n') {
+            // Torn last line: cut it (back to the last newline, or to nothing).
+            match buf.iter().rposition(|&b| b == b'\n') {
+                Some(i) => {
+                    len = start + i as u64 + 1;
+                    buf.truncate(i + 1);
+                }
+                None if start == 0 => {
+                    len = 0;
+                    buf.clear();
+                }
+                None => {
+                    tail = tail.saturating_mul(2);
+                    continue;
+                }
+            }
+            file.set_len(len).map_err(err)?;
+            file.sync_all().map_err(err)?;
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let mut complete: Vec<&str> = text.split('\n').collect();
+        if start > 0 {
+            // The first piece may be the end of a longer line.
+            complete.remove(0);
+        }
+        if let Some(line) = complete.iter().rev().find(|l| !l.trim().is_empty()) {
+            return Ok(Some((*line).to_owned()));
+        }
+        if start == 0 {
+            return Ok(None);
+        }
+        tail = tail.saturating_mul(2);
+    }
 }
 
 /// Appends lines to a file and makes them durable (file and directory fsync'd).
@@ -658,6 +751,43 @@ mod tests {
             kid: String::new(),
             iat: 1,
         }
+    }
+
+    /// The last line is found from the end of the file, also past the first tail read,
+    /// and a torn last line (a crash mid-append) is cut off, never parsed.
+    #[test]
+    fn last_line_reads_the_tail_and_cuts_a_torn_append() {
+        let dir = std::env::temp_dir().join(format!("till-last-line-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let family = "ab";
+        let path = receipts_file(&dir, family);
+        assert_eq!(exported_up_to(&dir, family).unwrap(), 0, "no file");
+        let long = "x".repeat(usize::try_from(TAIL).unwrap() * 3);
+        let line = |seq: u64| format!("{{\"seq\":{seq},\"receipt\":\"{long}\"}}");
+        append_durably(&path, &[line(1), line(2)]).unwrap();
+        assert_eq!(exported_up_to(&dir, family).unwrap(), 2);
+        let whole = std::fs::metadata(&path).unwrap().len();
+        // A torn append: half a line without its newline.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&line(3).as_bytes()[..100]).unwrap();
+        drop(f);
+        assert_eq!(exported_up_to(&dir, family).unwrap(), 2);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            whole,
+            "torn line cut"
+        );
+        append_durably(&path, &[line(3)]).unwrap();
+        assert_eq!(exported_up_to(&dir, family).unwrap(), 3);
+        // A file holding only a torn line is empty afterwards.
+        let torn = receipts_file(&dir, "cd");
+        std::fs::write(&torn, "{\"seq\":1,").unwrap();
+        assert_eq!(exported_up_to(&dir, "cd").unwrap(), 0);
+        assert_eq!(std::fs::metadata(&torn).unwrap().len(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -372,8 +372,11 @@ impl RetentionStore for Interrupt {
             Err(LedgerError::Unavailable("interrupted (test)".into()))
         })
     }
-    fn stored_checkpoints(&self) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
-        self.inner.stored_checkpoints()
+    fn stored_checkpoints(
+        &self,
+        family: &[u8],
+    ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
+        self.inner.stored_checkpoints(family)
     }
 }
 

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use redb::ReadableTable;
 use till_receipt::{Receipt, ReceiptSigner};
 
-use super::{
-    unavailable, AdminAnswer, AdminOp, EmbeddedLedger, CHAIN_HEADS, CHECKPOINTS, RECEIPTS,
-};
+use super::{unavailable, AdminAnswer, AdminOp, EmbeddedLedger, CHAIN_HEADS, RECEIPTS};
 use crate::retention::{Checkpoint, PruneRange, Pruned, RetentionStore, StoredRange};
 use crate::{BoxFuture, Ledger, LedgerError};
 
@@ -84,16 +82,10 @@ impl RetentionStore for EmbeddedLedger {
         })
     }
 
-    fn stored_checkpoints(&self) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
-        Box::pin(self.read(|db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
-            let mut out = Vec::new();
-            for entry in table.iter().map_err(unavailable)? {
-                let (_, v) = entry.map_err(unavailable)?;
-                out.push(Checkpoint::parse(v.value()).map_err(LedgerError::Corrupt)?);
-            }
-            Ok(out)
-        }))
+    fn stored_checkpoints(
+        &self,
+        family: &[u8],
+    ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
+        self.checkpoints(family)
     }
 }
