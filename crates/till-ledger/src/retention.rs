@@ -334,14 +334,23 @@ impl Export<'_> {
         } else {
             keep_to
         };
+        // Past `keep_to` the walk stops at the first young receipt, often the first one
+        // read: start with small pages (a family's kept receipts are not all read).
+        let mut page = 16u64;
         'walk: while next <= want {
-            let limit =
-                usize::try_from((want - next + 1).min(self.chunk).min(1024)).unwrap_or(1024);
-            let page = self.store.stored_receipts(&family, next, limit).await?;
-            if page.is_empty() {
+            let upto = if next <= keep_to {
+                keep_to - next + 1
+            } else {
+                page
+            };
+            page = (page * 2).min(1024);
+            let limit = usize::try_from(upto.min(want - next + 1).min(self.chunk).min(1024))
+                .unwrap_or(1024);
+            let receipts = self.store.stored_receipts(&family, next, limit).await?;
+            if receipts.is_empty() {
                 break;
             }
-            for receipt in page {
+            for receipt in receipts {
                 let body = receipt.body();
                 if body.seq != next {
                     return Err(LedgerError::Corrupt(format!(
