@@ -112,6 +112,60 @@ async fn serve_exports_and_prunes_in_the_background_and_audit_stays_clean() {
     );
     let (_, checkpoints) = exported(&exports);
     assert!(checkpoints >= 2, "one checkpoint per pruned range");
+
+    // While it serves, `till audit` goes through the admin API (receipts and checkpoints)
+    // and reads the exported receipts from the data dir: all 7, clean.
+    let out = till(&data)
+        .args(["audit", &key, "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "audit while serving failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(audit["clean"], true, "{audit}");
+    assert_eq!(audit["report"]["receipts"], 7, "{audit}");
+    // The admin plane's own audit (the dashboard's) reads them back too.
+    let admin = server
+        .banner
+        .iter()
+        .find_map(|l| l.strip_prefix("admin API on "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let admin_key = std::fs::read_to_string(data.join("admin.key")).unwrap();
+    let listed = till(&data)
+        .args(["receipt", "list", &key, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let first: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let family = first["body"]["family"].as_str().unwrap().to_string();
+    let body = client()
+        .get(format!("{admin}/families/{family}/audit"))
+        .bearer_auth(admin_key.trim())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let audit: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(audit["clean"], true, "{audit}");
+    assert_eq!(audit["report"]["receipts"], 7, "{audit}");
     stop(server);
 
     // The ledger keeps the newest 2; the export holds 1..=5 once each.

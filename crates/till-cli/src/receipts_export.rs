@@ -7,9 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use till_ledger::retention::{
-    check_checkpoints, export_and_prune, read_export, Checkpoint, Retention,
-};
+use till_ledger::retention::{export_and_prune, Checkpoint, Retention};
 use till_ledger::{EmbeddedConfig, LedgerError, RetentionStore};
 use till_receipt::{Receipt, ReceiptKeySet};
 
@@ -186,48 +184,8 @@ pub fn whole_chain(
     ledger_checkpoints: Vec<Checkpoint>,
     keys: &ReceiptKeySet,
 ) -> Result<(Vec<Receipt>, u64)> {
-    let mut checkpoints = ledger_checkpoints;
-    let first_kept = kept.first().map(|r| r.body().seq);
-    if checkpoints.is_empty() && first_kept.is_none_or(|s| s == 1) {
-        return Ok((kept, 0));
-    }
-    let (exported, file_checkpoints) = read_export(export, family_hex)
-        .map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")))?;
-    for c in file_checkpoints {
-        if !checkpoints.contains(&c) {
-            checkpoints.push(c);
-        }
-    }
-    let mut chain: Vec<Receipt> = Vec::with_capacity(exported.len() + kept.len());
-    for r in exported {
-        // Exported but not pruned yet (an export stopped before pruning): the ledger's
-        // copy must be the same receipt.
-        if first_kept.is_some_and(|s| r.body().seq >= s) {
-            let i = usize::try_from(r.body().seq - first_kept.unwrap_or(0)).unwrap_or(usize::MAX);
-            if kept.get(i) != Some(&r) {
-                return Err(Failure::invalid_msg(format!(
-                    "audit failed: exported receipt {} differs from the ledger's",
-                    r.body().seq
-                ))
-                .into());
-            }
-            continue;
-        }
-        chain.push(r);
-    }
-    chain.extend(kept);
-    let pruned = check_checkpoints(&chain, &checkpoints, keys)
-        .map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")))?;
-    if let Some(first) = first_kept {
-        if first != pruned + 1 {
-            return Err(Failure::invalid_msg(format!(
-                "audit failed: the ledger's receipts start at {first}, but checkpoints cover \
-                 only 1..={pruned}"
-            ))
-            .into());
-        }
-    }
-    Ok((chain, pruned))
+    till_ledger::retention::whole_chain(export, family_hex, kept, ledger_checkpoints, keys)
+        .map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")).into())
 }
 
 #[cfg(test)]

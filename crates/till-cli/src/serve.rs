@@ -207,6 +207,11 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         }
         let alerts = config.alerts.clone();
         let retention = config.retention.clone();
+        // Where receipts are exported (by `[retention]`, else by hand with `till receipts
+        // export`'s default): admin-plane audits read pruned receipts back from there.
+        let export_dir = retention
+            .as_ref()
+            .map_or_else(|| crate::receipts_export::export_dir(&data, None), |s| retention_dir(s, &data));
         let app = config.build(keys.clone(), Arc::clone(&ledger)).map_err(Failure::usage_from)?;
         // `[retention]`: export and prune in the background, never on the request path.
         let retention_task = retention.map(|settings| {
@@ -242,6 +247,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
                     alert_counters: app.state().metrics().alerts().clone(),
                 });
                 plane.set_reloader(swappable.reloader());
+                plane.set_export_dir(export_dir.clone());
                 let admin_addr = admin_listener.local_addr()?;
                 let url = format!("http://{admin_addr}");
                 crate::admin::write_discovery(&data, &url)?;

@@ -697,6 +697,57 @@ pub(crate) fn receipt_line(receipt: &Receipt) -> String {
     .unwrap_or_default()
 }
 
+/// A family's whole chain for an audit: the exported receipts (`export/<family>.jsonl`)
+/// that the ledger no longer holds, then the ledger's own (`kept`, in seq order), checked
+/// against the checkpoints (the ledger's and the export directory's). Returns the chain
+/// (`seq` 1..=n, ready for [`till_receipt::audit_chain`]) and the last pruned seq (0:
+/// nothing was pruned, and the export directory is not read).
+pub fn whole_chain(
+    export: &Path,
+    family_hex: &str,
+    kept: Vec<Receipt>,
+    ledger_checkpoints: Vec<Checkpoint>,
+    keys: &ReceiptKeySet,
+) -> Result<(Vec<Receipt>, u64), String> {
+    let mut checkpoints = ledger_checkpoints;
+    let first_kept = kept.first().map(|r| r.body().seq);
+    if checkpoints.is_empty() && first_kept.is_none_or(|s| s == 1) {
+        return Ok((kept, 0));
+    }
+    let (exported, file_checkpoints) = read_export(export, family_hex)?;
+    for c in file_checkpoints {
+        if !checkpoints.contains(&c) {
+            checkpoints.push(c);
+        }
+    }
+    let mut chain: Vec<Receipt> = Vec::with_capacity(exported.len() + kept.len());
+    for r in exported {
+        // Exported but not pruned yet (an export stopped before pruning): the ledger's
+        // copy must be the same receipt.
+        if let Some(first) = first_kept.filter(|s| r.body().seq >= *s) {
+            let i = usize::try_from(r.body().seq - first).unwrap_or(usize::MAX);
+            if kept.get(i) != Some(&r) {
+                return Err(format!(
+                    "exported receipt {} differs from the ledger's",
+                    r.body().seq
+                ));
+            }
+            continue;
+        }
+        chain.push(r);
+    }
+    chain.extend(kept);
+    let pruned = check_checkpoints(&chain, &checkpoints, keys)?;
+    if let Some(first) = first_kept {
+        if first != pruned + 1 {
+            return Err(format!(
+                "the ledger's receipts start at {first}, but checkpoints cover only 1..={pruned}"
+            ));
+        }
+    }
+    Ok((chain, pruned))
+}
+
 /// Checks checkpoints against a family's whole chain (`chain[i]` has `seq == i + 1`, as
 /// [`till_receipt::audit_chain`] requires): every checkpoint verifies, names this family,
 /// and states exactly what the chain holds (count, the hash of its last receipt, the
