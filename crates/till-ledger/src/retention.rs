@@ -319,7 +319,8 @@ impl Export<'_> {
         if first > 1 && already + 1 < first {
             return Err(export_error(format!(
                 "{} ends at receipt {already}, but receipts up to {} were pruned before: \
-                 restore the export file (the chain could not be audited with a gap)",
+                 restore the export file, or export to the directory that holds it (an \
+                 archive split across directories, or with a gap, cannot be audited)",
                 receipts_file(self.dir, &family_hex).display(),
                 first - 1
             )));

@@ -52,4 +52,5 @@ cases!([
     pruned_idempotency_keys_claim_afresh,
     claims_concurrent_with_prune,
     interrupted_export_resumes,
+    lost_export_file_refused,
 ]);

@@ -38,6 +38,7 @@ where
     pruned_idempotency_keys_claim_afresh(make().await).await;
     claims_concurrent_with_prune(make().await).await;
     interrupted_export_resumes(make().await).await;
+    lost_export_file_refused(make().await).await;
 }
 
 /// A fresh empty directory under the system temp dir.
@@ -425,6 +426,48 @@ pub async fn interrupted_export_resumes(h: RetentionHarness) {
         let (exported, kept, _) = audit_whole(&h, &dir, &family, 14).await;
         assert_eq!((exported.len(), kept.len()), (12, 2));
         std::fs::remove_dir_all(&dir).unwrap();
+    })
+    .await;
+}
+
+/// An export whose file lost receipts that were pruned before (a deleted file, another
+/// directory) is refused with nothing written or pruned: the archive never gets a gap.
+pub async fn lost_export_file_refused(h: RetentionHarness) {
+    bounded("lost_export_file_refused", async {
+        let levels = vec![level(Some(100))];
+        let family = levels[0].revocation_id.clone();
+        claims(h.ledger.as_ref(), &levels, 6, "lost", NOW).await;
+        let dir = export_dir("lost");
+        let keep = Retention {
+            keep: Some(2),
+            max_age_secs: None,
+        };
+        retention::export_and_prune(h.store.as_ref(), keep, &dir, NOW)
+            .await
+            .unwrap();
+        claims(h.ledger.as_ref(), &levels, 3, "more", NOW).await;
+        let before = stored(h.ledger.as_ref(), &family).await;
+        std::fs::remove_file(retention::receipts_file(&dir, &hex::encode(&family))).unwrap();
+        let err = retention::export_and_prune(h.store.as_ref(), keep, &dir, NOW)
+            .await
+            .expect_err("a lost export file is refused");
+        assert!(err.to_string().contains("restore the export file"), "{err}");
+        assert_eq!(
+            stored(h.ledger.as_ref(), &family).await,
+            before,
+            "nothing pruned"
+        );
+        assert_eq!(h.ledger.checkpoints(&family).await.unwrap().len(), 1);
+        // Another, empty directory is refused the same way.
+        let other = export_dir("lost-other");
+        assert!(
+            retention::export_and_prune(h.store.as_ref(), keep, &other, NOW)
+                .await
+                .is_err()
+        );
+        assert!(!retention::receipts_file(&other, &hex::encode(&family)).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&other).unwrap();
     })
     .await;
 }
