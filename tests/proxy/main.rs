@@ -12,6 +12,7 @@ mod failures;
 mod hygiene;
 mod keys;
 mod limits;
+mod retention;
 mod rotation;
 mod streaming;
 mod tls;

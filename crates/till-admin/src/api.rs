@@ -586,14 +586,38 @@ pub(crate) async fn do_audit(
         .family(fam, now())
         .await?
         .ok_or_else(|| AdminError::FamilyNotFound(hex::encode(fam)))?;
-    let mut all = Vec::new();
+    let mut all: Vec<till_ledger::Receipt> = Vec::new();
     loop {
-        let from = all.len() as u64 + 1;
+        let from = all.last().map_or(1, |r| r.body().seq + 1);
         let page = state.ledger.receipts(fam, from, MAX_PAGE).await?;
         let n = page.len();
         all.extend(page);
         if n < MAX_PAGE {
             break;
+        }
+    }
+    // Receipts exported and pruned (`[retention]`) are read back from the export
+    // directory and checked against the signed checkpoints (spec/ledger.md §10).
+    let checkpoints = state.ledger.checkpoints(fam).await?;
+    let pruned = !checkpoints.is_empty() || all.first().is_some_and(|r| r.body().seq > 1);
+    if pruned {
+        let Some(dir) = state.export_dir.get() else {
+            return Ok(json!({
+                "clean": false, "report": null, "mismatches": [],
+                "error": "older receipts of this family were exported and pruned, and this \
+                          admin plane has no export directory: audit with \
+                          `till audit KEY --exported DIR`",
+            }));
+        };
+        let keys = state.receipt_keys.load();
+        match till_ledger::retention::whole_chain(dir, &hex::encode(fam), all, checkpoints, &keys) {
+            Ok((chain, _)) => all = chain,
+            Err(e) => {
+                return Ok(json!({
+                    "clean": false, "report": null, "mismatches": [],
+                    "error": format!("exported receipts and checkpoints: {e}"),
+                }))
+            }
         }
     }
     if all.is_empty() {
@@ -646,6 +670,19 @@ pub(crate) async fn audit(
     let _ = admit(&state, req).await?;
     let fam = family_id(&id)?;
     Ok(Json(do_audit(&state, &fam).await?).into_response())
+}
+
+/// A family's signed checkpoints of exported and pruned receipt ranges
+/// (spec/ledger.md §10), in `seq` order.
+pub(crate) async fn checkpoints(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, AdminError> {
+    let _ = admit(&state, req).await?;
+    let fam = family_id(&id)?;
+    let checkpoints = state.ledger.checkpoints(&fam).await?;
+    Ok(Json(json!({ "checkpoints": checkpoints })).into_response())
 }
 
 /// `?limit=N`.

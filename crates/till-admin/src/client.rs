@@ -255,6 +255,23 @@ impl Ledger for RemoteLedger {
         })
     }
 
+    fn checkpoints(
+        &self,
+        family: &[u8],
+    ) -> BoxFuture<'_, Result<Vec<till_ledger::retention::Checkpoint>, LedgerError>> {
+        let fam = hex::encode(family);
+        Box::pin(async move {
+            let v = self
+                .get(&format!("/admin/v1/families/{fam}/checkpoints"))
+                .await?;
+            // A family the server does not know has no checkpoints.
+            if v.is_none() {
+                return Ok(Vec::new());
+            }
+            field(v, "checkpoints")
+        })
+    }
+
     fn record_key(&self, _key: KeyBlocks, _at: u64) -> BoxFuture<'_, Result<(), LedgerError>> {
         Box::pin(async { unsupported("recording keys") })
     }

@@ -97,6 +97,9 @@ pub struct AdminState {
     pub(crate) root: MintKey,
     pub(crate) receipt_keys: ArcSwap<ReceiptKeySet>,
     pub(crate) reloader: std::sync::OnceLock<Reloader>,
+    /// Where this server's receipts are exported (`[retention]`), for audits of families
+    /// with pruned receipts.
+    pub(crate) export_dir: std::sync::OnceLock<std::path::PathBuf>,
     pub(crate) limits: Limits,
     pub(crate) events: EventBus,
     pub(crate) alerts: AlertSettings,
@@ -228,6 +231,7 @@ impl AdminPlane {
             root: MintKey(ArcSwapOption::from(config.root.map(Arc::new))),
             receipt_keys: ArcSwap::from_pointee(config.receipt_keys),
             reloader: std::sync::OnceLock::new(),
+            export_dir: std::sync::OnceLock::new(),
             limits: Limits::default(),
             events: config.events,
             alerts: config.alerts,
@@ -252,6 +256,12 @@ impl AdminPlane {
     /// `POST /admin/v1/reload` and [`AdminPlane::reload`].
     pub fn set_reloader(&self, reloader: Reloader) {
         let _ = self.state.reloader.set(reloader);
+    }
+
+    /// Names the directory receipts are exported to (`[retention]`; once, later calls are
+    /// ignored): audits of a family whose older receipts were pruned read them there.
+    pub fn set_export_dir(&self, dir: std::path::PathBuf) {
+        let _ = self.state.export_dir.set(dir);
     }
 
     /// Runs the server's reload and takes the admin plane's part of it. Used by
@@ -300,6 +310,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/admin/v1/families/{id}", get(api::family))
         .route("/admin/v1/families/{id}/receipts", get(api::receipts))
         .route("/admin/v1/families/{id}/audit", get(api::audit))
+        .route("/admin/v1/families/{id}/checkpoints", get(api::checkpoints))
         .route("/admin/v1/alerts", get(api::alerts))
         .route("/admin/v1/reload", post(api::reload))
         .route("/admin/v1/events", get(sse::events))

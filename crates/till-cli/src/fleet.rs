@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, Result};
-use till_ledger::Ledger;
+use till_ledger::{Ledger, RetentionStore};
 use till_ledger_fdb::{FdbConfig, FdbLedger, FdbNetwork};
 use till_receipt::ReceiptSigner;
 
@@ -38,6 +38,28 @@ pub async fn open_fdb_ledger(
     proxy_id: &str,
     alerts: till_ledger::AlertPolicy,
 ) -> Result<Arc<dyn Ledger>> {
+    Ok(open_fdb(signer, cluster_file, keyspace, proxy_id, alerts).await?)
+}
+
+/// [`open_fdb_ledger`], as the ledger and as a retention store (export and prune).
+pub async fn open_fdb_with_retention(
+    signer: Arc<ReceiptSigner>,
+    cluster_file: Option<PathBuf>,
+    keyspace: &str,
+    proxy_id: &str,
+    alerts: till_ledger::AlertPolicy,
+) -> Result<(Arc<dyn Ledger>, Arc<dyn RetentionStore>)> {
+    let ledger = open_fdb(signer, cluster_file, keyspace, proxy_id, alerts).await?;
+    Ok((Arc::clone(&ledger) as Arc<dyn Ledger>, ledger))
+}
+
+async fn open_fdb(
+    signer: Arc<ReceiptSigner>,
+    cluster_file: Option<PathBuf>,
+    keyspace: &str,
+    proxy_id: &str,
+    alerts: till_ledger::AlertPolicy,
+) -> Result<Arc<FdbLedger>> {
     ensure_booted()?;
     let mut config = FdbConfig::new(signer, proxy_id).with_keyspace(keyspace);
     config.alerts = alerts;

@@ -31,6 +31,7 @@ mod mock;
 mod receipts_export;
 mod registry;
 mod reload;
+mod retention_task;
 mod serve;
 
 fn main() -> ExitCode {

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use till_ledger::retention::{check_checkpoints, read_export, Checkpoint, Retention};
-use till_ledger::{EmbeddedConfig, LedgerError};
+use till_ledger::retention::{export_and_prune, Checkpoint, Retention};
+use till_ledger::{EmbeddedConfig, LedgerError, RetentionStore};
 use till_receipt::{Receipt, ReceiptKeySet};
 
 use crate::cli::Failure;
@@ -22,9 +22,11 @@ pub const EXPORT_DIR: &str = "receipts";
 #[derive(Debug, clap::Subcommand)]
 pub enum ReceiptsCommand {
     /// Export the receipts beyond a retention to append-only JSON-lines files
-    /// (`<family>.jsonl`) and prune them from the embedded ledger, leaving a signed
-    /// checkpoint per pruned range. Counters and revocations are never pruned. Needs the
-    /// ledger file (stop `till serve` first).
+    /// (`<family>.jsonl`) and prune them from the ledger, leaving a signed checkpoint per
+    /// pruned range. Counters and revocations are never pruned. The embedded ledger needs
+    /// its file (stop `till serve` first, or set `[retention]` to let it export itself);
+    /// `--ledger fdb:CLUSTER_FILE` exports from a FoundationDB key space while the fleet
+    /// runs.
     Export(ExportArgs),
 }
 
@@ -43,6 +45,22 @@ pub struct ExportArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// Ledger: `embedded` (the data dir's ledger.redb) or `fdb[:CLUSTER_FILE]`.
+    #[arg(
+        long,
+        env = "TILL_LEDGER",
+        default_value = "embedded",
+        value_name = "LEDGER"
+    )]
+    pub ledger: String,
+    /// FoundationDB key space (with `--ledger fdb...`).
+    #[arg(
+        long,
+        env = "TILL_FDB_KEYSPACE",
+        default_value = "till",
+        value_name = "NAME"
+    )]
+    pub keyspace: String,
 }
 
 /// The export directory: `--export-dir`, else the data dir's.
@@ -62,18 +80,6 @@ pub fn run(dir: &DataDir, cmd: ReceiptsCommand) -> Result<ExitCode> {
     };
     let out = export_dir(dir, args.export_dir.as_deref());
     let signer = Arc::new(dir.receipt_signer()?);
-    let config = EmbeddedConfig::new(signer, "till-cli");
-    let ledger = match crate::ledger_check::open_embedded(dir, config, true) {
-        Ok(l) => l,
-        Err(LedgerError::Locked { .. }) => {
-            return Err(Failure::invalid_msg(format!(
-                "{} is in use (a running till serve?): stop it to export",
-                dir.ledger_path().display()
-            ))
-            .into())
-        }
-        Err(e) => return Err(anyhow::Error::new(e)),
-    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -81,7 +87,10 @@ pub fn run(dir: &DataDir, cmd: ReceiptsCommand) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let report = rt.block_on(ledger.export_and_prune(retention, &out, now))?;
+    let report = rt.block_on(async {
+        let store = open_store(dir, &args, signer).await?;
+        Ok::<_, anyhow::Error>(export_and_prune(store.as_ref(), retention, &out, now).await?)
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -99,6 +108,72 @@ pub fn run(dir: &DataDir, cmd: ReceiptsCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The ledger named by `--ledger`, as a retention store.
+async fn open_store(
+    dir: &DataDir,
+    args: &ExportArgs,
+    signer: Arc<till_receipt::ReceiptSigner>,
+) -> Result<Arc<dyn RetentionStore>> {
+    match args
+        .ledger
+        .split_once(':')
+        .map_or((args.ledger.as_str(), None), |(a, b)| (a, Some(b)))
+    {
+        ("embedded", None) => {
+            let config = EmbeddedConfig::new(signer, "till-cli");
+            match crate::ledger_check::open_embedded(dir, config, true) {
+                Ok(l) => Ok(Arc::new(l)),
+                Err(LedgerError::Locked { .. }) => Err(Failure::invalid_msg(format!(
+                    "{} is in use (a running till serve?): stop it to export, or give it a \
+                     [retention] section to export while it runs",
+                    dir.ledger_path().display()
+                ))
+                .into()),
+                Err(e) => Err(anyhow::Error::new(e)),
+            }
+        }
+        ("fdb", cluster_file) => {
+            till_proxy::config::validate_keyspace(&args.keyspace)
+                .map_err(|e| Failure::usage(format!("--keyspace {e}")))?;
+            open_fdb(signer, cluster_file.map(PathBuf::from), &args.keyspace).await
+        }
+        _ => Err(Failure::usage(format!(
+            "--ledger `{}`: expected `embedded` or `fdb[:CLUSTER_FILE]`",
+            args.ledger
+        ))
+        .into()),
+    }
+}
+
+#[cfg(feature = "fdb")]
+async fn open_fdb(
+    signer: Arc<till_receipt::ReceiptSigner>,
+    cluster_file: Option<PathBuf>,
+    keyspace: &str,
+) -> Result<Arc<dyn RetentionStore>> {
+    let (_, store) = crate::fleet::open_fdb_with_retention(
+        signer,
+        cluster_file,
+        keyspace,
+        "till-cli",
+        till_ledger::AlertPolicy::default(),
+    )
+    .await?;
+    Ok(store)
+}
+
+#[cfg(not(feature = "fdb"))]
+async fn open_fdb(
+    _signer: Arc<till_receipt::ReceiptSigner>,
+    _cluster_file: Option<PathBuf>,
+    _keyspace: &str,
+) -> Result<Arc<dyn RetentionStore>> {
+    Err(Failure::usage(
+        "this till was built without FoundationDB support: rebuild with `--features fdb`",
+    )
+    .into())
+}
+
 /// A family's whole chain for `till audit`: the exported receipts that the ledger no
 /// longer holds, then the ledger's own (`kept`, in seq order), checked against the
 /// checkpoints (the ledger's and the export directory's). Returns the chain and the last
@@ -110,48 +185,8 @@ pub fn whole_chain(
     ledger_checkpoints: Vec<Checkpoint>,
     keys: &ReceiptKeySet,
 ) -> Result<(Vec<Receipt>, u64)> {
-    let mut checkpoints = ledger_checkpoints;
-    let first_kept = kept.first().map(|r| r.body().seq);
-    if checkpoints.is_empty() && first_kept.is_none_or(|s| s == 1) {
-        return Ok((kept, 0));
-    }
-    let (exported, file_checkpoints) = read_export(export, family_hex)
-        .map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")))?;
-    for c in file_checkpoints {
-        if !checkpoints.contains(&c) {
-            checkpoints.push(c);
-        }
-    }
-    let mut chain: Vec<Receipt> = Vec::with_capacity(exported.len() + kept.len());
-    for r in exported {
-        // Exported but not pruned yet (an export stopped before pruning): the ledger's
-        // copy must be the same receipt.
-        if first_kept.is_some_and(|s| r.body().seq >= s) {
-            let i = usize::try_from(r.body().seq - first_kept.unwrap_or(0)).unwrap_or(usize::MAX);
-            if kept.get(i) != Some(&r) {
-                return Err(Failure::invalid_msg(format!(
-                    "audit failed: exported receipt {} differs from the ledger's",
-                    r.body().seq
-                ))
-                .into());
-            }
-            continue;
-        }
-        chain.push(r);
-    }
-    chain.extend(kept);
-    let pruned = check_checkpoints(&chain, &checkpoints, keys)
-        .map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")))?;
-    if let Some(first) = first_kept {
-        if first != pruned + 1 {
-            return Err(Failure::invalid_msg(format!(
-                "audit failed: the ledger's receipts start at {first}, but checkpoints cover \
-                 only 1..={pruned}"
-            ))
-            .into());
-        }
-    }
-    Ok((chain, pruned))
+    till_ledger::retention::whole_chain(export, family_hex, kept, ledger_checkpoints, keys)
+        .map_err(|e| Failure::invalid_msg(format!("audit failed: {e}")).into())
 }
 
 #[cfg(test)]

@@ -10,10 +10,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use till_ledger::{EmbeddedConfig, Ledger};
+use till_ledger::{EmbeddedConfig, Ledger, RetentionStore};
 use till_proxy::config::LedgerChoice;
 use till_proxy::config::ENV_CONFIG;
 use till_proxy::preset::ENV_PRESETS;
+use till_proxy::retention_config::RetentionSettings;
 use till_proxy::{Config, Overrides, SystemEnv};
 use till_receipt::ReceiptSigner;
 use till_token::KeyRing;
@@ -98,6 +99,11 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         println!("ledger: {}", describe_ledger(&config.ledger));
         println!("admin: {}", describe_admin(&config));
         println!("alerts: {}", describe_alerts(&config));
+        println!(
+            "{}",
+            describe_retention(&config, &data)
+                .unwrap_or_else(|| "retention: none (receipts are kept)".into())
+        );
         if !config.trusted_root_keys.is_empty() {
             let ids: Vec<String> = config
                 .trusted_root_keys
@@ -128,7 +134,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         .build()?;
     runtime.block_on(async move {
         let mut embedded: Option<Arc<till_ledger::EmbeddedLedger>> = None;
-        let ledger: Arc<dyn Ledger> = match &config.ledger {
+        let (ledger, retention_store): (Arc<dyn Ledger>, Arc<dyn RetentionStore>) = match &config.ledger {
             LedgerChoice::Fdb {
                 cluster_file,
                 keyspace,
@@ -147,7 +153,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
             _ => {
                 let opened = Arc::new(crate::ledger_check::open_embedded(&data, ledger_config, true)?);
                 embedded = Some(Arc::clone(&opened));
-                opened
+                (Arc::clone(&opened) as Arc<dyn Ledger>, opened)
             }
         };
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -180,6 +186,9 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
             None => println!("admin API: disabled"),
         }
         println!("ledger: {}", describe_ledger(&config.ledger));
+        if let Some(line) = describe_retention(&config, &data) {
+            println!("{line}");
+        }
         print_upstreams(&config);
         match config.upstreams.keys().next() {
             Some(first) => {
@@ -197,7 +206,24 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
             }
         }
         let alerts = config.alerts.clone();
+        let retention = config.retention.clone();
+        // Where receipts are exported (by `[retention]`, else by hand with `till receipts
+        // export`'s default): admin-plane audits read pruned receipts back from there.
+        let export_dir = retention
+            .as_ref()
+            .map_or_else(|| crate::receipts_export::export_dir(&data, None), |s| retention_dir(s, &data));
         let app = config.build(keys.clone(), Arc::clone(&ledger)).map_err(Failure::usage_from)?;
+        // `[retention]`: export and prune in the background, never on the request path.
+        let retention_task = retention.map(|settings| {
+            crate::retention_task::RetentionTask {
+                store: retention_store,
+                retention: settings.retention,
+                dir: retention_dir(&settings, &data),
+                interval: settings.interval,
+                counters: app.state().metrics().retention().clone(),
+            }
+            .spawn(stop_rx.clone())
+        });
         let swappable = Arc::new(crate::reload::Swappable {
             data: data.clone(),
             ring: keys.clone(),
@@ -221,6 +247,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
                     alert_counters: app.state().metrics().alerts().clone(),
                 });
                 plane.set_reloader(swappable.reloader());
+                plane.set_export_dir(export_dir.clone());
                 let admin_addr = admin_listener.local_addr()?;
                 let url = format!("http://{admin_addr}");
                 crate::admin::write_discovery(&data, &url)?;
@@ -261,6 +288,9 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
             let _ = deliverer.await;
             crate::admin::remove_discovery(&data);
         }
+        if let Some(task) = retention_task {
+            let _ = task.await;
+        }
         served?;
         tracing::info!("till stopped");
         Ok::<_, anyhow::Error>(())
@@ -282,6 +312,37 @@ fn describe_ledger(choice: &LedgerChoice) -> String {
     }
 }
 
+/// Where `[retention]` exports: its `export_dir`, else the data dir's `receipts/` (where
+/// `till audit` looks by default).
+fn retention_dir(settings: &RetentionSettings, data: &DataDir) -> PathBuf {
+    settings
+        .export_dir
+        .clone()
+        .unwrap_or_else(|| crate::receipts_export::export_dir(data, None))
+}
+
+fn describe_retention(config: &Config, data: &DataDir) -> Option<String> {
+    let settings = config.retention.as_ref()?;
+    let mut what = Vec::new();
+    if let Some(keep) = settings.retention.keep {
+        what.push(format!("keep {keep} per family"));
+    }
+    if let Some(age) = settings.retention.max_age_secs {
+        what.push(format!(
+            "max age {}",
+            humantime::format_duration(std::time::Duration::from_secs(age))
+        ));
+    }
+    Some(format!(
+        "retention: {}, exported to {} every {}",
+        what.join(", "),
+        retention_dir(settings, data).display(),
+        humantime::format_duration(settings.interval)
+    ))
+}
+
+type Opened = (Arc<dyn Ledger>, Arc<dyn RetentionStore>);
+
 #[cfg(feature = "fdb")]
 async fn open_fdb(
     signer: Arc<ReceiptSigner>,
@@ -289,8 +350,8 @@ async fn open_fdb(
     keyspace: &str,
     proxy_id: &str,
     alerts: till_ledger::AlertPolicy,
-) -> Result<Arc<dyn Ledger>> {
-    crate::fleet::open_fdb_ledger(signer, cluster_file, keyspace, proxy_id, alerts).await
+) -> Result<Opened> {
+    crate::fleet::open_fdb_with_retention(signer, cluster_file, keyspace, proxy_id, alerts).await
 }
 
 #[cfg(not(feature = "fdb"))]
@@ -300,7 +361,7 @@ async fn open_fdb(
     _keyspace: &str,
     _proxy_id: &str,
     _alerts: till_ledger::AlertPolicy,
-) -> Result<Arc<dyn Ledger>> {
+) -> Result<Opened> {
     anyhow::bail!(Failure::usage(
         "this till was built without FoundationDB support: rebuild with `--features fdb`"
     ))

@@ -361,6 +361,13 @@ impl Ledger for FdbLedger {
         self.inner.receipts(family, from_seq, limit)
     }
 
+    fn checkpoints(
+        &self,
+        family: &[u8],
+    ) -> BoxFuture<'_, Result<Vec<till_ledger::retention::Checkpoint>, LedgerError>> {
+        self.inner.checkpoints(family)
+    }
+
     fn record_key(&self, key: KeyBlocks, at: u64) -> BoxFuture<'_, Result<(), LedgerError>> {
         self.inner.record_key(key, at)
     }
@@ -396,5 +403,49 @@ impl Ledger for FdbLedger {
         outcome: AlertOutcome,
     ) -> BoxFuture<'_, Result<(), LedgerError>> {
         self.inner.settle_alert(id, outcome)
+    }
+}
+
+/// Export and prune (spec/ledger.md §10), delegated to the engine.
+impl till_ledger::RetentionStore for FdbLedger {
+    fn retention_signer(&self) -> Arc<till_receipt::ReceiptSigner> {
+        self.inner.retention_signer()
+    }
+
+    fn retention_ledger_id(&self) -> Option<String> {
+        self.inner.retention_ledger_id()
+    }
+
+    fn prune_chunk(&self) -> u64 {
+        self.inner.prune_chunk()
+    }
+
+    fn stored_ranges(
+        &self,
+    ) -> BoxFuture<'_, Result<Vec<till_ledger::retention::StoredRange>, LedgerError>> {
+        self.inner.stored_ranges()
+    }
+
+    fn stored_receipts(
+        &self,
+        family: &[u8],
+        from_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
+        self.inner.stored_receipts(family, from_seq, limit)
+    }
+
+    fn prune(
+        &self,
+        ranges: Vec<till_ledger::retention::PruneRange>,
+    ) -> BoxFuture<'_, Result<till_ledger::retention::Pruned, LedgerError>> {
+        self.inner.prune(ranges)
+    }
+
+    fn stored_checkpoints(
+        &self,
+        family: &[u8],
+    ) -> BoxFuture<'_, Result<Vec<till_ledger::retention::Checkpoint>, LedgerError>> {
+        self.inner.stored_checkpoints(family)
     }
 }

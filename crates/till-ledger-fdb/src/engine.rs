@@ -295,6 +295,11 @@ impl<S: KvStore> KvLedger<S> {
         self.shared.ledger_id.get().map(String::as_str)
     }
 
+    /// The receipt signer (it also signs retention checkpoints).
+    pub(crate) fn signer(&self) -> Arc<ReceiptSigner> {
+        Arc::clone(&self.shared.signer)
+    }
+
     /// Runs `work` in one transaction with retries, bounded by the configured timeout.
     pub(crate) async fn transact<W: Work<S::Txn>>(
         &self,
@@ -456,6 +461,14 @@ impl<S: KvStore> Ledger for KvLedger<S> {
             };
             self.transact(&mut work).await.map_err(unavailable)?
         })
+    }
+
+    fn checkpoints(
+        &self,
+        family: &[u8],
+    ) -> BoxFuture<'_, Result<Vec<till_ledger::retention::Checkpoint>, LedgerError>> {
+        let family = family.to_vec();
+        Box::pin(async move { self.family_checkpoints(&family).await })
     }
 
     fn usage(&self, levels: &[Level]) -> BoxFuture<'_, Result<Vec<LevelUsage>, LedgerError>> {

@@ -23,6 +23,7 @@
 //! | `(ks, "window", rid, secs)`         | 16 bytes BE `(start, count)`: windowed cap     |
 //! | `(ks, "voided", family, seq)`       | tuple `(void seq, writer)`: claim `seq` voided |
 //! | `(ks, "voids", family)`             | u64 LE: the family's void receipts (absent: 0) |
+//! | `(ks, "checkpoint", family, to)`    | JSON line: signed checkpoint of a pruned range |
 //!
 //! `rid`, `family` and `scope` are raw revocation-id bytes (tuple byte strings); `key` is
 //! the idempotency key (tuple string); `seq` and `slot` are tuple integers (order-preserving,
@@ -250,6 +251,46 @@ impl Keyspace {
             return Err(KvError::Decode("not an outbox key".into()));
         }
         Ok(id)
+    }
+
+    /// Every `(ks, "head", _)`: `[begin, end)`.
+    pub fn heads_range(&self) -> (Vec<u8>, Vec<u8>) {
+        self.root.subspace(&("head",)).range()
+    }
+
+    /// Decodes the family id out of a `(ks, "head", family)` key.
+    pub fn head_family(&self, key: &[u8]) -> Result<Vec<u8>, KvError> {
+        let (tag, family): (String, Vec<u8>) = self
+            .root
+            .unpack(key)
+            .map_err(|e| KvError::Decode(format!("head key: {e:?}")))?;
+        if tag != "head" {
+            return Err(KvError::Decode("not a head key".into()));
+        }
+        Ok(family)
+    }
+
+    /// `(ks, "checkpoint", family, to_seq)`: the signed checkpoint of a family's pruned
+    /// receipts ending at `to_seq` (spec/ledger.md §10).
+    pub fn checkpoint(&self, family: &[u8], to_seq: u64) -> Vec<u8> {
+        self.root.pack(&("checkpoint", family, to_seq))
+    }
+
+    /// A family's checkpoints: `[begin, end)`.
+    pub fn checkpoints_of(&self, family: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        self.root.subspace(&("checkpoint", family)).range()
+    }
+
+    /// Decodes the seq out of a `(ks, "receipt", family, seq)` key.
+    pub fn receipt_seq(&self, key: &[u8]) -> Result<u64, KvError> {
+        let (tag, _family, seq): (String, Vec<u8>, u64) = self
+            .root
+            .unpack(key)
+            .map_err(|e| KvError::Decode(format!("receipt key: {e:?}")))?;
+        if tag != "receipt" {
+            return Err(KvError::Decode("not a receipt key".into()));
+        }
+        Ok(seq)
     }
 
     /// Decodes a journal key into its complete versionstamp.

@@ -28,9 +28,11 @@
 //!
 //! - No FoundationDB directory layer: the key space is a fixed tuple prefix `(keyspace,)`
 //!   chosen in the config (no extra transaction or allocator at startup).
-//! - No retention or compaction of receipts and journal yet. Idempotency records stop
-//!   answering after [`FdbConfig::idempotency_window`] (a replay after it is a fresh
-//!   claim) but are not deleted yet.
+//! - Receipts are bounded only by export and prune
+//!   ([`till_ledger::retention::export_and_prune`], which [`KvLedger`] and [`FdbLedger`]
+//!   support): journal entries of pruned receipts stay, and idempotency records of kept
+//!   receipts stop answering after [`FdbConfig::idempotency_window`] (a replay after it
+//!   is a fresh claim) but are deleted only with their receipt.
 //! - No caching of revocations or counters: every claim reads them in its transaction.
 //!
 //! Nothing here logs token material beyond revocation ids, or any key.
@@ -90,6 +92,7 @@ pub mod keys;
 mod kv;
 #[cfg(any(test, feature = "memory"))]
 pub mod memory;
+mod retention;
 
 pub use admin::SCAN_LIMIT;
 #[cfg(feature = "fdb-client")]
@@ -98,3 +101,4 @@ pub use config::{FdbConfig, LedgerIdCheck};
 pub use engine::{EngineStats, KvLedger, LANE_QUEUE_CAPACITY};
 pub use error::{codes, BootError, KvError};
 pub use kv::{KvStore, KvTxn, TxnOptions};
+pub use retention::FDB_PRUNE_CHUNK;

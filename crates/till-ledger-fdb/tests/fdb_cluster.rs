@@ -76,6 +76,24 @@ async fn harness(cluster: &PathBuf, proxies: usize) -> Harness {
     Harness { ledger, keys }
 }
 
+/// One proxy on a fresh key space, as a ledger and as a retention store.
+async fn retention_harness(cluster: &PathBuf) -> conformance::retention::RetentionHarness {
+    let signer = Arc::new(ReceiptSigner::generate());
+    let mut keys = ReceiptKeySet::new();
+    keys.insert(signer.public_key());
+    let keyspace = format!("till-test-{:016x}", rand::random::<u64>());
+    let ledger = Arc::new(
+        FdbLedger::open(config(cluster, &keyspace, &signer, "p0"))
+            .await
+            .unwrap(),
+    );
+    conformance::retention::RetentionHarness {
+        ledger: Arc::clone(&ledger) as Arc<dyn Ledger>,
+        store: ledger,
+        keys,
+    }
+}
+
 /// Several `FdbLedger`s (proxies) on one key space; claims round-robin across them.
 #[derive(Debug)]
 struct RoundRobin {
@@ -193,6 +211,8 @@ fn fdb_cluster() {
         conformance::run_all(|| harness(&cluster, 1)).await;
         println!("conformance suite, three proxies on one key space");
         conformance::run_all(|| harness(&cluster, 3)).await;
+        println!("retention cases (export, prune, checkpoints), one proxy");
+        conformance::retention::run_all(|| retention_harness(&cluster)).await;
         println!("revocation through one proxy, seen by the others");
         revocation_seen_by_every_proxy(&cluster).await;
         println!("several proxies hammering one hot token");

@@ -44,6 +44,8 @@ use crate::{
     MAX_REPLAYS,
 };
 
+pub mod retention;
+
 // Harness requirement: the backend runs with the default alert policy
 // (`AlertPolicy::default()`: thresholds 80 % and 100 %, revocation alerts, no rate ceiling).
 

@@ -34,12 +34,14 @@ use crate::alert::{self, AlertOutcome, AlertPolicy, AlertRecord};
 use crate::family::{self, Activity, BlockRecord, BlockView, FamilyDetail, FamilyView, KeyBlocks};
 use crate::fault::Faults;
 use crate::plan::{self, ClaimContext, ClaimState, Plan, StoredIdempotency};
-use crate::retention::{self, Checkpoint, CheckpointBody, Retention};
+use crate::retention::{self, Checkpoint, ExportReport, PruneRange, Retention};
 use crate::stored::{self, IdempotencyRecord, Pointer, StoredReceipt};
 use crate::{
     BoxFuture, Claim, ClaimRequest, Ledger, LedgerError, Level, LevelUsage, Refusal, Revoked,
     VoidRequest, Voided,
 };
+
+mod retention_store;
 
 /// Counter per block: revocation id → activations claimed through it (and descendants).
 const COUNTERS: TableDefinition<&[u8], u64> = TableDefinition::new("counters");
@@ -321,30 +323,6 @@ enum AdminOp {
     Prune { ranges: Vec<PruneRange> },
 }
 
-/// One family's exported range to prune, with its signed checkpoint.
-struct PruneRange {
-    family: Vec<u8>,
-    from_seq: u64,
-    to_seq: u64,
-    checkpoint: Checkpoint,
-}
-
-/// What [`EmbeddedLedger::export_and_prune`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ExportReport {
-    /// Families with a range exported and pruned.
-    pub families: u64,
-    /// Receipts written to the export files (receipts already there are not rewritten).
-    pub exported: u64,
-    /// Receipts pruned from the ledger.
-    pub pruned: u64,
-    /// Idempotency records of pruned receipts removed.
-    pub idempotency_removed: u64,
-    /// Void receipts among the receipts exported (each pruned range's checkpoint states
-    /// its own count, spec/ledger.md §10).
-    pub voids: u64,
-}
-
 // One short-lived answer per command; boxing would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 enum AdminAnswer {
@@ -492,191 +470,7 @@ impl EmbeddedLedger {
         dir: &Path,
         now: u64,
     ) -> Result<ExportReport, LedgerError> {
-        let mut report = ExportReport::default();
-        let io = |e: String| LedgerError::Unavailable(format!("export: {e}"));
-        std::fs::create_dir_all(dir).map_err(|e| io(format!("{}: {e}", dir.display())))?;
-        // Checkpoints committed by an export that stopped before copying them out.
-        self.copy_checkpoints(dir).await?;
-        if retention.is_unbounded() {
-            return Ok(report);
-        }
-        let plans = self
-            .read(move |db| {
-                let txn = db.begin_read().map_err(unavailable)?;
-                let heads = txn.open_table(CHAIN_HEADS).map_err(unavailable)?;
-                let receipts = txn.open_table(RECEIPTS).map_err(unavailable)?;
-                let mut plans = Vec::new();
-                for entry in heads.iter().map_err(unavailable)? {
-                    let (family, head) = entry.map_err(unavailable)?;
-                    let (family, head) = (family.value(), head.value().0);
-                    let Some(first) = receipts
-                        .range((family, 0)..=(family, u64::MAX))
-                        .map_err(unavailable)?
-                        .next()
-                        .transpose()
-                        .map_err(unavailable)?
-                        .map(|(k, _)| k.value().1)
-                    else {
-                        continue;
-                    };
-                    let mut to = 0;
-                    if let Some(keep) = retention.keep {
-                        to = head.saturating_sub(keep.max(1));
-                    }
-                    if let Some(age) = retention.max_age_secs {
-                        let cutoff = now.saturating_sub(age);
-                        for entry in receipts
-                            .range((family, first)..(family, head))
-                            .map_err(unavailable)?
-                        {
-                            let (k, v) = entry.map_err(unavailable)?;
-                            let seq = k.value().1;
-                            if seq <= to {
-                                continue;
-                            }
-                            if stored::decode_receipt(v.value(), family)?.body().iat >= cutoff {
-                                break;
-                            }
-                            to = seq;
-                        }
-                    }
-                    let to = to.min(head.saturating_sub(1));
-                    if to >= first {
-                        plans.push((family.to_vec(), first, to));
-                    }
-                }
-                Ok(plans)
-            })
-            .await?;
-        let signer = self.signers.current();
-        let mut ranges = Vec::new();
-        for (family, from, to) in plans {
-            let family_hex = hex::encode(&family);
-            let already = retention::exported_up_to(dir, &family_hex).map_err(io)?;
-            if from > 1 && already + 1 < from {
-                return Err(io(format!(
-                    "{} ends at receipt {already}, but receipts up to {} were pruned before:                      restore the export file (the chain could not be audited with a gap)",
-                    retention::receipts_file(dir, &family_hex).display(),
-                    from - 1
-                )));
-            }
-            let mut chain = Vec::new();
-            let mut next = from;
-            while next <= to {
-                let page = self.receipts(&family, next, 1024).await?;
-                if page.is_empty() {
-                    break;
-                }
-                for r in page {
-                    if r.body().seq > to {
-                        break;
-                    }
-                    next = r.body().seq + 1;
-                    chain.push(r);
-                }
-            }
-            let linked = chain.len() as u64 == to - from + 1
-                && chain
-                    .iter()
-                    .enumerate()
-                    .all(|(i, r)| r.body().seq == from + i as u64)
-                && chain
-                    .windows(2)
-                    .all(|w| w[1].body().prev.as_deref() == Some(w[0].hash_hex().as_str()));
-            let (Some(first), Some(last)) = (chain.first(), chain.last()) else {
-                continue;
-            };
-            if !linked {
-                return Err(LedgerError::Corrupt(format!(
-                    "family {family_hex}: receipts {from}..={to} are not a linked chain;                      nothing exported"
-                )));
-            }
-            let lines: Vec<String> = chain
-                .iter()
-                .filter(|r| r.body().seq > already)
-                .map(retention::receipt_line)
-                .collect();
-            report.exported += lines.len() as u64;
-            report.voids += chain
-                .iter()
-                .filter(|r| r.body().seq > already && r.body().is_void())
-                .count() as u64;
-            retention::append_durably(&retention::receipts_file(dir, &family_hex), &lines)
-                .map_err(io)?;
-            let checkpoint = Checkpoint::sign(
-                CheckpointBody {
-                    v: 1,
-                    family: family_hex.clone(),
-                    from_seq: from,
-                    to_seq: to,
-                    count: to - from + 1,
-                    head: last.hash_hex(),
-                    first_prev: first.body().prev.clone(),
-                    file: format!("{family_hex}.jsonl"),
-                    ledger: self.ledger_id.clone(),
-                    kid: String::new(),
-                    iat: now,
-                    voids: chain.iter().filter(|r| r.body().is_void()).count() as u64,
-                },
-                &signer,
-            );
-            ranges.push(PruneRange {
-                family,
-                from_seq: from,
-                to_seq: to,
-                checkpoint,
-            });
-        }
-        if ranges.is_empty() {
-            return Ok(report);
-        }
-        report.families = ranges.len() as u64;
-        match self.admin(AdminOp::Prune { ranges }).await? {
-            AdminAnswer::Pruned {
-                receipts,
-                idempotency,
-            } => {
-                report.pruned = receipts;
-                report.idempotency_removed = idempotency;
-            }
-            _ => return Err(LedgerError::Unavailable("internal mismatch".into())),
-        }
-        self.copy_checkpoints(dir).await?;
-        Ok(report)
-    }
-
-    /// Appends to each family's checkpoints file the ledger's checkpoints it lacks.
-    async fn copy_checkpoints(&self, dir: &Path) -> Result<(), LedgerError> {
-        let all: Vec<(Vec<u8>, u64, String)> = self
-            .read(|db| {
-                let txn = db.begin_read().map_err(unavailable)?;
-                let table = txn.open_table(CHECKPOINTS).map_err(unavailable)?;
-                let mut out = Vec::new();
-                for entry in table.iter().map_err(unavailable)? {
-                    let (k, v) = entry.map_err(unavailable)?;
-                    let (family, to) = k.value();
-                    out.push((family.to_vec(), to, v.value().to_owned()));
-                }
-                Ok(out)
-            })
-            .await?;
-        let io = |e: String| LedgerError::Unavailable(format!("export: {e}"));
-        let mut i = 0;
-        while i < all.len() {
-            let family = &all[i].0;
-            let family_hex = hex::encode(family);
-            let (_, in_file) = retention::read_export_checkpoints(dir, &family_hex).map_err(io)?;
-            let mut lines = Vec::new();
-            while i < all.len() && &all[i].0 == family {
-                if all[i].1 > in_file {
-                    lines.push(all[i].2.clone());
-                }
-                i += 1;
-            }
-            retention::append_durably(&retention::checkpoints_file(dir, &family_hex), &lines)
-                .map_err(io)?;
-        }
-        Ok(())
+        retention::export_and_prune(self, retention, dir, now).await
     }
 
     /// Fault injection for tests of the layers above (proxy: "ledger unavailable → 503,
@@ -1829,11 +1623,26 @@ fn prune(
         }
     }
     let mut receipts = 0;
+    let mut doomed: Vec<(Vec<u8>, String)> = Vec::new();
     for r in ranges {
         let family = r.family.as_slice();
         for seq in r.from_seq..=r.to_seq {
-            if t.receipts.remove((family, seq))?.is_some() {
-                receipts += 1;
+            let Some(value) = t.receipts.remove((family, seq))? else {
+                continue;
+            };
+            receipts += 1;
+            // The record its claim wrote: key computed from the receipt (scope = its last
+            // slot's revocation id), no scan of the idempotency table.
+            let Ok(stored) = stored::decode_receipt(value.value(), family) else {
+                continue;
+            };
+            let body = stored.body();
+            if let Some(scope) = body
+                .slots
+                .last()
+                .and_then(|s| hex::decode(&s.revocation_id).ok())
+            {
+                doomed.push((scope, body.idempotency_key.clone()));
             }
         }
         t.checkpoints
@@ -1849,33 +1658,35 @@ fn prune(
             t.voids.remove((family, seq))?;
         }
     }
-    // Idempotency records have no index by receipt: one scan for all the ranges.
-    let mut doomed: Vec<(Vec<u8>, String)> = Vec::new();
-    for entry in t.idempotency.iter()? {
-        let (key, value) = entry?;
-        let (scope, idem) = key.value();
-        let target = match stored::decode_idempotency(value.value(), scope) {
-            Ok(IdempotencyRecord::Pointer(p)) => Some((p.family, p.seq)),
-            Ok(IdempotencyRecord::Legacy(l)) => Receipt::parse(&l.receipt).ok().and_then(|r| {
-                hex::decode(&r.body().family)
-                    .ok()
-                    .map(|f| (f, r.body().seq))
-            }),
-            Err(_) => None,
-        };
-        if let Some((family, seq)) = target {
-            if ranges
-                .iter()
-                .any(|r| r.family == family && (r.from_seq..=r.to_seq).contains(&seq))
-            {
-                doomed.push((scope.to_vec(), idem.to_owned()));
+    let mut removed = 0u64;
+    for (scope, idem) in &doomed {
+        let points_into_range = match t.idempotency.get((scope.as_slice(), idem.as_str()))? {
+            None => false,
+            Some(value) => {
+                let target = match stored::decode_idempotency(value.value(), scope) {
+                    Ok(IdempotencyRecord::Pointer(p)) => Some((p.family, p.seq)),
+                    Ok(IdempotencyRecord::Legacy(l)) => {
+                        Receipt::parse(&l.receipt).ok().and_then(|r| {
+                            hex::decode(&r.body().family)
+                                .ok()
+                                .map(|f| (f, r.body().seq))
+                        })
+                    }
+                    Err(_) => None,
+                };
+                target.is_some_and(|(family, seq)| {
+                    ranges
+                        .iter()
+                        .any(|r| r.family == family && (r.from_seq..=r.to_seq).contains(&seq))
+                })
             }
+        };
+        if points_into_range {
+            t.idempotency.remove((scope.as_slice(), idem.as_str()))?;
+            removed += 1;
         }
     }
-    for (scope, idem) in &doomed {
-        t.idempotency.remove((scope.as_slice(), idem.as_str()))?;
-    }
-    Ok(Ok((receipts, doomed.len() as u64)))
+    Ok(Ok((receipts, removed)))
 }
 
 /// Stores callers' signatures next to the bodies they sign (a body already signed, or

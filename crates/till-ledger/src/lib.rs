@@ -26,7 +26,8 @@
 //! receipt to the family's chain ([`plan::plan_void`]; `spec/ledger.md` §3.5).
 //!
 //! Receipts (and the idempotency records pointing at them) are kept until exported and
-//! pruned ([`EmbeddedLedger::export_and_prune`], [`retention`]). Non-feature: no
+//! pruned ([`retention::export_and_prune`], the same for every backend that implements
+//! [`RetentionStore`]). Non-feature: no
 //! multi-process access to one embedded ledger file (use the admin API of the running
 //! server, or the FoundationDB backend for a fleet).
 //!
@@ -90,14 +91,15 @@ pub use alert::{AlertOutcome, AlertPolicy, AlertRecord};
 pub use family::{BlockMeta, FamilyDetail, FamilyView, KeyBlocks};
 
 pub use embedded::{
-    check_file, new_ledger_id, repair_file, EmbeddedConfig, EmbeddedLedger, ExportReport,
-    LedgerBinding, LedgerSummary, OpenChecks, RepairOutcome, QUEUE_CAPACITY, SCHEMA_VERSION,
+    check_file, new_ledger_id, repair_file, EmbeddedConfig, EmbeddedLedger, LedgerBinding,
+    LedgerSummary, OpenChecks, RepairOutcome, QUEUE_CAPACITY, SCHEMA_VERSION,
 };
 pub use error::{LedgerError, Refusal};
 #[cfg(feature = "fault-injection")]
 #[doc(hidden)]
 pub use fault::FaultInjector;
 pub use plan::{VoidPlan, VoidState, WindowCount, MAX_REPLAYS};
+pub use retention::{ExportReport, RetentionStore};
 
 /// A boxed future, so `dyn Ledger` works.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -10,12 +10,23 @@
 //!   in `seq` order, only ever appended to (an export interrupted after writing and
 //!   before pruning is resumed without writing a receipt twice);
 //! - `<family hex>.checkpoints.jsonl`: one [`Checkpoint`] per pruned range.
+//!
+//! [`export_and_prune`] is the whole procedure, shared by every backend: it plans the
+//! ranges (chain heads and receipt `iat`s), reads and checks each chain, appends it to the
+//! export file, signs a checkpoint per range and copies committed checkpoints out. A
+//! backend provides only a [`RetentionStore`]: what is stored, and the transactional
+//! prune of exported ranges (checked against what was exported, with the checkpoint
+//! stored in the same transaction).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead as _, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use till_receipt::{Receipt, ReceiptKeySet, ReceiptSigner};
+
+use crate::{BoxFuture, LedgerError};
 
 /// What may stay in the ledger. A receipt is pruned when it is beyond `keep` (older than
 /// the family's `keep` newest receipts) OR older than `max_age_secs`. The newest receipt
@@ -127,6 +138,385 @@ impl Checkpoint {
     }
 }
 
+/// One family's receipts still in the ledger: seqs `first..=head`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRange {
+    /// Family id (raw revocation-id bytes).
+    pub family: Vec<u8>,
+    /// First receipt still stored (receipts before it were exported and pruned).
+    pub first: u64,
+    /// The chain head's seq (the newest receipt, never pruned).
+    pub head: u64,
+}
+
+/// One exported range of a family, to prune, with its signed checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PruneRange {
+    /// Family id (raw revocation-id bytes).
+    pub family: Vec<u8>,
+    /// First receipt of the range (the family's first stored receipt).
+    pub from_seq: u64,
+    /// Last receipt of the range (before the chain head).
+    pub to_seq: u64,
+    /// What is stored in its place (`body.head` = link hash of receipt `to_seq`).
+    pub checkpoint: Checkpoint,
+}
+
+/// What one [`RetentionStore::prune`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Receipts deleted.
+    pub receipts: u64,
+    /// Idempotency records (pointing at deleted receipts) deleted.
+    pub idempotency: u64,
+}
+
+/// What a backend provides for [`export_and_prune`].
+pub trait RetentionStore: Send + Sync + std::fmt::Debug {
+    /// The key that signs checkpoints (the current receipt key).
+    fn retention_signer(&self) -> Arc<ReceiptSigner>;
+    /// The ledger's id (named in checkpoints), if it has one.
+    fn retention_ledger_id(&self) -> Option<String>;
+    /// Most receipts pruned in one [`RetentionStore::prune`] call (one transaction), and
+    /// in one range: the export reads, checks and holds at most this many at once.
+    fn prune_chunk(&self) -> u64;
+    /// Every family with stored receipts, ordered by family id.
+    fn stored_ranges(&self) -> BoxFuture<'_, Result<Vec<StoredRange>, LedgerError>>;
+    /// A family's stored receipts, signed, in `seq` order from `from_seq`, at most `limit`
+    /// ([`crate::Ledger::receipts`]).
+    fn stored_receipts(
+        &self,
+        family: &[u8],
+        from_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>>;
+    /// In ONE transaction, for every range: checks it is still exactly what was exported
+    /// (its first receipt is the family's first stored one, the receipt at `to_seq` has
+    /// the checkpoint's `head`, the chain head is past it), deletes its receipts (and
+    /// whatever indexes only them), stores its checkpoint under `(family, to_seq)` and
+    /// deletes the idempotency records pointing into it. All or nothing: a range that is
+    /// no longer what was exported is `LedgerError::InvalidRequest`, nothing written. A
+    /// retry of a call that did commit (an unknown commit result) finds its checkpoints
+    /// stored and answers success again, never an error.
+    fn prune(&self, ranges: Vec<PruneRange>) -> BoxFuture<'_, Result<Pruned, LedgerError>>;
+    /// A family's stored checkpoints, ordered by `to_seq` ([`crate::Ledger::checkpoints`]).
+    fn stored_checkpoints(
+        &self,
+        family: &[u8],
+    ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>>;
+}
+
+/// What [`export_and_prune`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExportReport {
+    /// Families with a range exported and pruned.
+    pub families: u64,
+    /// Receipts written to the export files (receipts already there are not rewritten).
+    pub exported: u64,
+    /// Receipts pruned from the ledger.
+    pub pruned: u64,
+    /// Idempotency records of pruned receipts removed.
+    pub idempotency_removed: u64,
+    /// Checkpoints stored (one per pruned range; a range is at most
+    /// [`RetentionStore::prune_chunk`] receipts).
+    pub checkpoints: u64,
+    /// Void receipts among the receipts exported (each pruned range's checkpoint states
+    /// its own count, spec/ledger.md §10).
+    pub voids: u64,
+}
+
+/// Exports the receipts beyond `retention` to `dir` and prunes them, leaving a signed
+/// checkpoint per pruned range (`spec/ledger.md` §10), in chunks of
+/// [`RetentionStore::prune_chunk`] receipts. Per chunk: the receipts are read, checked to
+/// be one linked chain, appended to `<family>.jsonl` and fsync'd (receipts already in the
+/// file are not written again), a checkpoint is signed, the backend prunes the range in
+/// one transaction, and the checkpoint is appended to `<family>.checkpoints.jsonl`.
+/// Stopping anywhere leaves a consistent ledger and files: the next run resumes (a
+/// committed checkpoint missing from its file is copied out first). Safe while claims go
+/// on: they only append at the chain head, which is never pruned.
+pub async fn export_and_prune(
+    store: &dyn RetentionStore,
+    retention: Retention,
+    dir: &Path,
+    now: u64,
+) -> Result<ExportReport, LedgerError> {
+    export_and_prune_chunked(store, retention, dir, now, store.prune_chunk()).await
+}
+
+/// [`export_and_prune`] with an explicit chunk size (tests use small ones).
+pub async fn export_and_prune_chunked(
+    store: &dyn RetentionStore,
+    retention: Retention,
+    dir: &Path,
+    now: u64,
+    chunk: u64,
+) -> Result<ExportReport, LedgerError> {
+    let chunk = chunk.max(1);
+    let mut report = ExportReport::default();
+    std::fs::create_dir_all(dir).map_err(|e| export_error(format!("{}: {e}", dir.display())))?;
+    let stored = store.stored_ranges().await?;
+    // Checkpoints committed by an export that stopped before copying them out.
+    copy_checkpoints(store, dir, &stored).await?;
+    if retention.is_unbounded() {
+        return Ok(report);
+    }
+    let mut export = Export {
+        store,
+        dir,
+        now,
+        chunk,
+        signer: store.retention_signer(),
+        ledger_id: store.retention_ledger_id(),
+        batch: Vec::new(),
+        batched: 0,
+        report: &mut report,
+        families: std::collections::BTreeSet::new(),
+    };
+    for range in stored {
+        export.family(range, retention).await?;
+    }
+    export.flush().await?;
+    let families = export.families.len() as u64;
+    report.families = families;
+    Ok(report)
+}
+
+fn export_error(e: String) -> LedgerError {
+    LedgerError::Unavailable(format!("export: {e}"))
+}
+
+/// One export run's state: ranges exported and signed, waiting for their prune.
+struct Export<'a> {
+    store: &'a dyn RetentionStore,
+    dir: &'a Path,
+    now: u64,
+    chunk: u64,
+    signer: Arc<ReceiptSigner>,
+    ledger_id: Option<String>,
+    batch: Vec<PruneRange>,
+    batched: u64,
+    report: &'a mut ExportReport,
+    families: std::collections::BTreeSet<Vec<u8>>,
+}
+
+impl Export<'_> {
+    /// Exports (and prunes, chunk by chunk) one family's receipts beyond the retention.
+    async fn family(
+        &mut self,
+        stored: StoredRange,
+        retention: Retention,
+    ) -> Result<(), LedgerError> {
+        let StoredRange {
+            family,
+            first,
+            head,
+        } = stored;
+        // The newest receipt always stays.
+        if head <= 1 || first >= head {
+            return Ok(());
+        }
+        let last_allowed = head - 1;
+        let keep_to = retention
+            .keep
+            .map_or(0, |keep| head.saturating_sub(keep.max(1)))
+            .min(last_allowed);
+        let cutoff = retention
+            .max_age_secs
+            .map(|age| self.now.saturating_sub(age));
+        if keep_to < first && cutoff.is_none() {
+            return Ok(());
+        }
+        let family_hex = hex::encode(&family);
+        let already = exported_up_to(self.dir, &family_hex).map_err(export_error)?;
+        if first > 1 && already + 1 < first {
+            return Err(export_error(format!(
+                "{} ends at receipt {already}, but receipts up to {} were pruned before: \
+                 restore the export file, or export to the directory that holds it (an \
+                 archive split across directories, or with a gap, cannot be audited)",
+                receipts_file(self.dir, &family_hex).display(),
+                first - 1
+            )));
+        }
+        let mut chain: Vec<Receipt> = Vec::new();
+        // Link hash of the last receipt of the previous range of this run.
+        let mut link: Option<String> = None;
+        let mut next = first;
+        // Without an age limit nothing past `keep_to` is pruned: read no further.
+        let want = if cutoff.is_some() {
+            last_allowed
+        } else {
+            keep_to
+        };
+        // Past `keep_to` the walk stops at the first young receipt, often the first one
+        // read: start with small pages (a family's kept receipts are not all read).
+        let mut page = 16u64;
+        'walk: while next <= want {
+            let upto = if next <= keep_to {
+                keep_to - next + 1
+            } else {
+                page
+            };
+            page = (page * 2).min(1024);
+            let limit = usize::try_from(upto.min(want - next + 1).min(self.chunk).min(1024))
+                .unwrap_or(1024);
+            let receipts = self.store.stored_receipts(&family, next, limit).await?;
+            if receipts.is_empty() {
+                break;
+            }
+            for receipt in receipts {
+                let body = receipt.body();
+                if body.seq != next {
+                    return Err(LedgerError::Corrupt(format!(
+                        "family {family_hex}: receipt {next} is missing (found {}); nothing \
+                         exported from it on",
+                        body.seq
+                    )));
+                }
+                let beyond = body.seq <= last_allowed
+                    && (body.seq <= keep_to || cutoff.is_some_and(|c| body.iat < c));
+                if !beyond {
+                    break 'walk;
+                }
+                let expected = chain.last().map(Receipt::hash_hex).or_else(|| link.clone());
+                if expected.is_some() && body.prev != expected {
+                    return Err(LedgerError::Corrupt(format!(
+                        "family {family_hex}: receipt {next} does not link to receipt {}; \
+                         nothing exported from it on",
+                        next - 1
+                    )));
+                }
+                chain.push(receipt);
+                next += 1;
+                if chain.len() as u64 >= self.chunk {
+                    link = chain.last().map(Receipt::hash_hex);
+                    self.range(&family, &family_hex, already, std::mem::take(&mut chain))
+                        .await?;
+                }
+            }
+        }
+        self.range(&family, &family_hex, already, chain).await
+    }
+
+    /// Exports one range (durably), signs its checkpoint and queues it for pruning.
+    async fn range(
+        &mut self,
+        family: &[u8],
+        family_hex: &str,
+        already: u64,
+        chain: Vec<Receipt>,
+    ) -> Result<(), LedgerError> {
+        let (Some(first), Some(last)) = (chain.first(), chain.last()) else {
+            return Ok(());
+        };
+        let lines: Vec<String> = chain
+            .iter()
+            .filter(|r| r.body().seq > already)
+            .map(receipt_line)
+            .collect();
+        self.report.exported += lines.len() as u64;
+        self.report.voids += chain
+            .iter()
+            .filter(|r| r.body().seq > already && r.body().is_void())
+            .count() as u64;
+        append_durably(&receipts_file(self.dir, family_hex), &lines).map_err(export_error)?;
+        let (from_seq, to_seq) = (first.body().seq, last.body().seq);
+        let checkpoint = Checkpoint::sign(
+            CheckpointBody {
+                v: 1,
+                family: family_hex.to_owned(),
+                from_seq,
+                to_seq,
+                count: to_seq - from_seq + 1,
+                head: last.hash_hex(),
+                first_prev: first.body().prev.clone(),
+                file: format!("{family_hex}.jsonl"),
+                ledger: self.ledger_id.clone(),
+                kid: String::new(),
+                iat: self.now,
+                voids: chain.iter().filter(|r| r.body().is_void()).count() as u64,
+            },
+            &self.signer,
+        );
+        self.batch.push(PruneRange {
+            family: family.to_vec(),
+            from_seq,
+            to_seq,
+            checkpoint,
+        });
+        self.batched += to_seq - from_seq + 1;
+        if self.batched >= self.chunk {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Prunes the queued ranges (one backend transaction) and copies their checkpoints
+    /// out.
+    async fn flush(&mut self) -> Result<(), LedgerError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batched = 0;
+        let pruned = self.store.prune(batch.clone()).await?;
+        self.report.pruned += pruned.receipts;
+        self.report.idempotency_removed += pruned.idempotency;
+        self.report.checkpoints += batch.len() as u64;
+        let checkpoints: Vec<Checkpoint> = batch
+            .into_iter()
+            .map(|r| {
+                self.families.insert(r.family);
+                r.checkpoint
+            })
+            .collect();
+        append_checkpoints(self.dir, &checkpoints)
+    }
+}
+
+/// Appends to each family's checkpoints file the checkpoints (committed in the ledger) it
+/// lacks: those of a family whose file does not reach its first stored receipt (one tail
+/// read per family; the ledger is asked only for such families).
+async fn copy_checkpoints(
+    store: &dyn RetentionStore,
+    dir: &Path,
+    stored: &[StoredRange],
+) -> Result<(), LedgerError> {
+    for range in stored.iter().filter(|r| r.first > 1) {
+        let family_hex = hex::encode(&range.family);
+        let in_file = checkpointed_up_to(dir, &family_hex).map_err(export_error)?;
+        if in_file + 1 < range.first {
+            let checkpoints = store.stored_checkpoints(&range.family).await?;
+            append_checkpoints(dir, &checkpoints)?;
+        }
+    }
+    Ok(())
+}
+
+/// Appends checkpoints to their families' files, skipping those a file already holds
+/// (by `to_seq`).
+fn append_checkpoints(dir: &Path, checkpoints: &[Checkpoint]) -> Result<(), LedgerError> {
+    let mut by_family: BTreeMap<&str, Vec<&Checkpoint>> = BTreeMap::new();
+    for c in checkpoints {
+        by_family.entry(c.body.family.as_str()).or_default().push(c);
+    }
+    for (family_hex, mut list) in by_family {
+        if hex::decode(family_hex).is_err() {
+            return Err(LedgerError::Corrupt(format!(
+                "a stored checkpoint names family {family_hex:?}, which is not hex"
+            )));
+        }
+        list.sort_by_key(|c| c.body.to_seq);
+        let in_file = checkpointed_up_to(dir, family_hex).map_err(export_error)?;
+        let lines: Vec<String> = list
+            .into_iter()
+            .filter(|c| c.body.to_seq > in_file)
+            .map(Checkpoint::to_line)
+            .collect();
+        append_durably(&checkpoints_file(dir, family_hex), &lines).map_err(export_error)?;
+    }
+    Ok(())
+}
+
 /// The export file of a family.
 pub fn receipts_file(dir: &Path, family_hex: &str) -> PathBuf {
     dir.join(format!("{family_hex}.jsonl"))
@@ -201,16 +591,93 @@ pub(crate) fn read_export_checkpoints(
     Ok((out, last))
 }
 
-/// The highest seq already in a family's export file (0 when none).
+/// The highest seq already in a family's export file (0 when none): its last line (lines
+/// are appended in `seq` order).
 pub(crate) fn exported_up_to(dir: &Path, family_hex: &str) -> Result<u64, String> {
     let path = receipts_file(dir, family_hex);
-    let mut last = 0;
-    for line in lines(&path)? {
-        let line: Line =
-            serde_json::from_str(&line).map_err(|e| format!("{}: {e}", path.display()))?;
-        last = line.seq;
+    match last_line(&path)? {
+        None => Ok(0),
+        Some(line) => serde_json::from_str::<Line>(&line)
+            .map(|l| l.seq)
+            .map_err(|e| format!("{} (last line): {e}", path.display())),
     }
-    Ok(last)
+}
+
+/// The highest `to_seq` in a family's checkpoints file (0 when none): its last line
+/// (checkpoints are appended in `to_seq` order).
+pub(crate) fn checkpointed_up_to(dir: &Path, family_hex: &str) -> Result<u64, String> {
+    let path = checkpoints_file(dir, family_hex);
+    match last_line(&path)? {
+        None => Ok(0),
+        Some(line) => Checkpoint::parse(&line)
+            .map(|c| c.body.to_seq)
+            .map_err(|e| format!("{} (last line): {e}", path.display())),
+    }
+}
+
+/// Bytes read from the end of a file to find its last line (doubled until one fits).
+const TAIL: u64 = 64 * 1024;
+
+/// The last non-empty line of an export file, read from its end (the files only grow, so
+/// a run never rereads them). A last line without its newline is an append torn by a
+/// crash — its receipts (or checkpoint) were never pruned on the strength of it, since
+/// the prune waits for the fsync — and is cut off, so the next append starts a clean
+/// line.
+fn last_line(path: &Path) -> Result<Option<String>, String> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    let mut len = file.metadata().map_err(err)?.len();
+    let mut tail = TAIL;
+    loop {
+        let start = len.saturating_sub(tail);
+        file.seek(SeekFrom::Start(start)).map_err(err)?;
+        let mut buf = Vec::new();
+        std::io::Read::by_ref(&mut file)
+            .take(len - start)
+            .read_to_end(&mut buf)
+            .map_err(err)?;
+        if !buf.is_empty() && buf.last() != Some(&b'\n') {
+            // Torn last line: cut it (back to the last newline, or to nothing).
+            match buf.iter().rposition(|&b| b == b'\n') {
+                Some(i) => {
+                    len = start + i as u64 + 1;
+                    buf.truncate(i + 1);
+                }
+                None if start == 0 => {
+                    len = 0;
+                    buf.clear();
+                }
+                None => {
+                    tail = tail.saturating_mul(2);
+                    continue;
+                }
+            }
+            file.set_len(len).map_err(err)?;
+            file.sync_all().map_err(err)?;
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let mut complete: Vec<&str> = text.split('\n').collect();
+        if start > 0 {
+            // The first piece may be the end of a longer line.
+            complete.remove(0);
+        }
+        if let Some(line) = complete.iter().rev().find(|l| !l.trim().is_empty()) {
+            return Ok(Some((*line).to_owned()));
+        }
+        if start == 0 {
+            return Ok(None);
+        }
+        tail = tail.saturating_mul(2);
+    }
 }
 
 /// Appends lines to a file and makes them durable (file and directory fsync'd).
@@ -246,6 +713,57 @@ pub(crate) fn receipt_line(receipt: &Receipt) -> String {
         receipt: receipt.compact().to_owned(),
     })
     .unwrap_or_default()
+}
+
+/// A family's whole chain for an audit: the exported receipts (`export/<family>.jsonl`)
+/// that the ledger no longer holds, then the ledger's own (`kept`, in seq order), checked
+/// against the checkpoints (the ledger's and the export directory's). Returns the chain
+/// (`seq` 1..=n, ready for [`till_receipt::audit_chain`]) and the last pruned seq (0:
+/// nothing was pruned, and the export directory is not read).
+pub fn whole_chain(
+    export: &Path,
+    family_hex: &str,
+    kept: Vec<Receipt>,
+    ledger_checkpoints: Vec<Checkpoint>,
+    keys: &ReceiptKeySet,
+) -> Result<(Vec<Receipt>, u64), String> {
+    let mut checkpoints = ledger_checkpoints;
+    let first_kept = kept.first().map(|r| r.body().seq);
+    if checkpoints.is_empty() && first_kept.is_none_or(|s| s == 1) {
+        return Ok((kept, 0));
+    }
+    let (exported, file_checkpoints) = read_export(export, family_hex)?;
+    for c in file_checkpoints {
+        if !checkpoints.contains(&c) {
+            checkpoints.push(c);
+        }
+    }
+    let mut chain: Vec<Receipt> = Vec::with_capacity(exported.len() + kept.len());
+    for r in exported {
+        // Exported but not pruned yet (an export stopped before pruning): the ledger's
+        // copy must be the same receipt.
+        if let Some(first) = first_kept.filter(|s| r.body().seq >= *s) {
+            let i = usize::try_from(r.body().seq - first).unwrap_or(usize::MAX);
+            if kept.get(i) != Some(&r) {
+                return Err(format!(
+                    "exported receipt {} differs from the ledger's",
+                    r.body().seq
+                ));
+            }
+            continue;
+        }
+        chain.push(r);
+    }
+    chain.extend(kept);
+    let pruned = check_checkpoints(&chain, &checkpoints, keys)?;
+    if let Some(first) = first_kept {
+        if first != pruned + 1 {
+            return Err(format!(
+                "the ledger's receipts start at {first}, but checkpoints cover only 1..={pruned}"
+            ));
+        }
+    }
+    Ok((chain, pruned))
 }
 
 /// Checks checkpoints against a family's whole chain (`chain[i]` has `seq == i + 1`, as
@@ -324,6 +842,43 @@ mod tests {
             iat: 1,
             voids: 0,
         }
+    }
+
+    /// The last line is found from the end of the file, also past the first tail read,
+    /// and a torn last line (a crash mid-append) is cut off, never parsed.
+    #[test]
+    fn last_line_reads_the_tail_and_cuts_a_torn_append() {
+        let dir = std::env::temp_dir().join(format!("till-last-line-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let family = "ab";
+        let path = receipts_file(&dir, family);
+        assert_eq!(exported_up_to(&dir, family).unwrap(), 0, "no file");
+        let long = "x".repeat(usize::try_from(TAIL).unwrap() * 3);
+        let line = |seq: u64| format!("{{\"seq\":{seq},\"receipt\":\"{long}\"}}");
+        append_durably(&path, &[line(1), line(2)]).unwrap();
+        assert_eq!(exported_up_to(&dir, family).unwrap(), 2);
+        let whole = std::fs::metadata(&path).unwrap().len();
+        // A torn append: half a line without its newline.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&line(3).as_bytes()[..100]).unwrap();
+        drop(f);
+        assert_eq!(exported_up_to(&dir, family).unwrap(), 2);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            whole,
+            "torn line cut"
+        );
+        append_durably(&path, &[line(3)]).unwrap();
+        assert_eq!(exported_up_to(&dir, family).unwrap(), 3);
+        // A file holding only a torn line is empty afterwards.
+        let torn = receipts_file(&dir, "cd");
+        std::fs::write(&torn, "{\"seq\":1,").unwrap();
+        assert_eq!(exported_up_to(&dir, "cd").unwrap(), 0);
+        assert_eq!(std::fs::metadata(&torn).unwrap().len(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

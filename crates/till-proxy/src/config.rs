@@ -18,6 +18,7 @@ use crate::admin_config::{
 };
 use crate::error::ConfigError;
 use crate::preset::{Auth, ModelSource, Preset, ENV_PRESETS};
+use crate::retention_config::{validate_retention, RawRetention, RetentionSettings};
 use crate::secret::{Credential, Secret};
 
 /// `listen` from the environment.
@@ -153,6 +154,8 @@ pub struct RawConfig {
     /// Usage alerts.
     #[serde(default)]
     pub alerts: RawAlerts,
+    /// Automatic export and prune of old receipts (`[retention]`).
+    pub retention: Option<RawRetention>,
     /// Root public keys this proxy trusts besides its data dir's: each a public JWK file
     /// (`root.pub.jwk` from the owner) or the 64-hex public key `till keygen` prints.
     pub trusted_root_keys: Option<Vec<String>>,
@@ -297,6 +300,8 @@ pub struct Config {
     pub admin: AdminSettings,
     /// Usage alerts.
     pub alerts: AlertSettings,
+    /// Automatic export and prune of old receipts; `None`: receipts are kept.
+    pub retention: Option<RetentionSettings>,
     /// Root public keys trusted besides the data dir's (`trusted_root_keys`).
     pub trusted_root_keys: Vec<till_token::RootPublicKey>,
     /// The file it was read from, if any.
@@ -331,6 +336,9 @@ impl Config {
         let base = file.and_then(Path::parent).map(Path::to_path_buf);
         let mut config = Self::validate(raw, flags, env)?;
         config.file = file.map(Path::to_path_buf);
+        if let (Some(base), Some(retention)) = (&base, config.retention.as_mut()) {
+            retention.resolve(base);
+        }
         // Relative key files are relative to the config file, like a distributed bundle.
         if let Some(base) = base {
             for (i, k) in config.trusted_root_key_files.iter().enumerate() {
@@ -428,6 +436,7 @@ impl Config {
         let limits = validate_limits(raw.limits, env)?;
         let admin = validate_admin(raw.admin, flags.admin_listen.clone(), env)?;
         let alerts = validate_alerts(raw.alerts, env)?;
+        let retention = validate_retention(raw.retention, env)?;
         // Hex keys now; key files once the config file's directory is known (`load`).
         let mut trusted_root_keys = Vec::new();
         let mut trusted_root_key_files = Vec::new();
@@ -471,6 +480,7 @@ impl Config {
             upstreams,
             admin,
             alerts,
+            retention,
             trusted_root_keys,
             trusted_root_key_files,
             file: None,

@@ -63,6 +63,7 @@ mod framing;
 pub mod hygiene;
 pub mod metrics;
 pub mod preset;
+pub mod retention_config;
 pub mod route;
 mod secret;
 mod server;

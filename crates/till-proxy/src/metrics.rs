@@ -73,6 +73,20 @@ pub struct AlertCounters {
     pub failed: Counter,
 }
 
+/// Automatic retention (`[retention]`): the background export-and-prune runs of `till
+/// serve` (cheap to clone).
+#[derive(Debug, Clone, Default)]
+pub struct RetentionCounters {
+    /// Runs that finished.
+    pub runs: Counter,
+    /// Runs that failed (logged; retried at the next interval).
+    pub failures: Counter,
+    /// Receipts exported and pruned.
+    pub pruned: Counter,
+    /// Unix time of the last run that finished (0: none yet).
+    pub last_success: Gauge,
+}
+
 /// Process-wide proxy metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -85,6 +99,7 @@ pub struct Metrics {
     voids: Family<OutcomeLabels, Counter>,
     cache: Family<OutcomeLabels, Counter>,
     alerts: AlertCounters,
+    retention: RetentionCounters,
     sse_subscribers: Gauge,
 }
 
@@ -158,6 +173,27 @@ impl Metrics {
             "Failed alert delivery attempts (retried)",
             alerts.failed.clone(),
         );
+        let retention = RetentionCounters::default();
+        registry.register(
+            "till_retention_runs",
+            "Automatic export-and-prune runs that finished ([retention])",
+            retention.runs.clone(),
+        );
+        registry.register(
+            "till_retention_failures",
+            "Automatic export-and-prune runs that failed (see the log; retried next interval)",
+            retention.failures.clone(),
+        );
+        registry.register(
+            "till_retention_pruned_receipts",
+            "Receipts exported and pruned by the automatic retention",
+            retention.pruned.clone(),
+        );
+        registry.register(
+            "till_retention_last_success_timestamp_seconds",
+            "Unix time of the last automatic export-and-prune run that finished (0: none)",
+            retention.last_success.clone(),
+        );
         let sse_subscribers = Gauge::default();
         registry.register(
             "till_event_subscribers",
@@ -183,6 +219,7 @@ impl Metrics {
             voids,
             cache,
             alerts,
+            retention,
             sse_subscribers,
         }
     }
@@ -242,6 +279,11 @@ impl Metrics {
         &self.alerts
     }
 
+    /// The automatic retention's counters (its background task increments them).
+    pub fn retention(&self) -> &RetentionCounters {
+        &self.retention
+    }
+
     /// OpenMetrics text, with the current number of event subscribers.
     pub fn render(&self, sse_subscribers: usize) -> String {
         self.sse_subscribers
@@ -277,6 +319,9 @@ mod tests {
         m.cache_lookup(false);
         m.cache_lookup(true);
         m.alerts().fired.inc();
+        m.retention().runs.inc();
+        m.retention().pruned.inc_by(7);
+        m.retention().last_success.set(1_750_000_000);
         let text = m.render(2);
         for want in [
             "till_requests_total{upstream=\"openai\",status=\"200\",code=\"ok\"} 1",
@@ -293,6 +338,10 @@ mod tests {
             "till_alerts_fired_total 1",
             "till_alerts_delivered_total 0",
             "till_event_subscribers 2",
+            "till_retention_runs_total 1",
+            "till_retention_failures_total 0",
+            "till_retention_pruned_receipts_total 7",
+            "till_retention_last_success_timestamp_seconds 1750000000",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");

@@ -1,0 +1,389 @@
+//! Export and prune on FoundationDB: the backend's part of [`till_ledger::retention`]
+//! (normative: spec/ledger.md §10 and spec/ledger-fdb.md §1, "Retention").
+//!
+//! The procedure (plan, read and check the chain, append to the export files, sign the
+//! checkpoints) is [`till_ledger::retention::export_and_prune`]; this module lists what is
+//! stored and prunes exported ranges, each call ONE transaction of at most
+//! [`FDB_PRUNE_CHUNK`] receipts (well inside FoundationDB's 5 s and 10 MB limits):
+//!
+//! - it reads the range's receipts `(ks, "receipt", family, from..=to)` (and nothing
+//!   past `to`, so it never conflicts with claims, which only append at the head) and
+//!   checks they are exactly what was exported: the first stored receipt is `from`, all
+//!   of `from..=to` are there, the receipt at `to` has the checkpoint's `head`;
+//! - it clears them (one range clear), their `slot` entries, and each idempotency record
+//!   that still points at one of them (the record's key is computed from the receipt:
+//!   scope = its last slot's revocation id, key = its `idempotency_key`; a record
+//!   overwritten since by a fresh claim points elsewhere and stays);
+//! - it stores the checkpoint under `(ks, "checkpoint", family, to)`.
+//!
+//! A retry after `commit_unknown_result` first reads the checkpoint key: finding the very
+//! checkpoint it wrote, the earlier attempt committed, and it answers as that attempt
+//! would have. Counters, revocations, chain heads, blocks and windows are never touched.
+//! The journal's pointers to pruned receipts stay (a consumer finds those receipts in
+//! the export files).
+
+use std::sync::Arc;
+
+use futures::future::try_join_all;
+use till_ledger::retention::{Checkpoint, PruneRange, Pruned, RetentionStore, StoredRange};
+use till_ledger::{BoxFuture, Ledger, LedgerError, Receipt};
+use till_receipt::ReceiptSigner;
+
+use crate::engine::{unavailable, KvLedger, Work};
+use crate::error::KvError;
+use crate::keys::{self, Keyspace, ReceiptRef};
+use crate::kv::{KvStore, KvTxn};
+
+/// Receipts pruned per transaction (and per checkpoint). A transaction of this many
+/// two-level receipts reads about 0.7 MB and clears about 2,000 keys.
+pub const FDB_PRUNE_CHUNK: u64 = 500;
+
+/// Keys read per page of a listing (one read-only transaction each).
+const PAGE: usize = 1_000;
+
+impl<S: KvStore> RetentionStore for KvLedger<S> {
+    fn retention_signer(&self) -> Arc<ReceiptSigner> {
+        self.signer()
+    }
+
+    fn retention_ledger_id(&self) -> Option<String> {
+        self.ledger_id().map(str::to_owned)
+    }
+
+    fn prune_chunk(&self) -> u64 {
+        FDB_PRUNE_CHUNK
+    }
+
+    fn stored_ranges(&self) -> BoxFuture<'_, Result<Vec<StoredRange>, LedgerError>> {
+        Box::pin(async move {
+            let keys = self.keyspace();
+            let (mut begin, end) = keys.heads_range();
+            let mut out = Vec::new();
+            loop {
+                let mut work = HeadsPage {
+                    keys,
+                    begin: begin.clone(),
+                    end: end.clone(),
+                };
+                let (page, next) = self.transact(&mut work).await.map_err(unavailable)?;
+                out.extend(page);
+                match next {
+                    Some(next) => begin = next,
+                    None => return Ok(out),
+                }
+            }
+        })
+    }
+
+    fn stored_receipts(
+        &self,
+        family: &[u8],
+        from_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
+        self.receipts(family, from_seq, limit)
+    }
+
+    fn prune(&self, ranges: Vec<PruneRange>) -> BoxFuture<'_, Result<Pruned, LedgerError>> {
+        Box::pin(async move {
+            if ranges.is_empty() {
+                return Ok(Pruned::default());
+            }
+            let mut work = PruneWork {
+                keys: self.keyspace(),
+                ranges: &ranges,
+                maybe_landed: None,
+                attempted: None,
+            };
+            self.transact(&mut work)
+                .await
+                .map_err(unavailable)?
+                .map_err(LedgerError::InvalidRequest)
+        })
+    }
+
+    fn stored_checkpoints(
+        &self,
+        family: &[u8],
+    ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
+        let family = family.to_vec();
+        Box::pin(async move { self.family_checkpoints(&family).await })
+    }
+}
+
+impl<S: KvStore> KvLedger<S> {
+    /// A family's checkpoints, in `seq` order ([`Ledger::checkpoints`]).
+    pub(crate) async fn family_checkpoints(
+        &self,
+        family: &[u8],
+    ) -> Result<Vec<Checkpoint>, LedgerError> {
+        let (begin, end) = self.keyspace().checkpoints_of(family);
+        self.checkpoints_in(begin, end).await
+    }
+
+    /// The checkpoints stored in `[begin, end)`, in key order, a page per transaction.
+    async fn checkpoints_in(
+        &self,
+        mut begin: Vec<u8>,
+        end: Vec<u8>,
+    ) -> Result<Vec<Checkpoint>, LedgerError> {
+        let mut out = Vec::new();
+        loop {
+            let mut work = Page {
+                begin: begin.clone(),
+                end: end.clone(),
+            };
+            let pairs = self.transact(&mut work).await.map_err(unavailable)?;
+            let full = pairs.len() == PAGE;
+            if let Some((last, _)) = pairs.last() {
+                begin = key_after(last);
+            }
+            for (_, value) in pairs {
+                let line = std::str::from_utf8(&value).map_err(|e| {
+                    LedgerError::Corrupt(format!("stored checkpoint is not UTF-8: {e}"))
+                })?;
+                out.push(Checkpoint::parse(line).map_err(LedgerError::Corrupt)?);
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// The first key after `key`.
+fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
+/// One page of `[begin, end)`, read-only.
+struct Page {
+    begin: Vec<u8>,
+    end: Vec<u8>,
+}
+
+impl<T: KvTxn> Work<T> for Page {
+    type Output = Vec<(Vec<u8>, Vec<u8>)>;
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        Ok((txn.get_range(&self.begin, &self.end, PAGE).await?, false))
+    }
+}
+
+/// One page of chain heads with each family's first stored receipt; read-only. Answers
+/// the families that have receipts, and where the next page starts (`None`: done).
+struct HeadsPage<'k> {
+    keys: &'k Keyspace,
+    begin: Vec<u8>,
+    end: Vec<u8>,
+}
+
+impl<T: KvTxn> Work<T> for HeadsPage<'_> {
+    type Output = (Vec<StoredRange>, Option<Vec<u8>>);
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        let keys = self.keys;
+        let pairs = txn.get_range(&self.begin, &self.end, PAGE).await?;
+        let next = (pairs.len() == PAGE)
+            .then(|| pairs.last().map(|(k, _)| key_after(k)))
+            .flatten();
+        let heads = pairs
+            .iter()
+            .map(|(k, v)| Ok((keys.head_family(k)?, keys::decode_head(v)?.seq)))
+            .collect::<Result<Vec<_>, KvError>>()?;
+        let reader: &T = txn;
+        let firsts = try_join_all(heads.iter().map(|(family, _)| async move {
+            let (begin, end) = keys.receipts_from(family, 0);
+            let first = reader.get_range(&begin, &end, 1).await?;
+            first.first().map(|(k, _)| keys.receipt_seq(k)).transpose()
+        }))
+        .await?;
+        let ranges = heads
+            .into_iter()
+            .zip(firsts)
+            .filter_map(|((family, head), first)| {
+                first.map(|first| StoredRange {
+                    family,
+                    first,
+                    head,
+                })
+            })
+            .collect();
+        Ok(((ranges, next), false))
+    }
+}
+
+/// The prune of exported ranges, one transaction (see the module docs). Answers
+/// `Err(reason)` (nothing written) when a range is no longer what was exported.
+struct PruneWork<'r> {
+    keys: &'r Keyspace,
+    ranges: &'r [PruneRange],
+    /// What the last attempt that reached its commit would have answered.
+    attempted: Option<Pruned>,
+    /// Set when that commit's result was unknown: it may have landed.
+    maybe_landed: Option<Pruned>,
+}
+
+impl<T: KvTxn> Work<T> for PruneWork<'_> {
+    type Output = Result<Pruned, String>;
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        let keys = self.keys;
+        let reader: &T = txn;
+        // An earlier attempt whose commit result was unknown landed iff its checkpoints
+        // are there (the checkpoints and the deletions commit together).
+        let stored = try_join_all(
+            self.ranges
+                .iter()
+                .map(|r| async move { reader.get(&keys.checkpoint(&r.family, r.to_seq)).await }),
+        )
+        .await?;
+        let ours = |(r, s): (&PruneRange, &Option<Vec<u8>>)| {
+            s.as_deref() == Some(r.checkpoint.to_line().as_bytes())
+        };
+        if let Some(landed) = self.maybe_landed {
+            if self.ranges.iter().zip(&stored).all(ours) {
+                return Ok((Ok(landed), false));
+            }
+        }
+        if let Some((r, _)) = self.ranges.iter().zip(&stored).find(|(_, s)| s.is_some()) {
+            return Ok((
+                Err(format!(
+                    "family {}: a checkpoint ending at receipt {} is already stored \
+                     (another export pruned the range); nothing pruned",
+                    hex::encode(&r.family),
+                    r.to_seq
+                )),
+                false,
+            ));
+        }
+        let mut pruned = Pruned::default();
+        for r in self.ranges {
+            match prune_range(txn, keys, r).await? {
+                Ok(p) => {
+                    pruned.receipts += p.receipts;
+                    pruned.idempotency += p.idempotency;
+                }
+                Err(reason) => return Ok((Err(reason), false)),
+            }
+        }
+        self.attempted = Some(pruned);
+        Ok((Ok(pruned), true))
+    }
+
+    fn maybe_committed(&mut self) {
+        self.maybe_landed = self.attempted;
+    }
+}
+
+/// Checks one range and buffers its deletions and its checkpoint.
+async fn prune_range<T: KvTxn>(
+    txn: &mut T,
+    keys: &Keyspace,
+    r: &PruneRange,
+) -> Result<Result<Pruned, String>, KvError> {
+    let family = r.family.as_slice();
+    let family_hex = hex::encode(family);
+    let refused = |why: &str| {
+        Ok(Err(format!(
+            "family {family_hex}: receipts {}..={} are no longer what was exported ({why}); \
+             nothing pruned",
+            r.from_seq, r.to_seq
+        )))
+    };
+    let Some(count) = r
+        .to_seq
+        .checked_sub(r.from_seq)
+        .and_then(|d| usize::try_from(d + 1).ok())
+    else {
+        return refused("an empty range");
+    };
+    // Everything up to `to` (never past it: claims append there).
+    let (begin, _) = keys.receipts_from(family, 0);
+    let end = keys.receipt(family, r.to_seq + 1);
+    let stored = txn.get_range(&begin, &end, count + 1).await?;
+    let first = stored
+        .first()
+        .map(|(k, _)| keys.receipt_seq(k))
+        .transpose()?;
+    if first != Some(r.from_seq) || stored.len() != count {
+        return refused("its first receipt or its count changed");
+    }
+    let mut receipts = Vec::with_capacity(count);
+    for (key, value) in &stored {
+        let seq = keys.receipt_seq(key)?;
+        let receipt = std::str::from_utf8(value)
+            .ok()
+            .and_then(|text| Receipt::parse(text).ok())
+            .ok_or_else(|| KvError::Decode(format!("stored receipt {seq} is unreadable")))?;
+        receipts.push(receipt);
+    }
+    if receipts.last().map(Receipt::hash_hex).as_deref() != Some(r.checkpoint.body.head.as_str()) {
+        return refused("its last receipt is another");
+    }
+    // The idempotency record each receipt's claim wrote, if it still points at it.
+    let mut idem_keys = Vec::with_capacity(count);
+    for receipt in &receipts {
+        let body = receipt.body();
+        let scope = body
+            .slots
+            .last()
+            .and_then(|s| hex::decode(&s.revocation_id).ok())
+            .ok_or_else(|| KvError::Decode(format!("receipt {} has no slots", body.seq)))?;
+        idem_keys.push(keys.idempotency(&scope, &body.idempotency_key));
+    }
+    let records = try_join_all(idem_keys.iter().map(|k| txn.get(k))).await?;
+    let mut idempotency = 0;
+    for ((receipt, key), record) in receipts.iter().zip(&idem_keys).zip(records) {
+        let Some(bytes) = record else { continue };
+        let body = receipt.body();
+        let points_here = match keys::IdemRecord::decode(&bytes)?.receipt {
+            ReceiptRef::At { family: f, seq } => f == family && seq == body.seq,
+            ReceiptRef::Inline(jws) => Receipt::parse(&jws).is_ok_and(|inline| {
+                inline.body().family == family_hex && inline.body().seq == body.seq
+            }),
+        };
+        if points_here {
+            txn.clear(key);
+            idempotency += 1;
+        }
+    }
+    // Slot index entries that still name a receipt of the range. A slot given back by a
+    // void and taken again by a later claim names that claim: it stays.
+    let mut slot_keys = Vec::new();
+    for receipt in &receipts {
+        for slot in &receipt.body().slots {
+            if let Ok(rid) = hex::decode(&slot.revocation_id) {
+                slot_keys.push(keys.slot(&rid, slot.slot));
+            }
+        }
+    }
+    slot_keys.sort();
+    slot_keys.dedup();
+    let owners = try_join_all(slot_keys.iter().map(|k| txn.get(k))).await?;
+    for (key, owner) in slot_keys.iter().zip(owners) {
+        let Some(bytes) = owner else { continue };
+        let (f, seq) = keys::decode_receipt_ref(&bytes)?;
+        if f == family && (r.from_seq..=r.to_seq).contains(&seq) {
+            txn.clear(key);
+        }
+    }
+    // Void markers of pruned claims go with them (a void of a pruned claim is refused as
+    // unknown; the void receipts themselves are in the export). The family's void count
+    // stays: the chain head is still at count + 2 × voids.
+    txn.clear_range(
+        &keys.voided(family, r.from_seq),
+        &keys.voided(family, r.to_seq + 1),
+    );
+    txn.clear_range(&begin, &end);
+    txn.set(
+        &keys.checkpoint(family, r.to_seq),
+        r.checkpoint.to_line().as_bytes(),
+    );
+    Ok(Ok(Pruned {
+        receipts: count as u64,
+        idempotency,
+    }))
+}

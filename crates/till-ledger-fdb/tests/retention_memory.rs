@@ -1,0 +1,142 @@
+//! The retention cases of the conformance suite (export, prune, checkpoints;
+//! spec/ledger.md §10) on the FoundationDB engine over the in-memory store: one proxy,
+//! and one proxy with a quarter of all commits failing (1020, 1021 applied or not,
+//! 1007); plus a prune whose commit result is unknown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use till_ledger::conformance::retention::{self, RetentionHarness};
+use till_ledger::conformance::{claim_request, random_revocation_id, NOW};
+use till_ledger::retention::{export_and_prune_chunked, read_export, Retention};
+use till_ledger::{Ledger, Level};
+use till_ledger_fdb::memory::MemoryStore;
+use till_ledger_fdb::{codes, FdbConfig, KvLedger};
+use till_receipt::{ReceiptKeySet, ReceiptSigner};
+
+async fn open(store: MemoryStore) -> (Arc<KvLedger<MemoryStore>>, ReceiptKeySet) {
+    let signer = Arc::new(ReceiptSigner::generate());
+    let mut config = FdbConfig::new(Arc::clone(&signer), "p1");
+    config.transaction_timeout = Duration::from_secs(30);
+    config.retry_limit = 1_000;
+    let ledger = KvLedger::open(Arc::new(store), &config).await.unwrap();
+    let mut keys = ReceiptKeySet::new();
+    keys.insert(signer.public_key());
+    (Arc::new(ledger), keys)
+}
+
+async fn harness(chaos: u32) -> RetentionHarness {
+    let store = MemoryStore::new();
+    store.set_chaos(chaos);
+    let (ledger, keys) = open(store).await;
+    RetentionHarness {
+        ledger: Arc::clone(&ledger) as _,
+        store: ledger,
+        keys,
+    }
+}
+
+macro_rules! cases {
+    ($mode:ident, $chaos:expr, [$($case:ident),* $(,)?]) => {
+        mod $mode {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::retention::$case(super::harness($chaos).await).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! all_cases {
+    ($mode:ident, $chaos:expr) => {
+        cases!(
+            $mode,
+            $chaos,
+            [
+                prune_by_count,
+                prune_by_age,
+                pruned_idempotency_keys_claim_afresh,
+                claims_concurrent_with_prune,
+                interrupted_export_resumes,
+                lost_export_file_refused,
+            ]
+        );
+    };
+}
+
+all_cases!(one_proxy, 0);
+all_cases!(under_chaos, 25);
+
+/// A prune whose commit answers `commit_unknown_result`: applied (the retry recognises
+/// its own checkpoint and answers as the landed attempt did) or not (the retry prunes).
+/// Either way one checkpoint, every receipt exported once, the chain audits, and the
+/// pruned receipts, slot entries and idempotency records are gone from the key space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prune_with_an_unknown_commit_result() {
+    for applied in [true, false] {
+        let store = MemoryStore::new();
+        let (ledger, keys) = open(store.clone()).await;
+        let levels = vec![
+            Level {
+                revocation_id: random_revocation_id(),
+                cap: Some(10),
+            },
+            Level {
+                revocation_id: random_revocation_id(),
+                cap: None,
+            },
+        ];
+        let family = levels[0].revocation_id.clone();
+        for i in 0..6 {
+            let req = claim_request(&levels, Some(&format!("k{i}")), "chat");
+            ledger.claim(req).await.unwrap().unwrap();
+        }
+        let before = store.dump().len();
+        let dir = tempfile::tempdir().unwrap();
+        let keep = Retention {
+            keep: Some(2),
+            max_age_secs: None,
+        };
+        store.inject_commit_error(codes::COMMIT_UNKNOWN_RESULT, applied);
+        let report = export_and_prune_chunked(ledger.as_ref(), keep, dir.path(), NOW, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.pending_faults(),
+            0,
+            "the prune met the injected fault"
+        );
+        assert_eq!(
+            (
+                report.exported,
+                report.pruned,
+                report.idempotency_removed,
+                report.checkpoints
+            ),
+            (4, 4, 4, 1),
+            "applied = {applied}: {report:?}"
+        );
+        let checkpoints = ledger.checkpoints(&family).await.unwrap();
+        assert_eq!(checkpoints.len(), 1);
+        let (exported, in_file) = read_export(dir.path(), &hex::encode(&family)).unwrap();
+        assert_eq!(in_file, checkpoints);
+        assert_eq!(exported.len(), 4);
+        let kept = ledger.receipts(&family, 1, 100).await.unwrap();
+        let chain: Vec<_> = exported.into_iter().chain(kept).collect();
+        till_receipt::audit_chain(&chain, &keys).unwrap();
+        till_ledger::retention::check_checkpoints(&chain, &checkpoints, &keys).unwrap();
+        // 4 receipts, 8 slot entries and 4 idempotency records gone; 1 checkpoint added.
+        assert_eq!(store.dump().len(), before - 16 + 1, "applied = {applied}");
+        // The pruned keys claim afresh.
+        let fresh = ledger
+            .claim(claim_request(&levels, Some("k0"), "chat"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!fresh.replayed);
+        assert_eq!(fresh.receipt.body().seq, 7);
+    }
+}
