@@ -62,6 +62,7 @@ macro_rules! all_cases {
                 claims_concurrent_with_prune,
                 interrupted_export_resumes,
                 lost_export_file_refused,
+                prune_with_voids,
             ]
         );
     };

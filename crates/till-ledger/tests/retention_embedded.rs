@@ -53,4 +53,5 @@ cases!([
     claims_concurrent_with_prune,
     interrupted_export_resumes,
     lost_export_file_refused,
+    prune_with_voids,
 ]);

@@ -39,6 +39,7 @@ where
     claims_concurrent_with_prune(make().await).await;
     interrupted_export_resumes(make().await).await;
     lost_export_file_refused(make().await).await;
+    prune_with_voids(make().await).await;
 }
 
 /// A fresh empty directory under the system temp dir.
@@ -468,6 +469,53 @@ pub async fn lost_export_file_refused(h: RetentionHarness) {
         assert!(!retention::receipts_file(&other, &hex::encode(&family)).exists());
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_dir_all(&other).unwrap();
+    })
+    .await;
+}
+
+/// A pruned range holding a claim and its void: the checkpoint states the void, the
+/// export report counts it, exported + kept receipts still audit clean, usage is
+/// untouched, a void of a pruned claim is refused (its receipt is gone), and a kept claim
+/// can still be voided.
+pub async fn prune_with_voids(h: RetentionHarness) {
+    bounded("prune_with_voids", async {
+        let ledger = h.ledger.as_ref();
+        let levels = vec![level(Some(5))];
+        let family = levels[0].revocation_id.clone();
+        claims(ledger, &levels, 2, "v", NOW).await; // seq 1, 2
+        super::void_ok(ledger, super::void_request(&family, 2)).await; // seq 3
+        claims(ledger, &levels, 3, "w", NOW).await; // seq 4, 5, 6
+        assert_eq!(used(ledger, &levels).await, vec![4]);
+        let dir = export_dir("voids");
+        let keep2 = Retention {
+            keep: Some(2),
+            max_age_secs: None,
+        };
+        let report = export_and_prune_chunked(h.store.as_ref(), keep2, &dir, NOW + 10, 100)
+            .await
+            .unwrap();
+        assert_eq!(report.pruned, 4, "{report:?}");
+        assert_eq!(report.voids, 1, "{report:?}");
+        let (exported, kept, checkpoints) = audit_whole(&h, &dir, &family, 6).await;
+        assert_eq!(exported.len(), 4);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(checkpoints.iter().map(|c| c.body.voids).sum::<u64>(), 1);
+        let chain: Vec<Receipt> = exported.iter().chain(&kept).cloned().collect();
+        let audit = audit_chain(&chain, &h.keys).unwrap();
+        assert_eq!((audit.claims, audit.voids, audit.charged), (5, 1, 4));
+        assert_eq!(
+            used(ledger, &levels).await,
+            vec![4],
+            "pruning changes no counter"
+        );
+        match ledger.void(super::void_request(&family, 1)).await {
+            Err(LedgerError::NotVoidable(_)) => {}
+            other => panic!("a void of a pruned claim must be refused, got {other:?}"),
+        }
+        let voided = super::void_ok(ledger, super::void_request(&family, 6)).await;
+        assert_eq!(voided.receipt.body().seq, 7);
+        assert_eq!(used(ledger, &levels).await, vec![3]);
+        std::fs::remove_dir_all(&dir).unwrap();
     })
     .await;
 }
