@@ -29,19 +29,9 @@ pub fn shutdown() {
     }
 }
 
-/// Opens the FoundationDB ledger in `keyspace`. `cluster_file` `None` uses the client's
-/// default (`$FDB_CLUSTER_FILE`, then `/etc/foundationdb/fdb.cluster`).
-pub async fn open_fdb_ledger(
-    signer: Arc<ReceiptSigner>,
-    cluster_file: Option<PathBuf>,
-    keyspace: &str,
-    proxy_id: &str,
-    alerts: till_ledger::AlertPolicy,
-) -> Result<Arc<dyn Ledger>> {
-    Ok(open_fdb(signer, cluster_file, keyspace, proxy_id, alerts).await?)
-}
-
-/// [`open_fdb_ledger`], as the ledger and as a retention store (export and prune).
+/// Opens the FoundationDB ledger in `keyspace`, as the ledger and as a retention store
+/// (export and prune; the same object). `cluster_file` `None` uses the client's default
+/// (`$FDB_CLUSTER_FILE`, then `/etc/foundationdb/fdb.cluster`).
 pub async fn open_fdb_with_retention(
     signer: Arc<ReceiptSigner>,
     cluster_file: Option<PathBuf>,

@@ -17,9 +17,10 @@ use crate::input::arg_or_stdin;
 /// Receipts fetched per ledger read during an audit.
 const AUDIT_PAGE: usize = 1000;
 
-/// Where the ledger is.
+/// Which ledger a command opens: `--ledger` and `--keyspace` (every command that opens
+/// one takes these two).
 #[derive(Debug, Clone, clap::Args)]
-pub struct LedgerArgs {
+pub struct LedgerLocation {
     /// Ledger to use: `embedded` (the data dir's ledger.redb) or `fdb[:CLUSTER_FILE]`.
     #[arg(
         long,
@@ -36,6 +37,45 @@ pub struct LedgerArgs {
         value_name = "NAME"
     )]
     pub keyspace: String,
+}
+
+/// What `--ledger` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerKind {
+    /// The data dir's ledger.redb.
+    Embedded,
+    /// A FoundationDB key space (`--keyspace`, checked) on this cluster file (`None`: the
+    /// client's default).
+    Fdb(Option<PathBuf>),
+}
+
+impl LedgerLocation {
+    /// Parses `--ledger` (and checks `--keyspace` for a FoundationDB ledger).
+    pub fn kind(&self) -> Result<LedgerKind> {
+        match self
+            .ledger
+            .split_once(':')
+            .map_or((self.ledger.as_str(), None), |(a, b)| (a, Some(b)))
+        {
+            ("embedded", None) => Ok(LedgerKind::Embedded),
+            ("fdb", cluster_file) => {
+                till_proxy::config::validate_keyspace(&self.keyspace)
+                    .map_err(|e| Failure::usage(format!("--keyspace {e}")))?;
+                Ok(LedgerKind::Fdb(cluster_file.map(PathBuf::from)))
+            }
+            _ => bail!(Failure::usage(format!(
+                "--ledger `{}`: expected `embedded` or `fdb[:CLUSTER_FILE]`",
+                self.ledger
+            ))),
+        }
+    }
+}
+
+/// Where the ledger is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LedgerArgs {
+    #[command(flatten)]
+    pub location: LedgerLocation,
     /// Talk to a running server's admin API at this URL instead of opening the ledger
     /// (default: when the embedded ledger is held by a running `till serve`, the admin
     /// API it announced in the data dir's admin.json).
@@ -125,13 +165,10 @@ pub async fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Led
     if let Some(url) = &args.server {
         return remote(dir, url);
     }
+    let kind = args.location.kind()?;
     let signer = Arc::new(dir.receipt_signer()?);
-    match args
-        .ledger
-        .split_once(':')
-        .map_or((args.ledger.as_str(), None), |(a, b)| (a, Some(b)))
-    {
-        ("embedded", None) => {
+    match kind {
+        LedgerKind::Embedded => {
             let config = EmbeddedConfig::new(signer, "till-cli");
             match crate::ledger_check::open_embedded(dir, config, true) {
                 Ok(ledger) => Ok(Arc::new(ledger)),
@@ -139,24 +176,23 @@ pub async fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Led
                 Err(LedgerError::Locked { .. }) => match crate::admin::read_discovery(dir) {
                     Some(d) => remote(dir, &d.url),
                     None => bail!(
-                        "{} is in use by another process, and no running till serve announced                          an admin API in {} (started with --admin-listen none?); pass --server URL",
+                        "{} is in use by another process, and no running till serve announced \
+                         an admin API in {} (started with --admin-listen none?); pass --server URL",
                         dir.ledger_path().display(),
-                        dir.path().join(till_admin::client::DISCOVERY_FILE).display()
+                        dir.path()
+                            .join(till_admin::client::DISCOVERY_FILE)
+                            .display()
                     ),
                 },
                 // The error names the file and what is wrong with it.
                 Err(e) => Err(anyhow::Error::new(e)),
             }
         }
-        ("fdb", cluster_file) => {
-            till_proxy::config::validate_keyspace(&args.keyspace)
-                .map_err(|e| Failure::usage(format!("--keyspace {e}")))?;
-            open_fdb(signer, cluster_file.map(PathBuf::from), &args.keyspace).await
+        LedgerKind::Fdb(cluster_file) => {
+            Ok(open_fdb(signer, cluster_file, &args.location.keyspace)
+                .await?
+                .0)
         }
-        _ => bail!(Failure::usage(format!(
-            "--ledger `{}`: expected `embedded` or `fdb[:CLUSTER_FILE]`",
-            args.ledger
-        ))),
     }
 }
 
@@ -166,13 +202,14 @@ fn remote(dir: &DataDir, url: &str) -> Result<Arc<dyn Ledger>> {
     Ok(Arc::new(till_admin::client::RemoteLedger::new(url, &key)?))
 }
 
+/// A FoundationDB key space, as a ledger and as a retention store (the same object).
 #[cfg(feature = "fdb")]
-async fn open_fdb(
+pub async fn open_fdb(
     signer: Arc<till_receipt::ReceiptSigner>,
     cluster_file: Option<PathBuf>,
     keyspace: &str,
-) -> Result<Arc<dyn Ledger>> {
-    crate::fleet::open_fdb_ledger(
+) -> Result<(Arc<dyn Ledger>, Arc<dyn till_ledger::RetentionStore>)> {
+    crate::fleet::open_fdb_with_retention(
         signer,
         cluster_file,
         keyspace,
@@ -183,17 +220,17 @@ async fn open_fdb(
 }
 
 #[cfg(not(feature = "fdb"))]
-async fn open_fdb(
+pub async fn open_fdb(
     _signer: Arc<till_receipt::ReceiptSigner>,
     _cluster_file: Option<PathBuf>,
     _keyspace: &str,
-) -> Result<Arc<dyn Ledger>> {
+) -> Result<(Arc<dyn Ledger>, Arc<dyn till_ledger::RetentionStore>)> {
     bail!(Failure::usage(
         "this till was built without FoundationDB support: rebuild with `--features fdb`"
     ))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

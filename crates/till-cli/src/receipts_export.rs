@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use till_ledger::retention::{export_and_prune, Checkpoint, Retention};
 use till_ledger::{EmbeddedConfig, LedgerError, RetentionStore};
 use till_receipt::{Receipt, ReceiptKeySet};
 
 use crate::cli::Failure;
 use crate::datadir::DataDir;
+use crate::ledger_cmds::{open_fdb, LedgerKind, LedgerLocation};
 
 /// The export directory's name in the data dir (the default of `--dir` and of
 /// `till audit --exported`).
@@ -45,22 +46,9 @@ pub struct ExportArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
-    /// Ledger: `embedded` (the data dir's ledger.redb) or `fdb[:CLUSTER_FILE]`.
-    #[arg(
-        long,
-        env = "TILL_LEDGER",
-        default_value = "embedded",
-        value_name = "LEDGER"
-    )]
-    pub ledger: String,
-    /// FoundationDB key space (with `--ledger fdb...`).
-    #[arg(
-        long,
-        env = "TILL_FDB_KEYSPACE",
-        default_value = "till",
-        value_name = "NAME"
-    )]
-    pub keyspace: String,
+    /// Which ledger.
+    #[command(flatten)]
+    pub location: LedgerLocation,
 }
 
 /// The export directory: `--export-dir`, else the data dir's.
@@ -83,10 +71,7 @@ pub fn run(dir: &DataDir, cmd: ReceiptsCommand) -> Result<ExitCode> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = crate::ledger_cmds::runtime()?;
     let report = rt.block_on(async {
         let store = open_store(dir, &args, signer).await?;
         Ok::<_, anyhow::Error>(export_and_prune(store.as_ref(), retention, &out, now).await?)
@@ -114,12 +99,8 @@ async fn open_store(
     args: &ExportArgs,
     signer: Arc<till_receipt::ReceiptSigner>,
 ) -> Result<Arc<dyn RetentionStore>> {
-    match args
-        .ledger
-        .split_once(':')
-        .map_or((args.ledger.as_str(), None), |(a, b)| (a, Some(b)))
-    {
-        ("embedded", None) => {
+    match args.location.kind()? {
+        LedgerKind::Embedded => {
             let config = EmbeddedConfig::new(signer, "till-cli");
             match crate::ledger_check::open_embedded(dir, config, true) {
                 Ok(l) => Ok(Arc::new(l)),
@@ -132,46 +113,12 @@ async fn open_store(
                 Err(e) => Err(anyhow::Error::new(e)),
             }
         }
-        ("fdb", cluster_file) => {
-            till_proxy::config::validate_keyspace(&args.keyspace)
-                .map_err(|e| Failure::usage(format!("--keyspace {e}")))?;
-            open_fdb(signer, cluster_file.map(PathBuf::from), &args.keyspace).await
+        LedgerKind::Fdb(cluster_file) => {
+            Ok(open_fdb(signer, cluster_file, &args.location.keyspace)
+                .await?
+                .1)
         }
-        _ => Err(Failure::usage(format!(
-            "--ledger `{}`: expected `embedded` or `fdb[:CLUSTER_FILE]`",
-            args.ledger
-        ))
-        .into()),
     }
-}
-
-#[cfg(feature = "fdb")]
-async fn open_fdb(
-    signer: Arc<till_receipt::ReceiptSigner>,
-    cluster_file: Option<PathBuf>,
-    keyspace: &str,
-) -> Result<Arc<dyn RetentionStore>> {
-    let (_, store) = crate::fleet::open_fdb_with_retention(
-        signer,
-        cluster_file,
-        keyspace,
-        "till-cli",
-        till_ledger::AlertPolicy::default(),
-    )
-    .await?;
-    Ok(store)
-}
-
-#[cfg(not(feature = "fdb"))]
-async fn open_fdb(
-    _signer: Arc<till_receipt::ReceiptSigner>,
-    _cluster_file: Option<PathBuf>,
-    _keyspace: &str,
-) -> Result<Arc<dyn RetentionStore>> {
-    Err(Failure::usage(
-        "this till was built without FoundationDB support: rebuild with `--features fdb`",
-    )
-    .into())
 }
 
 /// A family's whole chain for `till audit`: the exported receipts that the ledger no
