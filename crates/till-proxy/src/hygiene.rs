@@ -100,8 +100,10 @@ pub fn find_key(headers: &HeaderMap, query: Option<&str>) -> Option<(KeyPlace, S
     }
 }
 
-/// Decoded `name=value` pairs of a query string (`+` is a space).
-fn query_pairs(q: &str) -> impl Iterator<Item = (String, String)> + '_ {
+/// Decoded `name=value` pairs of a query string or an `application/x-www-form-urlencoded`
+/// body (`+` is a space). The one decoder for both: what a key's caveats read from a form
+/// is what the method-override and key checks read from a query.
+pub(crate) fn query_pairs(q: &str) -> impl Iterator<Item = (String, String)> + '_ {
     q.split('&').filter(|p| !p.is_empty()).map(|p| {
         let (k, v) = p.split_once('=').unwrap_or((p, ""));
         (form_decode(k), form_decode(v))

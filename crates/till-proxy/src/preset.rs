@@ -1,6 +1,7 @@
 //! Upstream presets: where each API lives, how its SDK sends the API key, and where the
 //! model of a request is found.
 
+use crate::hygiene;
 use http::HeaderName;
 
 /// How the real credential is sent to an upstream (and where its SDK puts the key, so a
@@ -364,7 +365,7 @@ pub fn call_facts(
     if needs.form {
         let in_query = query
             .into_iter()
-            .flat_map(form_pairs)
+            .flat_map(hygiene::query_pairs)
             .any(|(k, _)| is_form_fact_key(&k));
         if in_query {
             return Err(BodyFactError::Ambiguous(
@@ -376,7 +377,7 @@ pub fn call_facts(
                 std::str::from_utf8(body).map_err(|_| BodyFactError::Invalid("form body"))?;
             let mut amount = None;
             let mut currency = None;
-            for (k, v) in form_pairs(text) {
+            for (k, v) in hygiene::query_pairs(text) {
                 if !is_form_fact_key(&k) {
                     continue;
                 }
@@ -429,38 +430,6 @@ pub fn github_repo(path: &str) -> Option<String> {
 fn is_form_fact_key(k: &str) -> bool {
     let k = k.trim().to_ascii_lowercase();
     k == "amount" || k == "currency"
-}
-
-fn form_pairs(s: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    s.split('&').filter(|p| !p.is_empty()).map(|p| {
-        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        (form_decode(k), form_decode(v))
-    })
-}
-
-fn form_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => match bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                Some(v) => {
-                    out.push(v);
-                    i += 2;
-                }
-                None => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Follows `tokens` from `doc`. At every object on the way, a member whose name equals the
