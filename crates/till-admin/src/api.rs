@@ -505,7 +505,10 @@ pub(crate) fn receipt_json(r: &Receipt) -> serde_json::Value {
     json!({ "seq": r.body().seq, "receipt": r.compact(), "hash": r.hash_hex(), "body": r.body() })
 }
 
-/// The latest `n` receipts of a family, newest last.
+/// The latest `n` receipts of a family, newest last. `used` (the family's net count)
+/// is where the chain head is when nothing was voided; each void puts the head two
+/// receipts further (the void and the claim that retook the slot), so the read goes on
+/// to the head: one more (empty) page when there are no voids.
 pub(crate) async fn recent_receipts(
     state: &AdminState,
     family: &[u8],
@@ -513,7 +516,18 @@ pub(crate) async fn recent_receipts(
     n: usize,
 ) -> Result<Vec<Receipt>, AdminError> {
     let from = used.saturating_sub(n as u64).saturating_add(1);
-    Ok(state.ledger.receipts(family, from, n).await?)
+    let mut out = state.ledger.receipts(family, from, n).await?;
+    while out.len() >= n && n > 0 {
+        let next = out.last().map_or(from, |r| r.body().seq + 1);
+        let more = state.ledger.receipts(family, next, n).await?;
+        if more.is_empty() {
+            break;
+        }
+        out.extend(more);
+        let excess = out.len().saturating_sub(n);
+        out.drain(..excess);
+    }
+    Ok(out)
 }
 
 pub(crate) async fn family(

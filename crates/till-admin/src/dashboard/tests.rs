@@ -18,6 +18,7 @@ use crate::{AdminConfig, AdminPlane};
 
 struct Fixture {
     plane: AdminPlane,
+    ledger: Arc<dyn Ledger>,
     admin: String,
     read_only: String,
     _dir: TempDir,
@@ -40,8 +41,9 @@ fn fixture() -> Fixture {
     )
     .unwrap();
     let root = RootKey::from_seed(&[7; 32]).unwrap();
+    let ledger = Arc::new(ledger) as Arc<dyn Ledger>;
     let plane = AdminPlane::new(AdminConfig {
-        ledger: Arc::new(ledger) as Arc<dyn Ledger>,
+        ledger: Arc::clone(&ledger),
         keys: KeyRing::with(root.public()),
         root: Some(RootKey::from_seed(&[7; 32]).unwrap()),
         receipt_keys,
@@ -53,6 +55,7 @@ fn fixture() -> Fixture {
         admin: mint_admin_key(&root, None).unwrap(),
         read_only: mint_read_only_admin_key(&root, None).unwrap(),
         plane,
+        ledger,
         _dir: dir,
     }
 }
@@ -419,4 +422,81 @@ async fn api_mint_and_attenuate_take_ceilings_and_windows() {
     .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
     assert!(!bad.body.contains("\"key\""), "{}", bad.body);
+}
+
+/// A family's recent receipts end at its chain head even when voids put the head past
+/// its net count (each void adds a receipt and frees a slot another claim takes).
+#[tokio::test]
+async fn recent_receipts_reach_the_chain_head_past_voids() {
+    let f = fixture();
+    let r = f.plane.router();
+    let (_, token) = do_mint(
+        f.plane.state(),
+        MintRequest {
+            caveats: CaveatFields {
+                upstream: Some("openai".into()),
+                ..CaveatFields::default()
+            },
+            label: None,
+        },
+    )
+    .await
+    .unwrap();
+    let levels: Vec<till_ledger::Level> = token
+        .blocks()
+        .iter()
+        .map(|b| till_ledger::Level {
+            revocation_id: b.revocation_id.clone(),
+            cap: b.caveats.cap,
+        })
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for _ in 0..25 {
+        let claim = till_ledger::ClaimRequest {
+            levels: levels.clone(),
+            idempotency_key: None,
+            request: till_ledger::RequestDigest {
+                method: "POST".into(),
+                upstream: "openai".into(),
+                path: "/v1/chat/completions".into(),
+                body_sha256: "00".repeat(32),
+                model: None,
+                query: None,
+                content_type: None,
+            },
+            now,
+            not_after: None,
+            meta: None,
+            windows: Vec::new(),
+            ceilings: None,
+        };
+        f.ledger.claim(claim).await.unwrap().unwrap();
+    }
+    let void = till_ledger::VoidRequest {
+        family: token.family_id().to_vec(),
+        seq: 3,
+        now,
+        windows: Vec::new(),
+    };
+    f.ledger.void(void).await.unwrap();
+    // 25 claims and one void: the head is receipt 26, the net count 24.
+    let fam = hex::encode(token.family_id());
+    let detail = send(
+        &r,
+        Request::get(format!("/admin/v1/families/{fam}"))
+            .header("authorization", format!("Bearer {}", f.admin))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(detail.status, StatusCode::OK, "{}", detail.body);
+    let doc: serde_json::Value = serde_json::from_str(&detail.body).unwrap();
+    assert_eq!(doc["family"]["used"], 24, "{doc}");
+    let recent = doc["recent_receipts"].as_array().unwrap();
+    assert_eq!(recent.len(), crate::api::RECENT_RECEIPTS);
+    assert_eq!(recent[0]["seq"], 26, "newest first, the chain head");
+    assert_eq!(recent[crate::api::RECENT_RECEIPTS - 1]["seq"], 7);
 }
