@@ -189,7 +189,7 @@ pub async fn open_ledger(dir: &DataDir, args: &LedgerArgs) -> Result<Arc<dyn Led
             }
         }
         LedgerKind::Fdb(cluster_file) => {
-            Ok(open_fdb(signer, cluster_file, &args.location.keyspace)
+            Ok(open_fdb_cli(signer, cluster_file, &args.location.keyspace)
                 .await?
                 .0)
         }
@@ -202,21 +202,21 @@ fn remote(dir: &DataDir, url: &str) -> Result<Arc<dyn Ledger>> {
     Ok(Arc::new(till_admin::client::RemoteLedger::new(url, &key)?))
 }
 
-/// A FoundationDB key space, as a ledger and as a retention store (the same object).
+/// A FoundationDB ledger: the same object as a ledger and as a retention store.
+pub type OpenedFdb = (Arc<dyn Ledger>, Arc<dyn till_ledger::RetentionStore>);
+
+/// Opens the FoundationDB key space `keyspace` (`cluster_file` `None`: the client's
+/// default) for `till serve` and the ledger commands; a build without the `fdb` feature
+/// says how to get one.
 #[cfg(feature = "fdb")]
 pub async fn open_fdb(
     signer: Arc<till_receipt::ReceiptSigner>,
     cluster_file: Option<PathBuf>,
     keyspace: &str,
-) -> Result<(Arc<dyn Ledger>, Arc<dyn till_ledger::RetentionStore>)> {
-    crate::fleet::open_fdb_with_retention(
-        signer,
-        cluster_file,
-        keyspace,
-        "till-cli",
-        till_ledger::AlertPolicy::default(),
-    )
-    .await
+    proxy_id: &str,
+    alerts: till_ledger::AlertPolicy,
+) -> Result<OpenedFdb> {
+    crate::fleet::open_fdb_with_retention(signer, cluster_file, keyspace, proxy_id, alerts).await
 }
 
 #[cfg(not(feature = "fdb"))]
@@ -224,10 +224,28 @@ pub async fn open_fdb(
     _signer: Arc<till_receipt::ReceiptSigner>,
     _cluster_file: Option<PathBuf>,
     _keyspace: &str,
-) -> Result<(Arc<dyn Ledger>, Arc<dyn till_ledger::RetentionStore>)> {
+    _proxy_id: &str,
+    _alerts: till_ledger::AlertPolicy,
+) -> Result<OpenedFdb> {
     bail!(Failure::usage(
         "this till was built without FoundationDB support: rebuild with `--features fdb`"
     ))
+}
+
+/// [`open_fdb`] for a command-line tool (proxy id `till-cli`, default alert policy).
+pub async fn open_fdb_cli(
+    signer: Arc<till_receipt::ReceiptSigner>,
+    cluster_file: Option<PathBuf>,
+    keyspace: &str,
+) -> Result<OpenedFdb> {
+    open_fdb(
+        signer,
+        cluster_file,
+        keyspace,
+        "till-cli",
+        till_ledger::AlertPolicy::default(),
+    )
+    .await
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {

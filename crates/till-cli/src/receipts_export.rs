@@ -13,7 +13,7 @@ use till_receipt::{Receipt, ReceiptKeySet};
 
 use crate::cli::Failure;
 use crate::datadir::DataDir;
-use crate::ledger_cmds::{open_fdb, LedgerKind, LedgerLocation};
+use crate::ledger_cmds::{open_fdb_cli, LedgerKind, LedgerLocation};
 
 /// The export directory's name in the data dir (the default of `--dir` and of
 /// `till audit --exported`).
@@ -114,7 +114,7 @@ async fn open_store(
             }
         }
         LedgerKind::Fdb(cluster_file) => {
-            Ok(open_fdb(signer, cluster_file, &args.location.keyspace)
+            Ok(open_fdb_cli(signer, cluster_file, &args.location.keyspace)
                 .await?
                 .1)
         }

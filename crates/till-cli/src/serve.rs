@@ -16,7 +16,6 @@ use till_proxy::config::ENV_CONFIG;
 use till_proxy::preset::ENV_PRESETS;
 use till_proxy::retention_config::RetentionSettings;
 use till_proxy::{Config, Overrides, SystemEnv};
-use till_receipt::ReceiptSigner;
 use till_token::KeyRing;
 
 use crate::cli::Failure;
@@ -139,7 +138,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
                 cluster_file,
                 keyspace,
             } => {
-                open_fdb(
+                crate::ledger_cmds::open_fdb(
                     Arc::clone(&signer),
                     cluster_file.clone(),
                     keyspace,
@@ -338,32 +337,6 @@ fn describe_retention(config: &Config, data: &DataDir) -> Option<String> {
         what.join(", "),
         retention_dir(settings, data).display(),
         humantime::format_duration(settings.interval)
-    ))
-}
-
-type Opened = (Arc<dyn Ledger>, Arc<dyn RetentionStore>);
-
-#[cfg(feature = "fdb")]
-async fn open_fdb(
-    signer: Arc<ReceiptSigner>,
-    cluster_file: Option<PathBuf>,
-    keyspace: &str,
-    proxy_id: &str,
-    alerts: till_ledger::AlertPolicy,
-) -> Result<Opened> {
-    crate::fleet::open_fdb_with_retention(signer, cluster_file, keyspace, proxy_id, alerts).await
-}
-
-#[cfg(not(feature = "fdb"))]
-async fn open_fdb(
-    _signer: Arc<ReceiptSigner>,
-    _cluster_file: Option<PathBuf>,
-    _keyspace: &str,
-    _proxy_id: &str,
-    _alerts: till_ledger::AlertPolicy,
-) -> Result<Opened> {
-    anyhow::bail!(Failure::usage(
-        "this till was built without FoundationDB support: rebuild with `--features fdb`"
     ))
 }
 
