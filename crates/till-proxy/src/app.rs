@@ -325,21 +325,23 @@ impl AppState {
             &call,
             now,
         )?;
+        // The query the upstream will see (before the credential is added): in the
+        // digest, so that one idempotency key cannot buy two different upstream requests,
+        // and forwarded as is.
+        let query = hygiene::forward_query(
+            parts.uri.query(),
+            match &upstream.auth {
+                Auth::Query { param } => Some(param.as_str()),
+                Auth::Header { .. } => None,
+            },
+        );
         let digest = RequestDigest {
             method: parts.method.as_str().to_string(),
             upstream: target.upstream.clone(),
             path: target.path.clone(),
             body_sha256: hex::encode(Sha256::digest(&body)),
             model,
-            // What the upstream will see besides path and body, so that one idempotency
-            // key cannot buy two different upstream requests.
-            query: hygiene::forward_query(
-                parts.uri.query(),
-                match &upstream.auth {
-                    Auth::Query { param } => Some(param.as_str()),
-                    Auth::Header { .. } => None,
-                },
-            ),
+            query: query.clone(),
             content_type: content_type_digest(&parts.headers),
         };
         let windows = windows_of(token);
@@ -357,10 +359,11 @@ impl AppState {
         // One snapshot of the credential for this request: a rotation meanwhile
         // (`till credential rotate`) reaches the next request, never half of this one.
         let credential = upstream.credential.current();
-        let forwarded = match self.upstream_request(upstream, &credential, &target, &parts, body) {
-            Ok(request) => self.forward(upstream, request).await,
-            Err(e) => Err(e),
-        };
+        let forwarded =
+            match self.upstream_request(upstream, &credential, &target, &parts, query, body) {
+                Ok(request) => self.forward(upstream, request).await,
+                Err(e) => Err(e),
+            };
         match forwarded {
             Ok(response) => Ok(response_filter(response, till_headers, credential.expose())),
             // Nothing of the request was sent (the connect phase failed): give the slot
@@ -695,20 +698,21 @@ impl AppState {
         }
     }
 
-    /// Phase 6: the request the upstream sees.
+    /// Phase 6: the request the upstream sees. `query` is the client's query as forwarded
+    /// ([`hygiene::forward_query`], the one in the receipt's digest).
     fn upstream_request(
         &self,
         upstream: &Upstream,
         credential: &crate::secret::Secret,
         target: &Target,
         parts: &http::request::Parts,
+        mut query: Option<String>,
         body: Bytes,
     ) -> Result<reqwest::Request, ProxyError> {
         let (credential_header, query_param) = match &upstream.auth {
             Auth::Header { name, .. } => (Some(name), None),
             Auth::Query { param } => (None, Some(param.as_str())),
         };
-        let mut query = hygiene::forward_query(parts.uri.query(), query_param);
         if let Some(param) = query_param {
             let pair = format!("{param}={}", hygiene::form_encode(credential.expose()));
             query = Some(match query {
