@@ -89,6 +89,12 @@ pub fn run(dir: &DataDir, cmd: ReceiptsCommand) -> Result<ExitCode> {
             report.families,
             report.idempotency_removed
         );
+        if report.swept > 0 {
+            println!(
+                "removed {} journal entries of pruned receipts",
+                report.swept
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

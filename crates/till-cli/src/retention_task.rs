@@ -65,12 +65,13 @@ impl RetentionTask {
                 self.counters
                     .last_success
                     .set(i64::try_from(now).unwrap_or(i64::MAX));
-                if report.pruned > 0 || report.exported > 0 {
+                if report.pruned > 0 || report.exported > 0 || report.swept > 0 {
                     tracing::info!(
                         exported = report.exported,
                         pruned = report.pruned,
                         families = report.families,
                         checkpoints = report.checkpoints,
+                        journal_swept = report.swept,
                         dir = %self.dir.display(),
                         "retention: receipts exported and pruned"
                     );

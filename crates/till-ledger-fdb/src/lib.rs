@@ -30,9 +30,10 @@
 //!   chosen in the config (no extra transaction or allocator at startup).
 //! - Receipts are bounded only by export and prune
 //!   ([`till_ledger::retention::export_and_prune`], which [`KvLedger`] and [`FdbLedger`]
-//!   support): journal entries of pruned receipts stay, and idempotency records of kept
-//!   receipts stop answering after [`FdbConfig::idempotency_window`] (a replay after it
-//!   is a fresh claim) but are deleted only with their receipt.
+//!   support; the export also sweeps the journal entries of pruned receipts), and
+//!   idempotency records of kept receipts stop answering after
+//!   [`FdbConfig::idempotency_window`] (a replay after it is a fresh claim) but are
+//!   deleted only with their receipt.
 //! - No caching of revocations or counters: every claim reads them in its transaction.
 //!
 //! Nothing here logs token material beyond revocation ids, or any key.

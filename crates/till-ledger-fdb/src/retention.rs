@@ -19,9 +19,11 @@
 //! A retry after `commit_unknown_result` first reads the checkpoint key: finding the very
 //! checkpoint it wrote, the earlier attempt committed, and it answers as that attempt
 //! would have. Counters, revocations, chain heads, blocks and windows are never touched.
-//! The journal's pointers to pruned receipts stay (a consumer finds those receipts in
-//! the export files).
+//! At the end of every run, [`RetentionStore::sweep`] clears the journal's pointers to
+//! pruned receipts (a consumer finds those receipts in the export files), so the journal
+//! stays as bounded as the receipts.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::future::try_join_all;
@@ -109,9 +111,52 @@ impl<S: KvStore> RetentionStore for KvLedger<S> {
         let family = family.to_vec();
         Box::pin(async move { self.family_checkpoints(&family).await })
     }
+
+    fn sweep(&self) -> BoxFuture<'_, Result<u64, LedgerError>> {
+        Box::pin(async move { self.sweep_journal().await })
+    }
 }
 
 impl<S: KvStore> KvLedger<S> {
+    /// Clears the journal entries whose receipt is pruned ([`RetentionStore::sweep`]).
+    /// Pages of the journal are read in read-only transactions and their pruned entries
+    /// cleared by a blind write (no reads, so it never conflicts with claims appending
+    /// to the journal): whether an entry's receipt is pruned cannot change back, so the
+    /// decision needs no re-check. An entry is pruned when its seq is below its family's
+    /// first stored receipt; for a family with no receipt listed (all pruned, or first
+    /// claimed after the list was read) the receipt's key is read. Entries that are not
+    /// a pointer (schema 1 kept a copy of the receipt) are left alone. Cost: one pass
+    /// over the journal, i.e. over the receipts still stored, per run.
+    pub(crate) async fn sweep_journal(&self) -> Result<u64, LedgerError> {
+        let floors: HashMap<Vec<u8>, u64> = self
+            .stored_ranges()
+            .await?
+            .into_iter()
+            .map(|range| (range.family, range.first))
+            .collect();
+        let keys = self.keyspace();
+        let (mut begin, end) = keys.journal_range();
+        let mut removed = 0;
+        loop {
+            let mut page = JournalPage {
+                keys,
+                floors: &floors,
+                begin: begin.clone(),
+                end: end.clone(),
+            };
+            let (pruned, next) = self.transact(&mut page).await.map_err(unavailable)?;
+            if !pruned.is_empty() {
+                removed += pruned.len() as u64;
+                let mut clear = ClearKeys(pruned);
+                self.transact(&mut clear).await.map_err(unavailable)?;
+            }
+            match next {
+                Some(next) => begin = next,
+                None => return Ok(removed),
+            }
+        }
+    }
+
     /// A family's checkpoints, in `seq` order ([`Ledger::checkpoints`]).
     pub(crate) async fn family_checkpoints(
         &self,
@@ -169,6 +214,59 @@ impl<T: KvTxn> Work<T> for Page {
 
     async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
         Ok((txn.get_range(&self.begin, &self.end, PAGE).await?, false))
+    }
+}
+
+/// One page of the journal, read-only: the keys of its entries whose receipt is pruned,
+/// and where the next page starts (`None`: done).
+struct JournalPage<'a> {
+    keys: &'a Keyspace,
+    /// Each family's first stored receipt.
+    floors: &'a HashMap<Vec<u8>, u64>,
+    begin: Vec<u8>,
+    end: Vec<u8>,
+}
+
+impl<T: KvTxn> Work<T> for JournalPage<'_> {
+    type Output = (Vec<Vec<u8>>, Option<Vec<u8>>);
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        let (keys, floors) = (self.keys, self.floors);
+        let pairs = txn.get_range(&self.begin, &self.end, PAGE).await?;
+        let next = (pairs.len() == PAGE)
+            .then(|| pairs.last().map(|(k, _)| key_after(k)))
+            .flatten();
+        let reader: &T = txn;
+        let pruned = try_join_all(pairs.iter().map(|(_, value)| async move {
+            let Ok((family, seq)) = keys::decode_receipt_ref(value) else {
+                return Ok::<bool, KvError>(false);
+            };
+            Ok(match floors.get(&family) {
+                Some(first) => seq < *first,
+                None => reader.get(&keys.receipt(&family, seq)).await?.is_none(),
+            })
+        }))
+        .await?;
+        let pruned = pairs
+            .into_iter()
+            .zip(pruned)
+            .filter_map(|((key, _), pruned)| pruned.then_some(key))
+            .collect();
+        Ok(((pruned, next), false))
+    }
+}
+
+/// Clears the given keys: a blind write, safe to retry.
+struct ClearKeys(Vec<Vec<u8>>);
+
+impl<T: KvTxn> Work<T> for ClearKeys {
+    type Output = ();
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        for key in &self.0 {
+            txn.clear(key);
+        }
+        Ok(((), true))
     }
 }
 

@@ -204,6 +204,15 @@ pub trait RetentionStore: Send + Sync + std::fmt::Debug {
         &self,
         family: &[u8],
     ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>>;
+    /// Deletes what the backend keeps outside a family's own keys that only points at
+    /// receipts already pruned (the FoundationDB journal, spec/ledger-fdb.md §1), so the
+    /// ledger stays bounded. Called once at the end of every bounded run, after the
+    /// prunes; answers how many entries it removed. Idempotent, and safe while claims go
+    /// on (a receipt pruned once never comes back). The embedded ledger has nothing to
+    /// sweep.
+    fn sweep(&self) -> BoxFuture<'_, Result<u64, LedgerError>> {
+        Box::pin(async { Ok(0) })
+    }
 }
 
 /// What [`export_and_prune`] did.
@@ -223,6 +232,9 @@ pub struct ExportReport {
     /// Void receipts among the receipts exported (each pruned range's checkpoint states
     /// its own count, spec/ledger.md §10).
     pub voids: u64,
+    /// Entries removed by [`RetentionStore::sweep`] because every receipt they point at
+    /// is pruned (FoundationDB journal entries; always 0 on the embedded ledger).
+    pub swept: u64,
 }
 
 /// Exports the receipts beyond `retention` to `dir` and prunes them, leaving a signed
@@ -278,6 +290,7 @@ pub async fn export_and_prune_chunked(
     export.flush().await?;
     let families = export.families.len() as u64;
     report.families = families;
+    report.swept = store.sweep().await?;
     Ok(report)
 }
 
