@@ -174,15 +174,17 @@ fn audit_section(family: &str, audit: Option<&AuditView>, now: u64) -> Markup {
     }
 }
 
-fn receipts_table(family: &str, used: u64, recent: &[Receipt]) -> Markup {
+fn receipts_table(family: &str, recent: &[Receipt]) -> Markup {
     let latest = &recent[recent.len().saturating_sub(PAGE_RECEIPTS)..];
     html! {
         section aria-labelledby="receipts-h" {
             h2 #receipts-h { "Latest receipts" }
             p {
                 a.button href=(format!("/families/{family}/receipts.jsonl")) download=(format!("till-receipts-{}.jsonl", &family[..16.min(family.len())])) {
-                    "Download all " (used) @if used == 1 { " receipt" } @else { " receipts" } " (JSONL)"
+                    "Download all receipts (JSONL)"
                 }
+                " "
+                span.muted { "Every claim and void receipt the ledger still holds (receipts pruned by retention are in its export files)." }
             }
             @if latest.is_empty() {
                 p.empty { "No activation yet." }
@@ -264,7 +266,7 @@ pub fn render_family(
                     @for r in &tree.roots { (block_node(&tree, r, &f.family, false, viewer, now)) }
                 }
             }
-            (receipts_table(&f.family, f.used, recent))
+            (receipts_table(&f.family, recent))
             (audit_section(&f.family, audit, now))
         }
     };
