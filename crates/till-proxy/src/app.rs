@@ -728,11 +728,8 @@ impl AppState {
         let url = reqwest::Url::parse(&url)
             .map_err(|_| ProxyError::BadPath("the path cannot be forwarded"))?;
         // Defence in depth: whatever the path did, the host is the configured one.
-        let configured =
-            reqwest::Url::parse(&upstream.base_url).map_err(|_| ProxyError::Internal)?;
-        if url.host_str() != configured.host_str()
-            || url.port_or_known_default() != configured.port_or_known_default()
-        {
+        let (host, port) = &upstream.origin;
+        if url.host_str() != Some(host.as_str()) || url.port_or_known_default() != *port {
             return Err(ProxyError::Internal);
         }
         let mut headers = hygiene::request_headers(&parts.headers, credential_header);

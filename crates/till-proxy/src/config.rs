@@ -268,6 +268,9 @@ pub struct Upstream {
     pub preset: Preset,
     /// Base URL without a trailing `/`.
     pub base_url: String,
+    /// `base_url`'s host and port (the port the scheme implies when none is given),
+    /// parsed once at load: every forwarded URL must still name them.
+    pub origin: (String, Option<u16>),
     /// How the credential is injected.
     pub auth: Auth,
     /// The real credential (swappable: `till credential rotate`, SIGHUP).
@@ -927,10 +930,15 @@ fn finish_upstream(
             ))
         }
     };
+    let origin = reqwest::Url::parse(&base_url)
+        .ok()
+        .and_then(|url| Some((url.host_str()?.to_owned(), url.port_or_known_default())))
+        .ok_or_else(|| invalid(&key("base_url"), format!("`{base_url}`: no host")))?;
     Ok(Upstream {
         name: name.to_string(),
         preset,
         base_url,
+        origin,
         auth,
         credential,
         credential_store,
