@@ -206,8 +206,8 @@ pub trait RetentionStore: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>>;
     /// Deletes what the backend keeps outside a family's own keys that only points at
     /// receipts already pruned (the FoundationDB journal, spec/ledger-fdb.md §1), so the
-    /// ledger stays bounded. Called once at the end of every bounded run, after the
-    /// prunes; answers how many entries it removed. Idempotent, and safe while claims go
+    /// ledger stays bounded. Called once at the end of every run that pruned something,
+    /// after the prunes; answers how many entries it removed. Idempotent, and safe while claims go
     /// on (a receipt pruned once never comes back). The embedded ledger has nothing to
     /// sweep.
     fn sweep(&self) -> BoxFuture<'_, Result<u64, LedgerError>> {
@@ -290,7 +290,11 @@ pub async fn export_and_prune_chunked(
     export.flush().await?;
     let families = export.families.len() as u64;
     report.families = families;
-    report.swept = store.sweep().await?;
+    // The sweep reads the whole journal: only worth it when something was pruned (a run
+    // interrupted before its sweep leaves entries that the next pruning run clears).
+    if report.pruned > 0 {
+        report.swept = store.sweep().await?;
+    }
     Ok(report)
 }
 
