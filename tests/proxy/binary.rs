@@ -26,6 +26,21 @@ pub(crate) fn till(dir: &std::path::Path) -> Command {
     c
 }
 
+/// `till --dir DIR audit KEY --json`, which must succeed and find the chain clean;
+/// answers the JSON report for the caller's own checks.
+pub(crate) fn audit_clean(dir: &std::path::Path, key: &str) -> serde_json::Value {
+    let out = till(dir).args(["audit", key, "--json"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "till audit failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(audit["clean"], true, "{audit}");
+    audit
+}
+
 /// Starts `till serve` and reads its banner up to the mint hint (bounded to 30 s).
 pub(crate) fn serve(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
     let mut cmd = till(dir);
@@ -220,20 +235,7 @@ async fn till_serve_enforces_a_cap_of_5_under_50_concurrent_requests() {
     drop(ledger);
 
     // Acceptance: `till audit` on that family is clean (5 receipts, gapless chain).
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_till"))
-        .arg("--dir")
-        .arg(&data)
-        .args(["audit", &key, "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "audit failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let audit: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(audit["clean"], true, "{audit}");
+    let audit = audit_clean(&data, &key);
     assert_eq!(audit["report"]["receipts"], 5, "{audit}");
 }
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::binary::{mint, serve, stop, till};
+use crate::binary::{audit_clean, mint, serve, stop, till};
 use crate::support::{client, up_config, Upstream, SECRET};
 
 /// Exported receipt lines and checkpoint lines in the export dir (every family).
@@ -115,18 +115,7 @@ async fn serve_exports_and_prunes_in_the_background_and_audit_stays_clean() {
 
     // While it serves, `till audit` goes through the admin API (receipts and checkpoints)
     // and reads the exported receipts from the data dir: all 7, clean.
-    let out = till(&data)
-        .args(["audit", &key, "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "audit while serving failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let audit: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(audit["clean"], true, "{audit}");
+    let audit = audit_clean(&data, &key);
     assert_eq!(audit["report"]["receipts"], 7, "{audit}");
     // The admin plane's own audit (the dashboard's) reads them back too.
     let admin = server
@@ -189,18 +178,7 @@ async fn serve_exports_and_prunes_in_the_background_and_audit_stays_clean() {
     assert_eq!(seqs, vec![6, 7]);
 
     // `till audit` (default --exported: the data dir's receipts/) proves all 7.
-    let out = till(&data)
-        .args(["audit", &key, "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "audit failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let audit: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(audit["clean"], true, "{audit}");
+    let audit = audit_clean(&data, &key);
     assert_eq!(audit["report"]["receipts"], 7, "{audit}");
     assert_eq!(upstream.hits(), 7);
 
@@ -221,15 +199,7 @@ async fn serve_exports_and_prunes_in_the_background_and_audit_stays_clean() {
         "{report}"
     );
     assert_eq!(exported(&exports).0, 6);
-    let audit: serde_json::Value = serde_json::from_slice(
-        &till(&data)
-            .args(["audit", &key, "--json"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    assert_eq!(audit["clean"], true, "{audit}");
+    let audit = audit_clean(&data, &key);
     assert_eq!(audit["report"]["receipts"], 7, "{audit}");
 }
 

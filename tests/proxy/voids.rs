@@ -419,7 +419,7 @@ async fn replay_to_an_unreachable_upstream_is_not_voided() {
 /// the data dir counts the void.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn till_serve_gives_back_the_slot_of_an_unreachable_upstream() {
-    use crate::binary::{mint, serve, stop, till};
+    use crate::binary::{audit_clean, mint, serve, stop, till};
     let dead = closed_port().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -460,17 +460,7 @@ async fn till_serve_gives_back_the_slot_of_an_unreachable_upstream() {
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     stop(server);
 
-    let out = till(&data)
-        .args(["audit", &key, "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(a["clean"], true, "{a}");
+    let a = audit_clean(&data, &key);
     assert_eq!(
         (
             &a["report"]["claims"],
