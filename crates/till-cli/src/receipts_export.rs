@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Result;
-use till_ledger::retention::{export_and_prune, Checkpoint, Retention};
+use till_ledger::retention::{export_and_prune, Checkpoint, ExportLease, Retention};
 use till_ledger::{EmbeddedConfig, LedgerError, RetentionStore};
 use till_receipt::{Receipt, ReceiptKeySet};
 
@@ -19,6 +19,9 @@ use crate::ledger_cmds::{open_fdb_cli, LedgerKind, LedgerLocation};
 /// `till audit --exported`).
 pub const EXPORT_DIR: &str = "receipts";
 
+/// How long an export by hand holds the export lease at most (it gives it back when done).
+const CLI_LEASE_SECS: u64 = 3600;
+
 /// `till receipts` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ReceiptsCommand {
@@ -27,7 +30,7 @@ pub enum ReceiptsCommand {
     /// pruned range. Counters and revocations are never pruned. The embedded ledger needs
     /// its file (stop `till serve` first, or set `[retention]` to let it export itself);
     /// `--ledger fdb:CLUSTER_FILE` exports from a FoundationDB key space while the fleet
-    /// runs.
+    /// runs, unless a proxy with `[retention]` holds the key space's export lease.
     Export(ExportArgs),
 }
 
@@ -74,7 +77,24 @@ pub fn run(dir: &DataDir, cmd: ReceiptsCommand) -> Result<ExitCode> {
     let rt = crate::ledger_cmds::runtime()?;
     let report = rt.block_on(async {
         let store = open_store(dir, &args, signer).await?;
-        Ok::<_, anyhow::Error>(export_and_prune(store.as_ref(), retention, &out, now).await?)
+        // One exporter per ledger: refused while a proxy of the fleet holds the lease; held
+        // for this run only, and given back either way.
+        let holder = format!("till-cli (pid {})", std::process::id());
+        let lease = ExportLease {
+            holder: holder.clone(),
+            dir: out.display().to_string(),
+            until: now.saturating_add(CLI_LEASE_SECS),
+        };
+        store.lease_export(&lease, now).await?;
+        let report = export_and_prune(store.as_ref(), retention, &out, now).await;
+        if let Err(e) = store.release_export(&holder).await {
+            eprintln!(
+                "warning: could not give the export lease back ({e}); it lapses by itself at \
+                 {} (Unix time)",
+                lease.until
+            );
+        }
+        Ok::<_, anyhow::Error>(report?)
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

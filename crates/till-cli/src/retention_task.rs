@@ -4,14 +4,16 @@
 //! ledger work is ordinary transactions ordered with claims, and a failed run is logged
 //! and counted (`till_retention_failures_total`) and retried at the next interval — it
 //! never stops the proxy. A run that stopped half-way resumes at the next one without
-//! writing anything twice.
+//! writing anything twice. In a FoundationDB fleet one proxy exports: each run first
+//! takes or renews the key space's export lease, and a run finding it held by another
+//! proxy is skipped (`till_retention_skipped_total`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use till_ledger::retention::{export_and_prune, Retention};
-use till_ledger::RetentionStore;
+use till_ledger::retention::{export_and_prune, ExportLease, Retention};
+use till_ledger::{LedgerError, RetentionStore};
 use till_proxy::metrics::RetentionCounters;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -21,6 +23,8 @@ use tokio::task::JoinHandle;
 pub struct RetentionTask {
     /// The ledger (the same one the proxy claims against).
     pub store: Arc<dyn RetentionStore>,
+    /// This proxy's id: the holder of the export lease while it is the exporter.
+    pub holder: String,
     /// What stays in the ledger.
     pub retention: Retention,
     /// Where receipts and checkpoints are exported.
@@ -51,6 +55,35 @@ impl RetentionTask {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        // One exporter per ledger: in a fleet, the proxy holding the lease exports, and
+        // keeps it by renewing it every run; the others skip until it lapses.
+        let lease = ExportLease {
+            holder: self.holder.clone(),
+            dir: self.dir.display().to_string(),
+            until: now.saturating_add(lease_secs(self.interval)),
+        };
+        match self.store.lease_export(&lease, now).await {
+            Ok(()) => {}
+            Err(LedgerError::ExportLeased { holder, dir, until }) => {
+                self.counters.skipped.inc();
+                tracing::info!(
+                    exporter = %holder,
+                    exporter_dir = %dir,
+                    lease_until = until,
+                    "retention: skipped, another proxy exports this ledger"
+                );
+                return;
+            }
+            Err(e) => {
+                self.counters.failures.inc();
+                tracing::warn!(
+                    error = %e,
+                    retry_in = %humantime::format_duration(self.interval),
+                    "retention: cannot take the export lease; retrying at the next interval"
+                );
+                return;
+            }
+        }
         let (store, retention, dir) = (Arc::clone(&self.store), self.retention, self.dir.clone());
         let handle = tokio::runtime::Handle::current();
         // On the blocking pool: the export appends and fsyncs files.
@@ -92,5 +125,116 @@ impl RetentionTask {
                 tracing::error!(error = %e, "retention: the export task stopped unexpectedly");
             }
         }
+    }
+}
+
+/// How long the export lease runs past each run: three intervals (at least five
+/// minutes), so a live exporter keeps it and a stopped one hands over within that time.
+fn lease_secs(interval: Duration) -> u64 {
+    interval.as_secs().saturating_mul(3).max(300)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use till_ledger::retention::{
+        Checkpoint, ExportLease, PruneRange, Pruned, Retention, StoredRange,
+    };
+    use till_ledger::{
+        BoxFuture, EmbeddedConfig, EmbeddedLedger, LedgerError, Receipt, RetentionStore,
+    };
+    use till_proxy::metrics::RetentionCounters;
+    use till_receipt::ReceiptSigner;
+
+    use super::RetentionTask;
+
+    /// An embedded ledger whose export lease another proxy of the fleet holds.
+    #[derive(Debug)]
+    struct LeasedElsewhere(EmbeddedLedger);
+
+    impl RetentionStore for LeasedElsewhere {
+        fn retention_signer(&self) -> Arc<ReceiptSigner> {
+            self.0.retention_signer()
+        }
+        fn retention_ledger_id(&self) -> Option<String> {
+            self.0.retention_ledger_id()
+        }
+        fn prune_chunk(&self) -> u64 {
+            self.0.prune_chunk()
+        }
+        fn stored_ranges(&self) -> BoxFuture<'_, Result<Vec<StoredRange>, LedgerError>> {
+            self.0.stored_ranges()
+        }
+        fn stored_receipts(
+            &self,
+            family: &[u8],
+            from_seq: u64,
+            limit: usize,
+        ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
+            self.0.stored_receipts(family, from_seq, limit)
+        }
+        fn prune(&self, ranges: Vec<PruneRange>) -> BoxFuture<'_, Result<Pruned, LedgerError>> {
+            self.0.prune(ranges)
+        }
+        fn stored_checkpoints(
+            &self,
+            family: &[u8],
+        ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
+            self.0.stored_checkpoints(family)
+        }
+        fn lease_export(
+            &self,
+            _lease: &ExportLease,
+            _now: u64,
+        ) -> BoxFuture<'_, Result<(), LedgerError>> {
+            Box::pin(async {
+                Err(LedgerError::ExportLeased {
+                    holder: "p1".into(),
+                    dir: "/srv/receipts".into(),
+                    until: u64::MAX,
+                })
+            })
+        }
+    }
+
+    fn task(store: Arc<dyn RetentionStore>, dir: &std::path::Path) -> RetentionTask {
+        RetentionTask {
+            store,
+            holder: "p2".into(),
+            retention: Retention {
+                keep: Some(1),
+                max_age_secs: None,
+            },
+            dir: dir.join("receipts"),
+            interval: Duration::from_secs(60),
+            counters: RetentionCounters::default(),
+        }
+    }
+
+    /// While another proxy holds the export lease a run is skipped — counted as skipped,
+    /// not as a failure, and nothing is exported; with the lease (always, on an embedded
+    /// ledger) the same run exports.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_is_skipped_while_another_proxy_holds_the_export_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let config = EmbeddedConfig::new(Arc::new(ReceiptSigner::generate()), "p2");
+            EmbeddedLedger::open(dir.path().join("ledger.redb"), config).unwrap()
+        };
+        let skipped = task(Arc::new(LeasedElsewhere(open())), dir.path());
+        skipped.run_once().await;
+        let c = &skipped.counters;
+        assert_eq!((c.skipped.get(), c.failures.get(), c.runs.get()), (1, 0, 0));
+        assert!(!dir.path().join("receipts").exists(), "nothing exported");
+        drop(skipped);
+
+        let ran = task(Arc::new(open()), dir.path());
+        ran.run_once().await;
+        let c = &ran.counters;
+        assert_eq!((c.skipped.get(), c.failures.get(), c.runs.get()), (0, 0, 1));
+        assert!(dir.path().join("receipts").is_dir());
     }
 }

@@ -206,6 +206,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         }
         let alerts = config.alerts.clone();
         let retention = config.retention.clone();
+        let proxy_id = config.proxy_id.clone();
         // Where receipts are exported (by `[retention]`, else by hand with `till receipts
         // export`'s default): admin-plane audits read pruned receipts back from there.
         let export_dir = retention
@@ -216,6 +217,7 @@ pub fn run(args: ServeArgs, dir: Option<&Path>) -> Result<ExitCode> {
         let retention_task = retention.map(|settings| {
             crate::retention_task::RetentionTask {
                 store: retention_store,
+                holder: proxy_id.clone(),
                 retention: settings.retention,
                 dir: retention_dir(&settings, &data),
                 interval: settings.interval,

@@ -448,4 +448,20 @@ impl till_ledger::RetentionStore for FdbLedger {
     ) -> BoxFuture<'_, Result<Vec<till_ledger::retention::Checkpoint>, LedgerError>> {
         self.inner.stored_checkpoints(family)
     }
+
+    fn sweep(&self) -> BoxFuture<'_, Result<u64, LedgerError>> {
+        self.inner.sweep()
+    }
+
+    fn lease_export(
+        &self,
+        lease: &till_ledger::retention::ExportLease,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(), LedgerError>> {
+        self.inner.lease_export(lease, now)
+    }
+
+    fn release_export(&self, holder: &str) -> BoxFuture<'_, Result<(), LedgerError>> {
+        self.inner.release_export(holder)
+    }
 }

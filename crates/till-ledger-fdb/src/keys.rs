@@ -24,6 +24,7 @@
 //! | `(ks, "voided", family, seq)`       | tuple `(void seq, writer)`: claim `seq` voided |
 //! | `(ks, "voids", family)`             | u64 LE: the family's void receipts (absent: 0) |
 //! | `(ks, "checkpoint", family, to)`    | JSON line: signed checkpoint of a pruned range |
+//! | `(ks, "exporter")`                  | tuple `(holder, dir, until)`: the export lease |
 //!
 //! `rid`, `family` and `scope` are raw revocation-id bytes (tuple byte strings); `key` is
 //! the idempotency key (tuple string); `seq` and `slot` are tuple integers (order-preserving,
@@ -270,6 +271,11 @@ impl Keyspace {
         Ok(family)
     }
 
+    /// `(ks, "exporter")`: the export lease (spec/ledger.md §10).
+    pub fn exporter(&self) -> Vec<u8> {
+        self.root.pack(&("exporter",))
+    }
+
     /// `(ks, "checkpoint", family, to_seq)`: the signed checkpoint of a family's pruned
     /// receipts ending at `to_seq` (spec/ledger.md §10).
     pub fn checkpoint(&self, family: &[u8], to_seq: u64) -> Vec<u8> {
@@ -386,6 +392,17 @@ pub fn encode_voided(at: u64, writer: &str) -> Vec<u8> {
 /// Decodes [`encode_voided`].
 pub fn decode_voided(bytes: &[u8]) -> Result<(u64, String), KvError> {
     unpack::<(u64, String)>(bytes).map_err(|e| KvError::Decode(format!("void marker: {e:?}")))
+}
+
+/// Encodes the export lease `(holder, dir, until)`.
+pub fn encode_exporter(holder: &str, dir: &str, until: u64) -> Vec<u8> {
+    pack(&(holder, dir, until))
+}
+
+/// Decodes [`encode_exporter`].
+pub fn decode_exporter(bytes: &[u8]) -> Result<(String, String, u64), KvError> {
+    unpack::<(String, String, u64)>(bytes)
+        .map_err(|e| KvError::Decode(format!("export lease: {e:?}")))
 }
 
 /// Encodes a pointer to a receipt, `(family, seq)`: the value of a slot-index entry and

@@ -27,7 +27,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::future::try_join_all;
-use till_ledger::retention::{Checkpoint, PruneRange, Pruned, RetentionStore, StoredRange};
+use till_ledger::retention::{
+    Checkpoint, ExportLease, PruneRange, Pruned, RetentionStore, StoredRange,
+};
 use till_ledger::{BoxFuture, Ledger, LedgerError, Receipt};
 use till_receipt::ReceiptSigner;
 
@@ -114,6 +116,85 @@ impl<S: KvStore> RetentionStore for KvLedger<S> {
 
     fn sweep(&self) -> BoxFuture<'_, Result<u64, LedgerError>> {
         Box::pin(async move { self.sweep_journal().await })
+    }
+
+    fn lease_export(
+        &self,
+        lease: &ExportLease,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(), LedgerError>> {
+        let lease = lease.clone();
+        Box::pin(async move {
+            let mut work = LeaseWork {
+                key: self.keyspace().exporter(),
+                lease,
+                now,
+            };
+            match self.transact(&mut work).await.map_err(unavailable)? {
+                None => Ok(()),
+                Some((holder, dir, until)) => Err(LedgerError::ExportLeased { holder, dir, until }),
+            }
+        })
+    }
+
+    fn release_export(&self, holder: &str) -> BoxFuture<'_, Result<(), LedgerError>> {
+        let holder = holder.to_owned();
+        Box::pin(async move {
+            let mut work = ReleaseWork {
+                key: self.keyspace().exporter(),
+                holder,
+            };
+            self.transact(&mut work).await.map_err(unavailable)
+        })
+    }
+}
+
+/// Takes or renews the export lease: answers the other holder's lease instead when one
+/// is held and has not lapsed (then nothing is written). Retry-safe: a retry after an
+/// unknown commit result reads its own lease and writes it again.
+struct LeaseWork {
+    key: Vec<u8>,
+    lease: ExportLease,
+    now: u64,
+}
+
+impl<T: KvTxn> Work<T> for LeaseWork {
+    type Output = Option<(String, String, u64)>;
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        if let Some(bytes) = txn.get(&self.key).await? {
+            let held = keys::decode_exporter(&bytes)?;
+            if held.0 != self.lease.holder && held.2 > self.now {
+                return Ok((Some(held), false));
+            }
+        }
+        let lease = &self.lease;
+        txn.set(
+            &self.key,
+            &keys::encode_exporter(&lease.holder, &lease.dir, lease.until),
+        );
+        Ok((None, true))
+    }
+}
+
+/// Clears the export lease if `holder` holds it.
+struct ReleaseWork {
+    key: Vec<u8>,
+    holder: String,
+}
+
+impl<T: KvTxn> Work<T> for ReleaseWork {
+    type Output = ();
+
+    async fn attempt(&mut self, txn: &mut T) -> Result<(Self::Output, bool), KvError> {
+        let Some(bytes) = txn.get(&self.key).await? else {
+            return Ok(((), false));
+        };
+        if keys::decode_exporter(&bytes)?.0 != self.holder {
+            return Ok(((), false));
+        }
+        txn.clear(&self.key);
+        Ok(((), true))
     }
 }
 

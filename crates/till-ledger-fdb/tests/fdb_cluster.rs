@@ -219,6 +219,8 @@ fn fdb_cluster() {
         fleet_hot_token(&cluster).await;
         println!("each receipt stored once; idempotency records expire after the window");
         receipts_once_and_idempotency_window(&cluster).await;
+        println!("export: one exporter holds the lease; the journal is swept with the prune");
+        export_lease_and_journal_sweep(&cluster).await;
         println!("ledger id: one per key space, in every receipt, bound to the receipt key");
         ledger_id_per_key_space(&cluster).await;
         println!("unreachable cluster answers unavailable quickly");
@@ -226,6 +228,86 @@ fn fdb_cluster() {
     });
     // The runtime (and every ledger) must go before the network guard stops the client.
     drop(runtime);
+}
+
+/// Two proxies of a fleet on a real cluster (spec/ledger.md §10, spec/ledger-fdb.md §1):
+/// the first takes the export lease and the second is refused, naming it; the first's
+/// export prunes and sweeps one journal entry per pruned receipt, after which the journal
+/// points at exactly the stored receipts; once the lease is given back the second exports
+/// (nothing left to prune).
+async fn export_lease_and_journal_sweep(cluster: &PathBuf) {
+    use till_ledger::retention::{export_and_prune, ExportLease, Retention};
+    use till_ledger::{LedgerError, RetentionStore};
+    use till_ledger_fdb::{KvStore, KvTxn, TxnOptions};
+    let signer = Arc::new(ReceiptSigner::generate());
+    let keyspace = format!("till-test-{:016x}", rand::random::<u64>());
+    let p1 = FdbLedger::open(config(cluster, &keyspace, &signer, "p1"))
+        .await
+        .unwrap();
+    let p2 = FdbLedger::open(config(cluster, &keyspace, &signer, "p2"))
+        .await
+        .unwrap();
+    let families: Vec<Vec<Level>> = (0..3).map(|_| vec![level(None)]).collect();
+    for _ in 0..5 {
+        for levels in &families {
+            let proxy = if rand::random::<bool>() { &p1 } else { &p2 };
+            proxy
+                .claim(conformance::claim_request(levels, None, "chat"))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+    let now = conformance::NOW;
+    let lease = |holder: &str| ExportLease {
+        holder: holder.into(),
+        dir: format!("/exports/{holder}"),
+        until: now + 600,
+    };
+    p1.lease_export(&lease("p1"), now).await.unwrap();
+    match p2.lease_export(&lease("p2"), now).await {
+        Err(LedgerError::ExportLeased { holder, until, .. }) => {
+            assert_eq!((holder.as_str(), until), ("p1", now + 600));
+        }
+        other => panic!("p2 must be refused while p1 holds the lease: {other:?}"),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keep = Retention {
+        keep: Some(2),
+        max_age_secs: None,
+    };
+    let report = export_and_prune(&p1, keep, dir.path(), now).await.unwrap();
+    assert_eq!((report.pruned, report.swept), (9, 9), "{report:?}");
+    let mut stored = std::collections::BTreeSet::new();
+    for levels in &families {
+        let family = &levels[0].revocation_id;
+        for r in p1.receipts(family, 1, 100).await.unwrap() {
+            stored.insert((family.clone(), r.body().seq));
+        }
+    }
+    assert_eq!(stored.len(), 6);
+    let (begin, end) = p1.engine().keyspace().journal_range();
+    let opts = TxnOptions {
+        timeout: Duration::from_secs(10),
+        retry_limit: 10,
+        max_retry_delay: Duration::from_millis(50),
+    };
+    let txn = p1.engine().store().begin(&opts).unwrap();
+    let journal: std::collections::BTreeSet<(Vec<u8>, u64)> = txn
+        .get_range(&begin, &end, 1_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, v)| till_ledger_fdb::keys::decode_receipt_ref(v).unwrap())
+        .collect();
+    assert_eq!(
+        journal, stored,
+        "the journal points at exactly the stored receipts"
+    );
+    p1.release_export("p1").await.unwrap();
+    p2.lease_export(&lease("p2"), now).await.unwrap();
+    let again = export_and_prune(&p2, keep, dir.path(), now).await.unwrap();
+    assert_eq!((again.pruned, again.swept), (0, 0), "{again:?}");
 }
 
 /// Three proxies opening a fresh key space at once agree on one ledger id, which every

@@ -16,8 +16,16 @@ use till_ledger_fdb::{codes, FdbConfig, KvLedger};
 use till_receipt::{ReceiptKeySet, ReceiptSigner};
 
 async fn open(store: MemoryStore) -> (Arc<KvLedger<MemoryStore>>, ReceiptKeySet) {
-    let signer = Arc::new(ReceiptSigner::generate());
-    let mut config = FdbConfig::new(Arc::clone(&signer), "p1");
+    open_as(store, Arc::new(ReceiptSigner::generate()), "p1").await
+}
+
+/// A proxy `proxy_id` of a fleet sharing `store` (and, as a fleet does, its receipt key).
+async fn open_as(
+    store: MemoryStore,
+    signer: Arc<ReceiptSigner>,
+    proxy_id: &str,
+) -> (Arc<KvLedger<MemoryStore>>, ReceiptKeySet) {
+    let mut config = FdbConfig::new(Arc::clone(&signer), proxy_id);
     config.transaction_timeout = Duration::from_secs(30);
     config.retry_limit = 1_000;
     let ledger = KvLedger::open(Arc::new(store), &config).await.unwrap();
@@ -238,5 +246,77 @@ async fn journal_is_swept_with_the_prune() {
             "chaos {chaos}: the journal points at exactly the stored receipts"
         );
         assert_eq!(journal.len(), stored.len(), "chaos {chaos}: no duplicates");
+    }
+}
+
+/// One exporter per key space (spec/ledger.md §10): two proxies of a fleet share one
+/// lease. The first takes it; the second is refused with an error naming the holder,
+/// its directory and the lease's end, and renewing by the holder keeps it; once it lapses
+/// (or is given back) the second takes over. Also under chaos.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_exporter_holds_the_lease() {
+    use till_ledger::retention::ExportLease;
+    use till_ledger::{LedgerError, RetentionStore};
+    for chaos in [0, 25] {
+        let store = MemoryStore::new();
+        store.set_chaos(chaos);
+        let signer = Arc::new(ReceiptSigner::generate());
+        let (p1, _) = open_as(store.clone(), Arc::clone(&signer), "p1").await;
+        let (p2, _) = open_as(store.clone(), signer, "p2").await;
+        let lease = |holder: &str, dir: &str, until: u64| ExportLease {
+            holder: holder.into(),
+            dir: dir.into(),
+            until,
+        };
+        p1.lease_export(&lease("p1", "/srv/a", NOW + 600), NOW)
+            .await
+            .unwrap();
+        let refused = p2
+            .lease_export(&lease("p2", "/srv/b", NOW + 600), NOW + 1)
+            .await
+            .expect_err("p1 holds the lease");
+        match &refused {
+            LedgerError::ExportLeased { holder, dir, until } => {
+                assert_eq!(
+                    (holder.as_str(), dir.as_str(), *until),
+                    ("p1", "/srv/a", NOW + 600)
+                );
+            }
+            other => panic!("chaos {chaos}: {other:?}"),
+        }
+        let message = refused.to_string();
+        assert!(
+            message.contains("`p1`")
+                && message.contains("/srv/a")
+                && message.contains("[retention]"),
+            "{message}"
+        );
+        // The holder renews (and may move its directory).
+        p1.lease_export(&lease("p1", "/srv/a2", NOW + 1_200), NOW + 500)
+            .await
+            .unwrap();
+        assert!(p2
+            .lease_export(&lease("p2", "/srv/b", NOW + 1_300), NOW + 700)
+            .await
+            .is_err());
+        // Lapsed: the other takes over, and now the first is refused.
+        p2.lease_export(&lease("p2", "/srv/b", NOW + 1_800), NOW + 1_200)
+            .await
+            .unwrap();
+        assert!(matches!(
+            p1.lease_export(&lease("p1", "/srv/a2", NOW + 1_900), NOW + 1_300)
+                .await,
+            Err(LedgerError::ExportLeased { ref holder, .. }) if holder == "p2"
+        ));
+        // Given back only by its holder.
+        p1.release_export("p1").await.unwrap();
+        assert!(p1
+            .lease_export(&lease("p1", "/srv/a2", NOW + 1_900), NOW + 1_300)
+            .await
+            .is_err());
+        p2.release_export("p2").await.unwrap();
+        p1.lease_export(&lease("p1", "/srv/a2", NOW + 1_900), NOW + 1_300)
+            .await
+            .unwrap();
     }
 }

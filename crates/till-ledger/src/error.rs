@@ -98,4 +98,20 @@ pub enum LedgerError {
     /// forwarded under the slot). Nothing was written; the slot stays spent.
     #[error("cannot void: {0}")]
     NotVoidable(String),
+    /// Another exporter holds the ledger's export lease (spec/ledger.md §10, "One
+    /// exporter per ledger"): nothing was exported or pruned.
+    #[error(
+        "this ledger's receipts are exported by `{holder}` (to {dir}; its lease runs until \
+         {until}, Unix time, and is renewed by each of its runs): exports of one ledger go \
+         to one place. Enable [retention] on that proxy only, or stop it and wait for its \
+         lease to lapse"
+    )]
+    ExportLeased {
+        /// The exporter holding the lease: a proxy id, or `till-cli`.
+        holder: String,
+        /// Where it exports.
+        dir: String,
+        /// Unix seconds until which it holds the lease.
+        until: u64,
+    },
 }

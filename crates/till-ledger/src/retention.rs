@@ -204,6 +204,26 @@ pub trait RetentionStore: Send + Sync + std::fmt::Debug {
         &self,
         family: &[u8],
     ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>>;
+    /// Takes or renews the ledger's export lease for `lease.holder` (spec/ledger.md §10,
+    /// "One exporter per ledger"): granted when no lease is held, when the held one has
+    /// lapsed (its `until` is not after `now`), or when `lease.holder` holds it already
+    /// (then its `dir` and `until` are updated); otherwise
+    /// [`LedgerError::ExportLeased`], naming the holder, and nothing is written. The
+    /// default grants it: an embedded ledger file is opened by one process at a time.
+    fn lease_export(
+        &self,
+        lease: &ExportLease,
+        now: u64,
+    ) -> BoxFuture<'_, Result<(), LedgerError>> {
+        let _ = (lease, now);
+        Box::pin(async { Ok(()) })
+    }
+    /// Gives the export lease back if `holder` holds it (an export run by hand, which
+    /// should not keep the proxies' retention waiting). Default: nothing to give back.
+    fn release_export(&self, holder: &str) -> BoxFuture<'_, Result<(), LedgerError>> {
+        let _ = holder;
+        Box::pin(async { Ok(()) })
+    }
     /// Deletes what the backend keeps outside a family's own keys that only points at
     /// receipts already pruned (the FoundationDB journal, spec/ledger-fdb.md §1), so the
     /// ledger stays bounded. Called once at the end of every run that pruned something,
@@ -213,6 +233,17 @@ pub trait RetentionStore: Send + Sync + std::fmt::Debug {
     fn sweep(&self) -> BoxFuture<'_, Result<u64, LedgerError>> {
         Box::pin(async { Ok(0) })
     }
+}
+
+/// Who exports a ledger, where, and until when ([`RetentionStore::lease_export`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportLease {
+    /// The exporter: the proxy id of a `till serve`, or `till-cli` for an export by hand.
+    pub holder: String,
+    /// Where it exports (for the refusal message of the others).
+    pub dir: String,
+    /// Unix seconds until which it holds the lease unless it renews it.
+    pub until: u64,
 }
 
 /// What [`export_and_prune`] did.

@@ -83,6 +83,9 @@ pub struct RetentionCounters {
     pub failures: Counter,
     /// Receipts exported and pruned.
     pub pruned: Counter,
+    /// Runs skipped because another exporter holds the ledger's export lease (a fleet
+    /// with `[retention]` on several proxies: one exports).
+    pub skipped: Counter,
     /// Unix time of the last run that finished (0: none yet).
     pub last_success: Gauge,
 }
@@ -188,6 +191,11 @@ impl Metrics {
             "till_retention_pruned_receipts",
             "Receipts exported and pruned by the automatic retention",
             retention.pruned.clone(),
+        );
+        registry.register(
+            "till_retention_skipped",
+            "Automatic export-and-prune runs skipped: another proxy holds the export lease",
+            retention.skipped.clone(),
         );
         registry.register(
             "till_retention_last_success_timestamp_seconds",

@@ -386,6 +386,9 @@ impl RetentionStore for Interrupt {
     ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
         self.inner.stored_checkpoints(family)
     }
+    fn sweep(&self) -> BoxFuture<'_, Result<u64, LedgerError>> {
+        self.inner.sweep()
+    }
 }
 
 /// An export stopped after writing a chunk and before pruning it, and one stopped after
