@@ -16,11 +16,14 @@
 //!   overwritten since by a fresh claim points elsewhere and stays);
 //! - it stores the checkpoint under `(ks, "checkpoint", family, to)`.
 //!
+//! The export lease (`(ks, "exporter")`, [`RetentionStore::lease_export`]) keeps one
+//! exporter per key space: one small transaction to take or renew it, one to give it back.
+//!
 //! A retry after `commit_unknown_result` first reads the checkpoint key: finding the very
 //! checkpoint it wrote, the earlier attempt committed, and it answers as that attempt
 //! would have. Counters, revocations, chain heads, blocks and windows are never touched.
-//! At the end of every run, [`RetentionStore::sweep`] clears the journal's pointers to
-//! pruned receipts (a consumer finds those receipts in the export files), so the journal
+//! At the end of every run that pruned, [`RetentionStore::sweep`] clears the journal's
+//! pointers to pruned receipts (a consumer finds those receipts in the export files), so the journal
 //! stays as bounded as the receipts.
 
 use std::collections::HashMap;
@@ -207,7 +210,7 @@ impl<S: KvStore> KvLedger<S> {
     /// first stored receipt; for a family with no receipt listed (all pruned, or first
     /// claimed after the list was read) the receipt's key is read. Entries that are not
     /// a pointer (schema 1 kept a copy of the receipt) are left alone. Cost: one pass
-    /// over the journal, i.e. over the receipts still stored, per run.
+    /// over the journal, i.e. over the receipts still stored, per pruning run.
     pub(crate) async fn sweep_journal(&self) -> Result<u64, LedgerError> {
         let floors: HashMap<Vec<u8>, u64> = self
             .stored_ranges()
