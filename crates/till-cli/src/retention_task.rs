@@ -140,65 +140,14 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use till_ledger::retention::{
-        Checkpoint, ExportLease, PruneRange, Pruned, Retention, StoredRange,
-    };
-    use till_ledger::{
-        BoxFuture, EmbeddedConfig, EmbeddedLedger, LedgerError, Receipt, RetentionStore,
-    };
+    use till_ledger::retention::{ExportLease, Retention};
+    use till_ledger::RetentionStore;
+    use till_ledger_fdb::memory::MemoryStore;
+    use till_ledger_fdb::{FdbConfig, KvLedger};
     use till_proxy::metrics::RetentionCounters;
     use till_receipt::ReceiptSigner;
 
     use super::RetentionTask;
-
-    /// An embedded ledger whose export lease another proxy of the fleet holds.
-    #[derive(Debug)]
-    struct LeasedElsewhere(EmbeddedLedger);
-
-    impl RetentionStore for LeasedElsewhere {
-        fn retention_signer(&self) -> Arc<ReceiptSigner> {
-            self.0.retention_signer()
-        }
-        fn retention_ledger_id(&self) -> Option<String> {
-            self.0.retention_ledger_id()
-        }
-        fn prune_chunk(&self) -> u64 {
-            self.0.prune_chunk()
-        }
-        fn stored_ranges(&self) -> BoxFuture<'_, Result<Vec<StoredRange>, LedgerError>> {
-            self.0.stored_ranges()
-        }
-        fn stored_receipts(
-            &self,
-            family: &[u8],
-            from_seq: u64,
-            limit: usize,
-        ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
-            self.0.stored_receipts(family, from_seq, limit)
-        }
-        fn prune(&self, ranges: Vec<PruneRange>) -> BoxFuture<'_, Result<Pruned, LedgerError>> {
-            self.0.prune(ranges)
-        }
-        fn stored_checkpoints(
-            &self,
-            family: &[u8],
-        ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
-            self.0.stored_checkpoints(family)
-        }
-        fn lease_export(
-            &self,
-            _lease: &ExportLease,
-            _now: u64,
-        ) -> BoxFuture<'_, Result<(), LedgerError>> {
-            Box::pin(async {
-                Err(LedgerError::ExportLeased {
-                    holder: "p1".into(),
-                    dir: "/srv/receipts".into(),
-                    until: u64::MAX,
-                })
-            })
-        }
-    }
 
     fn task(store: Arc<dyn RetentionStore>, dir: &std::path::Path) -> RetentionTask {
         RetentionTask {
@@ -208,33 +157,53 @@ mod tests {
                 keep: Some(1),
                 max_age_secs: None,
             },
-            dir: dir.join("receipts"),
+            dir: dir.to_path_buf(),
             interval: Duration::from_secs(60),
             counters: RetentionCounters::default(),
         }
     }
 
-    /// While another proxy holds the export lease a run is skipped — counted as skipped,
-    /// not as a failure, and nothing is exported; with the lease (always, on an embedded
-    /// ledger) the same run exports.
+    /// Two proxies of a fleet on one key space (the in-memory FoundationDB model). While
+    /// `p1` holds the export lease, `p2`'s run is skipped — counted as skipped, not as a
+    /// failure, and nothing exported; once `p1` gives the lease back, `p2`'s next run takes
+    /// it and exports.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_run_is_skipped_while_another_proxy_holds_the_export_lease() {
-        let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            let config = EmbeddedConfig::new(Arc::new(ReceiptSigner::generate()), "p2");
-            EmbeddedLedger::open(dir.path().join("ledger.redb"), config).unwrap()
+        let store = MemoryStore::new();
+        let signer = Arc::new(ReceiptSigner::generate());
+        let p1 = KvLedger::open(
+            Arc::new(store.clone()),
+            &FdbConfig::new(Arc::clone(&signer), "p1"),
+        )
+        .await
+        .unwrap();
+        let p2 = KvLedger::open(Arc::new(store), &FdbConfig::new(signer, "p2"))
+            .await
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let lease = ExportLease {
+            holder: "p1".into(),
+            dir: "/srv/receipts".into(),
+            until: now + 600,
         };
-        let skipped = task(Arc::new(LeasedElsewhere(open())), dir.path());
-        skipped.run_once().await;
-        let c = &skipped.counters;
-        assert_eq!((c.skipped.get(), c.failures.get(), c.runs.get()), (1, 0, 0));
-        assert!(!dir.path().join("receipts").exists(), "nothing exported");
-        drop(skipped);
+        p1.lease_export(&lease, now).await.unwrap();
 
-        let ran = task(Arc::new(open()), dir.path());
-        ran.run_once().await;
-        let c = &ran.counters;
-        assert_eq!((c.skipped.get(), c.failures.get(), c.runs.get()), (0, 0, 1));
-        assert!(dir.path().join("receipts").is_dir());
+        let dir = tempfile::tempdir().unwrap();
+        let exports = dir.path().join("receipts");
+        let t = task(Arc::new(p2), &exports);
+        t.run_once().await;
+        let c = &t.counters;
+        assert_eq!((c.skipped.get(), c.failures.get(), c.runs.get()), (1, 0, 0));
+        assert!(!exports.exists(), "nothing exported");
+
+        p1.release_export("p1").await.unwrap();
+        t.run_once().await;
+        assert_eq!((c.skipped.get(), c.failures.get(), c.runs.get()), (1, 0, 1));
+        assert!(exports.is_dir());
+        // p2 now holds it: p1 is refused.
+        assert!(p1.lease_export(&lease, now).await.is_err());
     }
 }
