@@ -107,7 +107,7 @@ pub enum LedgerError {
          lease to lapse"
     )]
     ExportLeased {
-        /// The exporter holding the lease: a proxy id, or `till-cli`.
+        /// The exporter holding the lease: a proxy id, or `till-cli (pid N)`.
         holder: String,
         /// Where it exports.
         dir: String,

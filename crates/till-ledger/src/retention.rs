@@ -227,9 +227,9 @@ pub trait RetentionStore: Send + Sync + std::fmt::Debug {
     /// Deletes what the backend keeps outside a family's own keys that only points at
     /// receipts already pruned (the FoundationDB journal, spec/ledger-fdb.md §1), so the
     /// ledger stays bounded. Called once at the end of every run that pruned something,
-    /// after the prunes; answers how many entries it removed. Idempotent, and safe while claims go
-    /// on (a receipt pruned once never comes back). The embedded ledger has nothing to
-    /// sweep.
+    /// after the prunes; answers how many entries it removed. Idempotent, and safe while
+    /// claims go on (a receipt pruned once never comes back). The embedded ledger has
+    /// nothing to sweep.
     fn sweep(&self) -> BoxFuture<'_, Result<u64, LedgerError>> {
         Box::pin(async { Ok(0) })
     }
@@ -238,7 +238,8 @@ pub trait RetentionStore: Send + Sync + std::fmt::Debug {
 /// Who exports a ledger, where, and until when ([`RetentionStore::lease_export`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportLease {
-    /// The exporter: the proxy id of a `till serve`, or `till-cli` for an export by hand.
+    /// The exporter: the proxy id of a `till serve`, or `till-cli (pid N)` for an export
+    /// by hand.
     pub holder: String,
     /// Where it exports (for the refusal message of the others).
     pub dir: String,
