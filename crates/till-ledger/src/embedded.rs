@@ -1503,14 +1503,7 @@ impl ReadTables {
             .get(family)
             .map_err(unavailable)?
             .map(|v| v.value().0);
-        let first_seq = self
-            .receipts
-            .range((family, 0)..=(family, u64::MAX))
-            .map_err(unavailable)?
-            .next()
-            .transpose()
-            .map_err(unavailable)?
-            .map(|(k, _)| k.value().1);
+        let first_seq = first_stored_seq(&self.receipts, family).map_err(unavailable)?;
         let first_activation = match first_seq {
             Some(seq) => self.receipt_time(family, seq)?,
             None => None,
@@ -1599,12 +1592,7 @@ fn prune(
 ) -> Result<Result<(u64, u64), LedgerError>, redb::Error> {
     for r in ranges {
         let family = r.family.as_slice();
-        let first = t
-            .receipts
-            .range((family, 0)..=(family, u64::MAX))?
-            .next()
-            .transpose()?
-            .map(|(k, _)| k.value().1);
+        let first = first_stored_seq(&t.receipts, family)?;
         let head = t.chain_heads.get(family)?.map(|v| v.value().0);
         let last = match t.receipts.get((family, r.to_seq))? {
             Some(v) => stored::decode_receipt(v.value(), family).map(|s| s.link_for_version(2)),
@@ -1759,6 +1747,19 @@ fn insert_alert(t: &mut Tables<'_>, alert: &AlertRecord) -> Result<bool, redb::E
         .insert(alert.id.as_str(), alert.to_bytes().as_slice())?;
     t.outbox.insert(alert.id.as_str(), alert.at)?;
     Ok(true)
+}
+
+/// The seq of `family`'s first stored receipt (those before it were exported and
+/// pruned), if it has any.
+fn first_stored_seq(
+    receipts: &impl ReadableTable<(&'static [u8], u64), &'static [u8]>,
+    family: &[u8],
+) -> Result<Option<u64>, redb::StorageError> {
+    Ok(receipts
+        .range((family, 0)..=(family, u64::MAX))?
+        .next()
+        .transpose()?
+        .map(|(k, _)| k.value().1))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> LedgerError {

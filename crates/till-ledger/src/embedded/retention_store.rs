@@ -6,7 +6,9 @@ use std::sync::Arc;
 use redb::ReadableTable;
 use till_receipt::{Receipt, ReceiptSigner};
 
-use super::{unavailable, AdminAnswer, AdminOp, EmbeddedLedger, CHAIN_HEADS, RECEIPTS};
+use super::{
+    first_stored_seq, unavailable, AdminAnswer, AdminOp, EmbeddedLedger, CHAIN_HEADS, RECEIPTS,
+};
 use crate::retention::{Checkpoint, PruneRange, Pruned, RetentionStore, StoredRange};
 use crate::{BoxFuture, Ledger, LedgerError};
 
@@ -36,13 +38,7 @@ impl RetentionStore for EmbeddedLedger {
             for entry in heads.iter().map_err(unavailable)? {
                 let (family, head) = entry.map_err(unavailable)?;
                 let (family, head) = (family.value(), head.value().0);
-                let first = receipts
-                    .range((family, 0)..=(family, u64::MAX))
-                    .map_err(unavailable)?
-                    .next()
-                    .transpose()
-                    .map_err(unavailable)?
-                    .map(|(k, _)| k.value().1);
+                let first = first_stored_seq(&receipts, family).map_err(unavailable)?;
                 if let Some(first) = first {
                     out.push(StoredRange {
                         family: family.to_vec(),
