@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::support::{client, error_code, up_config, Till, Upstream};
+use crate::support::{client, error_code, metrics_text, up_config, Till, Upstream};
 
 #[tokio::test]
 async fn refused_connection_is_502_and_hang_is_504() {
@@ -149,14 +149,7 @@ async fn health_readiness_and_metrics() {
             .await
             .unwrap();
     }
-    let text = http
-        .get(format!("{}/_till/metrics", till.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&till.url).await;
     assert!(
         text.contains("till_requests_total{upstream=\"up\",status=\"200\",code=\"ok\"} 1"),
         "{text}"

@@ -5,17 +5,10 @@ use std::time::Duration;
 use till_receipt::{Receipt, ReceiptKeySet};
 use till_token::Caveats;
 
-use crate::support::{client, error_code, up_config, Till, Upstream};
+use crate::support::{client, error_code, metrics_text, up_config, Till, Upstream};
 
 async fn claims_total(till: &Till) -> u64 {
-    let text = client()
-        .get(format!("{}/_till/metrics", till.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&till.url).await;
     text.lines()
         .filter(|l| l.starts_with("till_claims_total{"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::binary::{audit_clean, mint, serve, stop, till};
-use crate::support::{client, up_config, Upstream, SECRET};
+use crate::support::{client, metrics_text, up_config, Upstream, SECRET};
 
 /// Exported receipt lines and checkpoint lines in the export dir (every family).
 fn exported(dir: &Path) -> (usize, usize) {
@@ -94,14 +94,7 @@ async fn serve_exports_and_prunes_in_the_background_and_audit_stays_clean() {
     // Still serving, and still charging: the next claim is seq 7.
     call(&server.url, &key).await;
     wait_exported(&exports, 5, &server.stderr);
-    let metrics = client()
-        .get(format!("{}/_till/metrics", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&server.url).await;
     assert!(
         metrics.contains("till_retention_pruned_receipts_total 5"),
         "{metrics}"
@@ -206,6 +199,20 @@ async fn serve_exports_and_prunes_in_the_background_and_audit_stays_clean() {
 #[test]
 fn nonsense_retention_config_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
+    // `till serve --check-config` with `toml` as the config file.
+    let check = |toml: &str| {
+        let config = dir.path().join("till.toml");
+        std::fs::write(&config, toml).unwrap();
+        till(&dir.path().join("data"))
+            .args([
+                "serve",
+                "--check-config",
+                "--config",
+                config.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
     for (toml, key) in [
         ("[retention]\ninterval = \"1m\"\n", "retention"),
         ("[retention]\nkeep = 0\n", "retention.keep"),
@@ -215,32 +222,12 @@ fn nonsense_retention_config_exits_2_naming_the_key() {
         ),
         ("[retention]\nkeep = 3\nbogus = 1\n", "bogus"),
     ] {
-        let config = dir.path().join("till.toml");
-        std::fs::write(&config, toml).unwrap();
-        let out = till(&dir.path().join("data"))
-            .args([
-                "serve",
-                "--check-config",
-                "--config",
-                config.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
+        let out = check(toml);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{toml}: {stderr}");
         assert!(stderr.contains(key), "{toml}: {stderr}");
     }
-    let config = dir.path().join("till.toml");
-    std::fs::write(&config, "[retention]\nmax_age = \"30d\"\n").unwrap();
-    let out = till(&dir.path().join("data"))
-        .args([
-            "serve",
-            "--check-config",
-            "--config",
-            config.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = check("[retention]\nmax_age = \"30d\"\n");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -291,6 +291,18 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// The proxy's `/_till/metrics` text (`base`: the proxy's URL).
+pub async fn metrics_text(base: &str) -> String {
+    client()
+        .get(format!("{base}/_till/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// The error code of a Till JSON error response.
 pub async fn error_code(resp: reqwest::Response) -> String {
     let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();

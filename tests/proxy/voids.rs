@@ -14,7 +14,7 @@ use till_ledger::{
 use till_receipt::{audit_chain, Receipt, ReceiptKeySet};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::support::{client, error_code, Till};
+use crate::support::{client, error_code, metrics_text, Till};
 
 /// An upstream named `flaky` at `addr`, Bearer credential.
 fn flaky_config(addr: std::net::SocketAddr) -> String {
@@ -169,14 +169,7 @@ async fn unreachable_upstream_gives_the_slot_back_then_the_cap_holds() {
         (report.receipts, report.claims, report.voids, report.charged),
         (7, 4, 3, 1)
     );
-    let text = http
-        .get(format!("{}/_till/metrics", till.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&till.url).await;
     assert!(
         text.contains("till_voids_total{outcome=\"voided\"} 3"),
         "{text}"
@@ -332,14 +325,7 @@ async fn failed_void_keeps_the_slot_spent() {
     assert_eq!((receipt.body().seq, receipt.body().void), (1, None));
     assert_eq!(error_code(r).await, "upstream_unreachable");
     assert_eq!(till.usage(&key).await, vec![1], "the slot stays spent");
-    let text = http
-        .get(format!("{}/_till/metrics", till.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&till.url).await;
     assert!(
         text.contains("till_voids_total{outcome=\"failed\"} 1"),
         "{text}"
