@@ -426,13 +426,8 @@ impl till_ledger::RetentionStore for FdbLedger {
         self.inner.stored_ranges()
     }
 
-    fn stored_receipts(
-        &self,
-        family: &[u8],
-        from_seq: u64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
-        self.inner.stored_receipts(family, from_seq, limit)
+    fn as_ledger(&self) -> &dyn Ledger {
+        self
     }
 
     fn prune(
@@ -440,13 +435,6 @@ impl till_ledger::RetentionStore for FdbLedger {
         ranges: Vec<till_ledger::retention::PruneRange>,
     ) -> BoxFuture<'_, Result<till_ledger::retention::Pruned, LedgerError>> {
         self.inner.prune(ranges)
-    }
-
-    fn stored_checkpoints(
-        &self,
-        family: &[u8],
-    ) -> BoxFuture<'_, Result<Vec<till_ledger::retention::Checkpoint>, LedgerError>> {
-        self.inner.stored_checkpoints(family)
     }
 
     fn sweep(&self) -> BoxFuture<'_, Result<u64, LedgerError>> {

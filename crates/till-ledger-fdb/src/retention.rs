@@ -82,13 +82,8 @@ impl<S: KvStore> RetentionStore for KvLedger<S> {
         })
     }
 
-    fn stored_receipts(
-        &self,
-        family: &[u8],
-        from_seq: u64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
-        self.receipts(family, from_seq, limit)
+    fn as_ledger(&self) -> &dyn Ledger {
+        self
     }
 
     fn prune(&self, ranges: Vec<PruneRange>) -> BoxFuture<'_, Result<Pruned, LedgerError>> {
@@ -107,14 +102,6 @@ impl<S: KvStore> RetentionStore for KvLedger<S> {
                 .map_err(unavailable)?
                 .map_err(LedgerError::InvalidRequest)
         })
-    }
-
-    fn stored_checkpoints(
-        &self,
-        family: &[u8],
-    ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
-        let family = family.to_vec();
-        Box::pin(async move { self.family_checkpoints(&family).await })
     }
 
     fn sweep(&self) -> BoxFuture<'_, Result<u64, LedgerError>> {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use till_receipt::{Receipt, ReceiptKeySet, ReceiptSigner};
 
-use crate::{BoxFuture, LedgerError};
+use crate::{BoxFuture, Ledger, LedgerError};
 
 /// What may stay in the ledger. A receipt is pruned when it is beyond `keep` (older than
 /// the family's `keep` newest receipts) OR older than `max_age_secs`. The newest receipt
@@ -182,14 +182,9 @@ pub trait RetentionStore: Send + Sync + std::fmt::Debug {
     fn prune_chunk(&self) -> u64;
     /// Every family with stored receipts, ordered by family id.
     fn stored_ranges(&self) -> BoxFuture<'_, Result<Vec<StoredRange>, LedgerError>>;
-    /// A family's stored receipts, signed, in `seq` order from `from_seq`, at most `limit`
-    /// ([`crate::Ledger::receipts`]).
-    fn stored_receipts(
-        &self,
-        family: &[u8],
-        from_seq: u64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>>;
+    /// The ledger itself: the export reads stored receipts and checkpoints through
+    /// [`Ledger::receipts`] and [`Ledger::checkpoints`].
+    fn as_ledger(&self) -> &dyn Ledger;
     /// In ONE transaction, for every range: checks it is still exactly what was exported
     /// (its first receipt is the family's first stored one, the receipt at `to_seq` has
     /// the checkpoint's `head`, the chain head is past it), deletes its receipts (and
@@ -199,11 +194,6 @@ pub trait RetentionStore: Send + Sync + std::fmt::Debug {
     /// retry of a call that did commit (an unknown commit result) finds its checkpoints
     /// stored and answers success again, never an error.
     fn prune(&self, ranges: Vec<PruneRange>) -> BoxFuture<'_, Result<Pruned, LedgerError>>;
-    /// A family's stored checkpoints, ordered by `to_seq` ([`crate::Ledger::checkpoints`]).
-    fn stored_checkpoints(
-        &self,
-        family: &[u8],
-    ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>>;
     /// Takes or renews the ledger's export lease for `lease.holder` (spec/ledger.md §10,
     /// "One exporter per ledger"): granted when no lease is held, when the held one has
     /// lapsed (its `until` is not after `now`), or when `lease.holder` holds it already
@@ -408,7 +398,11 @@ impl Export<'_> {
             page = (page * 2).min(1024);
             let limit = usize::try_from(upto.min(want - next + 1).min(self.chunk).min(1024))
                 .unwrap_or(1024);
-            let receipts = self.store.stored_receipts(&family, next, limit).await?;
+            let receipts = self
+                .store
+                .as_ledger()
+                .receipts(&family, next, limit)
+                .await?;
             if receipts.is_empty() {
                 break;
             }
@@ -534,7 +528,7 @@ async fn copy_checkpoints(
         let family_hex = hex::encode(&range.family);
         let in_file = checkpointed_up_to(dir, &family_hex).map_err(export_error)?;
         if in_file + 1 < range.first {
-            let checkpoints = store.stored_checkpoints(&range.family).await?;
+            let checkpoints = store.as_ledger().checkpoints(&range.family).await?;
             append_checkpoints(dir, &checkpoints)?;
         }
     }

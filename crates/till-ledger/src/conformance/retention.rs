@@ -360,13 +360,8 @@ impl RetentionStore for Interrupt {
     fn stored_ranges(&self) -> BoxFuture<'_, Result<Vec<StoredRange>, LedgerError>> {
         self.inner.stored_ranges()
     }
-    fn stored_receipts(
-        &self,
-        family: &[u8],
-        from_seq: u64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
-        self.inner.stored_receipts(family, from_seq, limit)
+    fn as_ledger(&self) -> &dyn Ledger {
+        self.inner.as_ledger()
     }
     fn prune(&self, ranges: Vec<PruneRange>) -> BoxFuture<'_, Result<Pruned, LedgerError>> {
         Box::pin(async move {
@@ -379,12 +374,6 @@ impl RetentionStore for Interrupt {
             }
             Err(LedgerError::Unavailable("interrupted (test)".into()))
         })
-    }
-    fn stored_checkpoints(
-        &self,
-        family: &[u8],
-    ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
-        self.inner.stored_checkpoints(family)
     }
     fn sweep(&self) -> BoxFuture<'_, Result<u64, LedgerError>> {
         self.inner.sweep()

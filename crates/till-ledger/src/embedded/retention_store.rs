@@ -4,12 +4,12 @@
 use std::sync::Arc;
 
 use redb::ReadableTable;
-use till_receipt::{Receipt, ReceiptSigner};
+use till_receipt::ReceiptSigner;
 
 use super::{
     first_stored_seq, unavailable, AdminAnswer, AdminOp, EmbeddedLedger, CHAIN_HEADS, RECEIPTS,
 };
-use crate::retention::{Checkpoint, PruneRange, Pruned, RetentionStore, StoredRange};
+use crate::retention::{PruneRange, Pruned, RetentionStore, StoredRange};
 use crate::{BoxFuture, Ledger, LedgerError};
 
 /// Receipts per prune transaction (and per range): bounds how long one prune holds the
@@ -51,13 +51,8 @@ impl RetentionStore for EmbeddedLedger {
         }))
     }
 
-    fn stored_receipts(
-        &self,
-        family: &[u8],
-        from_seq: u64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Receipt>, LedgerError>> {
-        self.receipts(family, from_seq, limit)
+    fn as_ledger(&self) -> &dyn Ledger {
+        self
     }
 
     fn prune(&self, ranges: Vec<PruneRange>) -> BoxFuture<'_, Result<Pruned, LedgerError>> {
@@ -76,12 +71,5 @@ impl RetentionStore for EmbeddedLedger {
                 _ => Err(LedgerError::Unavailable("internal mismatch".into())),
             }
         })
-    }
-
-    fn stored_checkpoints(
-        &self,
-        family: &[u8],
-    ) -> BoxFuture<'_, Result<Vec<Checkpoint>, LedgerError>> {
-        self.checkpoints(family)
     }
 }
